@@ -1,0 +1,134 @@
+"""clean_corpus and eval_set: the retrievable units, and the queries the report is judged on."""
+
+import hashlib
+import os
+
+import dagster as dg
+import pandas as pd
+
+from encoder_pipeline.defs.shared import (
+    CORPUS_FILE,
+    EVAL_FILE,
+    domain_spec,
+    md_table,
+    publish,
+    read_corpus_units,
+    write_eval_split,
+)
+from encoder_pipeline.domains import DomainSpec, domain_partitions
+from encoder_pipeline.lib.corpus import CleaningConfig, clean_corpus as clean
+from encoder_pipeline.lib.pairs import held_out_split, judged_split
+from encoder_pipeline.lib.sources import CorpusError, read_corpus, read_judged
+from encoder_pipeline.resources import ArtifactStoreResource, PipelineSettings
+
+GROUP = "corpus"
+
+
+def _judged(spec: DomainSpec):
+    location = spec.judged_location()
+    if location is None:
+        return None
+    if "://" not in location and not os.path.isdir(location):
+        raise dg.Failure(
+            f"domain '{spec.name}': judged set not found at {location} (spec {spec.source_file}, "
+            "field 'judged.path'); set ENCODER_PIPELINE_CORPUS_ROOT or fix the path"
+        )
+    return read_judged(location, spec.judged.split)
+
+
+def _cleaning_config(spec: DomainSpec, settings: PipelineSettings) -> CleaningConfig:
+    return CleaningConfig(
+        max_words=spec.unit.max_words, min_words=spec.unit.min_words,
+        normalize_whitespace=spec.unit.normalize_whitespace,
+        boilerplate_patterns=tuple(spec.unit.boilerplate_patterns),
+        num_hashes=spec.dedupe.num_hashes, ngram_size=spec.dedupe.ngram_size,
+        bands=spec.dedupe.bands, jaccard_threshold=spec.dedupe.jaccard_threshold,
+        max_documents=settings.sizes().max_documents, seed=settings.seed,
+    )
+
+
+@dg.asset(
+    partitions_def=domain_partitions,
+    group_name=GROUP,
+    kinds={"daft", "parquet"},
+    owners=["team:retrieval"],
+    check_specs=[dg.AssetCheckSpec("enough_documents", asset="clean_corpus")],
+)
+def clean_corpus(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource,
+                 settings: PipelineSettings) -> dg.MaterializeResult:
+    """The domain's corpus as retrievable units: loaded, unicode/whitespace-normalized, chunked,
+    empties and boilerplate dropped, exact and MinHash near-duplicates removed, stable ids.
+    Judged documents are never dropped or merged; chunks keep their source document id."""
+    spec = domain_spec(context)
+    location = spec.corpus_location() if spec.corpus.format != "python_stdlib" else "(stdlib)"
+    judged = _judged(spec)
+    protected = {doc for rels in judged[1].values() for doc in rels} if judged else set()
+    config = _cleaning_config(spec, settings)
+    try:
+        raw = read_corpus(spec.corpus.format, location, spec.corpus.id_field, spec.corpus.title_field,
+                          spec.corpus.text_field, spec.corpus.exclude)
+        units, report = clean(raw, config, protected)
+    except CorpusError as error:
+        raise dg.Failure(f"domain '{spec.name}' (spec {spec.source_file}): {error}") from error
+    fingerprint = hashlib.sha256(
+        pd.util.hash_pandas_object(units[["doc_id", "title", "text"]], index=False).to_numpy().tobytes()
+    ).hexdigest()[:16]
+    with publish(context, artifacts, settings, config.__dict__, upstream=[],
+                 corpus_fingerprint=fingerprint) as staging:
+        units.to_parquet(staging / CORPUS_FILE, index=False)
+
+    counts = pd.DataFrame({"step": list(report.counts), "documents": list(report.counts.values())})
+    minimum = 2 * settings.sizes().eval_queries
+    return dg.MaterializeResult(
+        metadata={
+            "documents": dg.MetadataValue.int(len(units)),
+            "source_documents": dg.MetadataValue.int(report.counts["read"]),
+            "corpus_fingerprint": fingerprint,
+            "counts_per_step": md_table(counts),
+            **{f"words_{k}": dg.MetadataValue.float(v) for k, v in report.word_percentiles.items()},
+            "near_duplicate_examples": md_table(pd.DataFrame(report.duplicate_examples,
+                                                             columns=["kept", "dropped"])),
+            "sample": md_table(units.head(5)[["doc_id", "title", "text"]]),
+        },
+        check_results=[dg.AssetCheckResult(
+            check_name="enough_documents", passed=len(units) >= minimum,
+            severity=dg.AssetCheckSeverity.ERROR,
+            metadata={"documents": len(units), "minimum": minimum},
+        )],
+    )
+
+
+@dg.asset(
+    partitions_def=domain_partitions,
+    group_name=GROUP,
+    kinds={"pandas"},
+    owners=["team:retrieval"],
+    deps=[clean_corpus],
+)
+def eval_set(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource,
+             settings: PipelineSettings) -> dg.MaterializeResult:
+    """The queries the report is judged on: the domain's human-judged set when it has one, else
+    structural pairs on a held-out slice of documents (flagged as not human-judged). Its documents
+    appear in no training row; only the report reads it."""
+    spec = domain_spec(context)
+    store = artifacts.store()
+    units = read_corpus_units(store, spec.name)
+    judged = _judged(spec)
+    if judged:
+        split = judged_split(*judged)
+    else:
+        split = held_out_split(units, spec.queries.pair_extractor, settings.sizes().eval_queries,
+                               settings.seed)
+    if not split.queries:
+        raise dg.Failure(f"domain '{spec.name}': no eval queries could be built "
+                         f"(extractor '{spec.queries.pair_extractor}' found no structure)")
+    with publish(context, artifacts, settings, {"judged": bool(judged)}, ["clean_corpus"]) as staging:
+        write_eval_split(staging / EVAL_FILE, split)
+    sample = pd.DataFrame([{"query": text, "relevant": ", ".join(split.qrels[qid])}
+                           for qid, text in list(split.queries.items())[:8]])
+    return dg.MaterializeResult(metadata={
+        "queries": dg.MetadataValue.int(len(split.queries)),
+        "eval_documents": dg.MetadataValue.int(len(split.eval_doc_ids)),
+        "human_judged": split.human_judged,
+        "sample": md_table(sample),
+    })

@@ -1,0 +1,245 @@
+"""Training data, one rung of the ablation ladder at a time: structural pairs, synthetic queries,
+mined hard negatives. Nothing here ever reads an eval document."""
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+
+from encoder_pipeline.defs.corpus.assets import clean_corpus, eval_set
+from encoder_pipeline.defs.shared import (
+    corpus_texts,
+    domain_spec,
+    embeddings_cache,
+    md_table,
+    publish,
+    read_corpus_units,
+    read_eval_split,
+)
+from encoder_pipeline.domains import DomainSpec, domain_partitions
+from encoder_pipeline.lib import encoders
+from encoder_pipeline.lib.artifacts import ArtifactStore
+from encoder_pipeline.lib.llm import generate_cached
+from encoder_pipeline.lib.negatives import MiningConfig, mine_negatives
+from encoder_pipeline.lib.pairs import extract_pairs, positive_texts, rank_of_positive, split_dev
+from encoder_pipeline.lib.queries import PromptSpec, build_prompts, dedupe_queries, parse_query
+from encoder_pipeline.resources import ArtifactStoreResource, LLMResource, PipelineSettings
+
+GROUP = "training_data"
+PAIRS_FILE = "pairs.parquet"
+DEV_FILE = "dev.parquet"
+SYNTHETIC_FILE = "synthetic.parquet"
+MINED_FILE = "mined.parquet"
+
+
+class TrainingCorpus:
+    """The corpus minus eval documents, with base-model embeddings (cached, content-keyed)."""
+
+    def __init__(self, store: ArtifactStore, spec: DomainSpec, settings: PipelineSettings):
+        units = read_corpus_units(store, spec.name)
+        self.eval = read_eval_split(store, spec.name)
+        self.units = units[~units["parent_id"].isin(self.eval.eval_doc_ids)].reset_index(drop=True)
+        self.ids = list(self.units["doc_id"])
+        self._all_units = units
+        self._store, self._spec, self._settings = store, spec, settings
+
+    def embeddings(self) -> np.ndarray:
+        cache = embeddings_cache(self._store, self._spec.name)
+        everything = encoders.cached_embeddings(self._settings.base_model,
+                                                corpus_texts(self._all_units), cache,
+                                                bf16=self._settings.bf16_inference)
+        keep = ~self._all_units["parent_id"].isin(self.eval.eval_doc_ids).to_numpy()
+        return everything[keep]
+
+    def ranks(self, queries: list[str], positive_ids: list[str], top_k: int) -> np.ndarray:
+        model = encoders.load_encoder(self._settings.base_model)
+        query_vectors = encoders.encode(model, queries, bf16=self._settings.bf16_inference)
+        return rank_of_positive(query_vectors, positive_ids, self.embeddings(), self.ids, top_k)
+
+
+def _leaks(rows: pd.DataFrame, eval_queries: set[str], eval_texts: set[str]) -> int:
+    text_columns = [c for c in rows.columns if c == "positive" or c.startswith("negative_")]
+    leaked = rows["query"].str.lower().isin(eval_queries)
+    for column in text_columns:
+        leaked |= rows[column].isin(eval_texts)
+    return int(leaked.sum())
+
+
+def leakage_check(store: ArtifactStore, spec: DomainSpec, rows: pd.DataFrame) -> dg.AssetCheckResult:
+    """No eval query and no eval document text in any training row (anchor, positive, negative)."""
+    split = read_eval_split(store, spec.name)
+    units = read_corpus_units(store, spec.name)
+    held = units[units["parent_id"].isin(split.eval_doc_ids)]
+    eval_texts = set(corpus_texts(held)) | set(positive_texts(held, spec.queries.pair_extractor))
+    leaked = _leaks(rows, {q.lower() for q in split.queries.values()}, eval_texts)
+    return dg.AssetCheckResult(check_name="no_eval_leakage", passed=leaked == 0,
+                               severity=dg.AssetCheckSeverity.ERROR,
+                               metadata={"leaking_rows": leaked, "rows": len(rows)})
+
+
+LEAKAGE_CHECK = "no_eval_leakage"
+
+
+@dg.asset(
+    partitions_def=domain_partitions,
+    group_name=GROUP,
+    kinds={"pandas", "sentence_transformers"},
+    owners=["team:retrieval"],
+    deps=[clean_corpus, eval_set],
+    check_specs=[dg.AssetCheckSpec(LEAKAGE_CHECK, asset="heuristic_pairs", blocking=True)],
+)
+def heuristic_pairs(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource,
+                    settings: PipelineSettings) -> dg.MaterializeResult:
+    """Structural (query, positive) pairs from the domain's structure (docstring -> code,
+    heading -> section, term -> definition), kept only when the base model already ranks the positive
+    in its top-k (E5's consistency filter). A dev slice is carved off here for checkpoint choices."""
+    spec = domain_spec(context)
+    store = artifacts.store()
+    sizes = settings.sizes()
+    corpus = TrainingCorpus(store, spec, settings)
+    extracted = extract_pairs(corpus.units, spec.queries.pair_extractor, corpus.eval.eval_doc_ids)
+    ranks = corpus.ranks(list(extracted["query"]), list(extracted["doc_id"]), sizes.consistency_top_k)
+    consistent = extracted[ranks > 0].assign(base_rank=ranks[ranks > 0])
+    if len(consistent) > sizes.max_pairs:
+        consistent = consistent.sample(sizes.max_pairs, random_state=settings.seed)
+    train, dev = split_dev(consistent.reset_index(drop=True), sizes.dev_fraction, sizes.dev_max_pairs,
+                           settings.seed)
+    config = {"extractor": spec.queries.pair_extractor, "consistency_top_k": sizes.consistency_top_k}
+    with publish(context, artifacts, settings, config, ["clean_corpus", "eval_set"]) as staging:
+        train.to_parquet(staging / PAIRS_FILE, index=False)
+        dev.to_parquet(staging / DEV_FILE, index=False)
+    counts = {"extracted": len(extracted), "consistent": int((ranks > 0).sum()),
+              "training": len(train), "dev": len(dev)}
+    return dg.MaterializeResult(
+        metadata={
+            **{f"pairs_{k}": dg.MetadataValue.int(v) for k, v in counts.items()},
+            "consistency_keep_rate": dg.MetadataValue.float(
+                counts["consistent"] / max(1, counts["extracted"])),
+            "sample": md_table(train.head(6)[["query", "positive", "base_rank"]]),
+        },
+        check_results=[leakage_check(store, spec, train)],
+    )
+
+
+def read_pairs(store: ArtifactStore, domain: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    folder = store.latest(domain, "heuristic_pairs")
+    return pd.read_parquet(folder / PAIRS_FILE), pd.read_parquet(folder / DEV_FILE)
+
+
+def read_synthetic(store: ArtifactStore, domain: str) -> pd.DataFrame:
+    return pd.read_parquet(store.latest(domain, "synthetic_queries") / SYNTHETIC_FILE)
+
+
+def read_mined(store: ArtifactStore, domain: str) -> pd.DataFrame:
+    return pd.read_parquet(store.latest(domain, "mined_negatives") / MINED_FILE)
+
+
+@dg.asset(
+    partitions_def=domain_partitions,
+    group_name=GROUP,
+    kinds={"daft", "openai"},
+    owners=["team:retrieval"],
+    deps=[heuristic_pairs],
+    check_specs=[dg.AssetCheckSpec(LEAKAGE_CHECK, asset="synthetic_queries", blocking=True)],
+)
+def synthetic_queries(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource,
+                      settings: PipelineSettings, llm: LLMResource) -> dg.MaterializeResult:
+    """LLM-written queries for a sample of training documents: few-shot prompts built from the
+    spec's query form and relevance criterion with a per-document style, parsed and cleaned, then
+    kept only when the base model retrieves their seed document in its top-k (round trip). Every
+    LLM response is cached on disk, so a re-run never pays twice."""
+    spec = domain_spec(context)
+    store = artifacts.store()
+    sizes = settings.sizes()
+    if llm.is_remote and not spec.remote_llm_allowed:
+        raise dg.Failure(f"domain '{spec.name}' does not allow sending documents to a remote LLM; "
+                         f"set remote_llm_allowed = true in {spec.source_file} to opt in")
+    corpus = TrainingCorpus(store, spec, settings)
+    train_pairs, dev = read_pairs(store, spec.name)
+    candidates = corpus.units[~corpus.units["doc_id"].isin(set(dev["doc_id"]))]
+    sample = candidates.sample(min(sizes.synthetic_documents, len(candidates)),
+                               random_state=settings.seed)
+    passages = corpus_texts(sample)
+    prompt_spec = PromptSpec(spec.queries.form, spec.queries.relevance,
+                             tuple((e.passage, e.query) for e in spec.queries.examples))
+    prompts = build_prompts(prompt_spec, list(sample["doc_id"]), passages,
+                            sizes.queries_per_document, settings.seed)
+    backend = llm.build_backend(store.root / "_models")
+    report = generate_cached(backend, llm.cache(store.domain_dir(spec.name) / "_llm_cache"),
+                             [p["prompt"] for p in prompts], llm.params(settings.seed))
+    by_doc = dict(zip(sample["doc_id"], passages, strict=True))
+    examples = [e.query for e in spec.queries.examples]
+    rows = pd.DataFrame(prompts).assign(
+        raw=[c.text if c else None for c in report.completions])
+    rows["query"] = [parse_query(raw, by_doc[d], examples) if raw is not None else None
+                     for raw, d in zip(rows["raw"], rows["doc_id"], strict=True)]
+    parsed = rows[rows["query"].notna()]
+    parsed = parsed[dedupe_queries(list(parsed["query"]))].reset_index(drop=True)
+    if len(parsed):
+        ranks = corpus.ranks(list(parsed["query"]), list(parsed["doc_id"]), sizes.round_trip_top_k)
+    else:
+        ranks = np.zeros(0, dtype=int)
+    kept = parsed[ranks > 0].reset_index(drop=True)
+    positive_of = dict(zip(corpus.units["doc_id"],
+                           positive_texts(corpus.units, spec.queries.pair_extractor), strict=True))
+    synthetic = pd.DataFrame({"query": kept["query"], "positive": kept["doc_id"].map(positive_of),
+                              "doc_id": kept["doc_id"], "style": kept["style"]})
+    config = {"backend": backend.name, "model": backend.model, **llm.params(settings.seed).as_dict()}
+    with publish(context, artifacts, settings, config, ["clean_corpus", "eval_set",
+                                                        "heuristic_pairs"]) as staging:
+        synthetic.to_parquet(staging / SYNTHETIC_FILE, index=False)
+    counts = {"prompts": len(prompts), "completions": sum(c is not None for c in report.completions),
+              "parsed": int(rows["query"].notna().sum()), "deduplicated": len(parsed),
+              "round_trip_kept": len(kept)}
+    return dg.MaterializeResult(
+        metadata={
+            **{f"queries_{k}": dg.MetadataValue.int(v) for k, v in counts.items()},
+            "prompt_tokens": dg.MetadataValue.int(report.prompt_tokens),
+            "completion_tokens": dg.MetadataValue.int(report.completion_tokens),
+            "cache_hits": dg.MetadataValue.int(report.cache_hits),
+            "stopped_by_budget": report.stopped_by_budget,
+            "llm": f"{backend.name}:{backend.model}",
+            "sent_to_llm": "document title and text" + (" (remote endpoint)" if llm.is_remote
+                                                        else " (local model, nothing left the machine)"),
+            "sample": md_table(kept.head(8)[["doc_id", "style", "query"]]),
+        },
+        check_results=[leakage_check(store, spec, synthetic)],
+    )
+
+
+@dg.asset(
+    partitions_def=domain_partitions,
+    group_name=GROUP,
+    kinds={"sentence_transformers", "faiss"},
+    owners=["team:retrieval"],
+    deps=[heuristic_pairs, synthetic_queries],
+    check_specs=[dg.AssetCheckSpec(LEAKAGE_CHECK, asset="mined_negatives", blocking=True)],
+)
+def mined_negatives(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource,
+                    settings: PipelineSettings) -> dg.MaterializeResult:
+    """Hard negatives for every heuristic and synthetic pair, mined from the corpus minus eval
+    documents with the base model; positive-aware: candidates scoring above 95% of the positive
+    are dropped as likely false negatives (NV-Retriever's TopK-PercPos)."""
+    spec = domain_spec(context)
+    store = artifacts.store()
+    corpus = TrainingCorpus(store, spec, settings)
+    train_pairs, _ = read_pairs(store, spec.name)
+    pairs = pd.concat([train_pairs[["query", "positive"]],
+                       read_synthetic(store, spec.name)[["query", "positive"]]], ignore_index=True)
+    config = MiningConfig()
+    model = encoders.load_encoder(settings.base_model)
+    cache = embeddings_cache(store, spec.name) / f"mining-{encoders.model_fingerprint(settings.base_model)}"
+    mined = mine_negatives(pairs, positive_texts(corpus.units, spec.queries.pair_extractor), model,
+                           config, cache, bf16=settings.bf16_inference)
+    with publish(context, artifacts, settings, config.__dict__,
+                 ["clean_corpus", "eval_set", "heuristic_pairs", "synthetic_queries"]) as staging:
+        mined.to_parquet(staging / MINED_FILE, index=False)
+    return dg.MaterializeResult(
+        metadata={
+            "pairs_in": dg.MetadataValue.int(len(pairs)),
+            "rows_with_negatives": dg.MetadataValue.int(len(mined)),
+            "negatives_per_row": dg.MetadataValue.int(config.num_negatives),
+            "relative_margin": dg.MetadataValue.float(config.relative_margin),
+            "sample": md_table(mined.head(4)),
+        },
+        check_results=[leakage_check(store, spec, mined)],
+    )

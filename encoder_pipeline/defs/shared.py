@@ -1,0 +1,85 @@
+"""What every stage's asset does around its `lib` call: find the domain, read upstream artifacts,
+publish its own with a manifest, and describe it in metadata."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pandas as pd
+
+from encoder_pipeline.domains import DomainSpec, SpecError, load_domain
+from encoder_pipeline.lib.artifacts import ArtifactStore, Manifest
+from encoder_pipeline.lib.encoders import document_texts
+from encoder_pipeline.lib.pairs import EvalSplit
+from encoder_pipeline.resources import ArtifactStoreResource, PipelineSettings
+
+CORPUS_FILE = "corpus.parquet"
+EVAL_FILE = "eval_set.json"
+
+
+def domain_spec(context: dg.AssetExecutionContext) -> DomainSpec:
+    try:
+        return load_domain(context.partition_key)
+    except SpecError as error:
+        raise dg.Failure(str(error)) from error
+
+
+def version_of(context: dg.AssetExecutionContext) -> str:
+    return context.run.run_id[:8]
+
+
+def publish(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource,
+            settings: PipelineSettings, config: dict[str, Any], upstream: Sequence[str],
+            corpus_fingerprint: str = ""):
+    """Open a staging folder for this asset's new version (see ArtifactStore.publish)."""
+    store = artifacts.store()
+    domain = context.partition_key
+    upstream_versions = {name: store.latest_version(domain, name) for name in upstream}
+    fingerprint = corpus_fingerprint
+    if not fingerprint and "clean_corpus" in upstream:
+        fingerprint = store.manifest(domain, "clean_corpus")["corpus_fingerprint"]
+    manifest = Manifest(
+        domain=domain, asset=context.asset_key.to_user_string(), version=version_of(context),
+        seed=settings.seed, config={"profile": settings.profile, **config},
+        corpus_fingerprint=fingerprint, upstream=upstream_versions,
+    )
+    return store.publish(manifest)
+
+
+def read_corpus_units(store: ArtifactStore, domain: str) -> pd.DataFrame:
+    return pd.read_parquet(store.latest(domain, "clean_corpus") / CORPUS_FILE)
+
+
+def corpus_texts(units: pd.DataFrame) -> list[str]:
+    return document_texts(units["title"], units["text"])
+
+
+def read_eval_split(store: ArtifactStore, domain: str) -> EvalSplit:
+    payload = json.loads((store.latest(domain, "eval_set") / EVAL_FILE).read_text())
+    return EvalSplit(payload["queries"], payload["qrels"], set(payload["eval_doc_ids"]),
+                     payload["human_judged"])
+
+
+def write_eval_split(path: Path, split: EvalSplit) -> None:
+    path.write_text(json.dumps({
+        "queries": split.queries, "qrels": split.qrels,
+        "eval_doc_ids": sorted(split.eval_doc_ids), "human_judged": split.human_judged,
+    }))
+
+
+def embeddings_cache(store: ArtifactStore, domain: str) -> Path:
+    """Content-keyed corpus embeddings shared by the stages of one domain."""
+    return store.domain_dir(domain) / "_embeddings"
+
+
+def md_table(frame: pd.DataFrame, max_chars: int = 160) -> dg.MetadataValue:
+    """A markdown table for the UI, long cells shortened."""
+    shown = frame.copy()
+    for column in shown.columns:
+        if shown[column].dtype == object:
+            shown[column] = shown[column].astype(str).str.replace("\n", " ").str.slice(0, max_chars)
+    return dg.MetadataValue.md(shown.to_markdown(index=False))

@@ -1,0 +1,121 @@
+"""The ablation ladder: three sibling checkpoints that differ only in their training data, so the
+report can attribute the lift to each data decision (heuristic -> + synthetic -> + hard negatives)."""
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+
+from encoder_pipeline.defs.pairs.assets import (
+    heuristic_pairs,
+    mined_negatives,
+    read_mined,
+    read_pairs,
+    read_synthetic,
+    synthetic_queries,
+)
+from encoder_pipeline.defs.shared import corpus_texts, domain_spec, publish, read_corpus_units, read_eval_split
+from encoder_pipeline.domains import domain_partitions
+from encoder_pipeline.lib.artifacts import ArtifactStore
+from encoder_pipeline.lib.encoders import model_fingerprint
+from encoder_pipeline.lib.train import DevSet, TrainingConfig, TrainingDataError, train_encoder
+from encoder_pipeline.resources import ArtifactStoreResource, PipelineSettings
+
+GROUP = "training"
+MODEL_DIR = "model"
+RESULT_FILE = "training.json"
+DEV_CORPUS_DISTRACTORS = 1000
+
+RowsFn = Callable[[ArtifactStore, str], pd.DataFrame]
+
+
+def _heuristic(store: ArtifactStore, domain: str) -> pd.DataFrame:
+    return read_pairs(store, domain)[0]
+
+
+def _with_synthetic(store: ArtifactStore, domain: str) -> pd.DataFrame:
+    return pd.concat([_heuristic(store, domain), read_synthetic(store, domain)], ignore_index=True)
+
+
+LADDER: list[tuple[str, str, RowsFn, list]] = [
+    ("encoder_heuristic", "structural pairs only", _heuristic, [heuristic_pairs]),
+    ("encoder_synthetic", "structural + synthetic pairs", _with_synthetic,
+     [heuristic_pairs, synthetic_queries]),
+    ("encoder_hard_negatives", "structural + synthetic pairs with mined hard negatives", read_mined,
+     [mined_negatives]),
+]
+RUNGS = [name for name, *_ in LADDER]
+
+
+def dev_set(store: ArtifactStore, domain: str, seed: int) -> DevSet:
+    """Dev queries against their positives plus distractors from the training corpus (no eval docs)."""
+    _, dev = read_pairs(store, domain)
+    units = read_corpus_units(store, domain)
+    eval_docs = read_eval_split(store, domain).eval_doc_ids
+    pool = units[~units["parent_id"].isin(eval_docs)]
+    distractors = pool[~pool["doc_id"].isin(set(dev["doc_id"]))]
+    distractors = distractors.sample(min(DEV_CORPUS_DISTRACTORS, len(distractors)), random_state=seed)
+    chosen = pd.concat([pool[pool["doc_id"].isin(set(dev["doc_id"]))], distractors])
+    corpus = dict(zip(chosen["doc_id"], corpus_texts(chosen), strict=True))
+    queries = {f"dev{i}": q for i, q in enumerate(dev["query"])}
+    relevant = {f"dev{i}": {d} for i, d in enumerate(dev["doc_id"])}
+    return DevSet(queries, corpus, relevant)
+
+
+def read_training_result(store: ArtifactStore, domain: str, rung: str) -> dict:
+    return json.loads((store.latest(domain, rung) / RESULT_FILE).read_text())
+
+
+def rung_model_path(store: ArtifactStore, domain: str, rung: str) -> Path:
+    return store.latest(domain, rung) / MODEL_DIR
+
+
+def build_rung(name: str, data_label: str, rows_fn: RowsFn, deps: list) -> dg.AssetsDefinition:
+    @dg.asset(
+        name=name,
+        partitions_def=domain_partitions,
+        group_name=GROUP,
+        kinds={"pytorch", "sentence_transformers"},
+        owners=["team:retrieval"],
+        deps=deps,
+        description=f"Encoder fine-tuned from the base model on {data_label} "
+                    "(MultipleNegativesRankingLoss, no-duplicates batches), scored on the dev slice.",
+    )
+    def rung(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource,
+             settings: PipelineSettings) -> dg.MaterializeResult:
+        spec = domain_spec(context)
+        store = artifacts.store()
+        sizes = settings.sizes()
+        rows = rows_fn(store, spec.name)
+        config = TrainingConfig(epochs=sizes.epochs, batch_size=sizes.batch_size, seed=settings.seed)
+        dev = dev_set(store, spec.name, settings.seed)
+        upstream = ["heuristic_pairs"] + [d.key.to_user_string() for d in deps
+                                          if d.key.to_user_string() != "heuristic_pairs"]
+        with publish(context, artifacts, settings,
+                     {"base_model": settings.base_model, "rows": data_label, **asdict(config)},
+                     upstream) as staging:
+            try:
+                result = train_encoder(settings.base_model, rows, staging, config, dev)
+            except TrainingDataError as error:
+                raise dg.Failure(f"domain '{spec.name}', {name}: {error}") from error
+            revision = model_fingerprint(str(staging / MODEL_DIR))
+            (staging / RESULT_FILE).write_text(json.dumps({**asdict(result), "revision": revision}))
+        return dg.MaterializeResult(metadata={
+            "training_rows": dg.MetadataValue.int(result.training_rows),
+            "steps": dg.MetadataValue.int(result.steps),
+            "train_seconds": dg.MetadataValue.float(result.train_seconds),
+            "pairs_per_second": dg.MetadataValue.float(result.pairs_per_second),
+            "peak_memory_mb": dg.MetadataValue.float(result.peak_memory_mb),
+            "final_loss": dg.MetadataValue.float(result.final_loss),
+            "dev_ndcg_at_10": dg.MetadataValue.float(result.dev_ndcg_at_10),
+            "revision": revision,
+            "model_path": dg.MetadataValue.path(str(rung_model_path(store, spec.name, name))),
+        })
+
+    return rung
+
+
+ladder_encoders = [build_rung(*rung) for rung in LADDER]

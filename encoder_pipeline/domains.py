@@ -1,0 +1,184 @@
+"""Domain specs: one TOML file per domain under `data/domains/`, and the `domain` partitions.
+
+A domain differs from another by its spec file only: where its corpus lives, what a retrievable unit
+is, what a query looks like, which structural pairs it has, and the targets committed before
+building. Every field is validated (unknown keys are errors) so a typo fails at load time with the
+file and the field in the message, not halfway through a run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+import dagster as dg
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field
+
+from encoder_pipeline.paths import corpus_root, domains_dir
+
+domain_partitions = dg.DynamicPartitionsDefinition(name="domain")
+
+DOMAIN_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+
+
+class SpecError(ValueError):
+    """A domain spec that cannot be used; the message names the file and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CorpusSource(_Strict):
+    format: Literal["python_stdlib", "beir", "jsonl", "parquet", "csv"]
+    path: str = Field(
+        "",
+        description="BEIR folder or file glob, relative to $ENCODER_PIPELINE_CORPUS_ROOT unless "
+        "absolute or a URI (s3://, gs://, az://, http(s)://). Unused for python_stdlib.",
+    )
+    id_field: str = "_id"
+    title_field: str = "title"
+    text_field: str = "text"
+    exclude: list[str] = Field(
+        default_factory=list, description="python_stdlib: package folders left out of the corpus."
+    )
+
+
+class UnitSpec(_Strict):
+    name: str = Field(description="What one retrievable unit is, in words (shown in the report).")
+    max_words: int = Field(
+        0, ge=0, description="Split longer documents into chunks of this many words (0: never)."
+    )
+    min_words: int = Field(3, ge=0, description="Drop units whose title+text has fewer words.")
+    normalize_whitespace: bool = Field(
+        True, description="Collapse runs of whitespace (off for code, where layout is content)."
+    )
+    boilerplate_patterns: list[str] = Field(
+        default_factory=list, description="Regexes; a unit whose whole text matches one is dropped."
+    )
+
+
+class DedupeSpec(_Strict):
+    num_hashes: int = Field(64, ge=8)
+    ngram_size: int = Field(5, ge=1)
+    bands: int = Field(16, ge=1, description="LSH bands; num_hashes must divide evenly.")
+    jaccard_threshold: float = Field(0.8, gt=0, le=1)
+
+
+class FewShotExample(_Strict):
+    passage: str
+    query: str
+
+
+class QuerySpec(_Strict):
+    form: str = Field(description="What a user's query looks like.")
+    relevance: str = Field(description="When a unit is relevant to a query.")
+    hard_negative: str = Field(description="What a unit that looks relevant but is not looks like.")
+    pair_extractor: Literal["docstring", "title"] = Field(
+        description="Structural pairs: docstring -> code unit, or title/heading -> body."
+    )
+    examples: list[FewShotExample] = Field(
+        default_factory=list, description="Few-shot examples for the synthetic-query prompt."
+    )
+
+
+class JudgedSet(_Strict):
+    path: str = Field(description="BEIR folder with queries.jsonl and qrels/<split>.tsv.")
+    split: str = "dev"
+
+
+class Targets(_Strict):
+    ndcg_at_10: float = Field(ge=0, le=1)
+    p95_latency_ms: float = Field(gt=0)
+    index_mb: float = Field(gt=0)
+    usd_per_1k_queries: float = Field(gt=0)
+
+
+class DomainSpec(_Strict):
+    name: str
+    description: str = ""
+    corpus: CorpusSource
+    unit: UnitSpec
+    queries: QuerySpec
+    dedupe: DedupeSpec = DedupeSpec()
+    judged: JudgedSet | None = None
+    targets: Targets
+    remote_llm_allowed: bool = Field(
+        False, description="Opt in to sending document text to a remote LLM endpoint."
+    )
+    source_file: str = Field("", exclude=True)
+
+    @pydantic.field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        if not DOMAIN_NAME.match(value):
+            raise ValueError("must be lower-case letters, digits and '_', starting with a letter")
+        return value
+
+    def resolve(self, location: str) -> str:
+        """A spec path made absolute: URIs and absolute paths as given, others under the corpus root."""
+        if "://" in location or os.path.isabs(location):
+            return location
+        return str(corpus_root() / location)
+
+    def corpus_location(self) -> str:
+        return self.resolve(self.corpus.path)
+
+    def judged_location(self) -> str | None:
+        return self.resolve(self.judged.path) if self.judged else None
+
+
+def _field_path(loc: tuple) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+def load_spec(path: str | Path) -> DomainSpec:
+    """Parse and validate one spec file; every error names the file and the field."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as error:
+        raise SpecError(f"{path}: no such spec file") from error
+    except tomllib.TOMLDecodeError as error:
+        raise SpecError(f"{path}: not valid TOML: {error}") from error
+    try:
+        spec = DomainSpec.model_validate(raw)
+    except pydantic.ValidationError as error:
+        problems = "; ".join(
+            f"field '{_field_path(e['loc'])}': "
+            + ("unknown field" if e["type"] == "extra_forbidden" else e["msg"])
+            for e in error.errors()
+        )
+        raise SpecError(f"{path}: {problems}") from error
+    if spec.name != path.stem:
+        raise SpecError(f"{path}: field 'name' is '{spec.name}' but the file is named '{path.stem}'")
+    if spec.dedupe.num_hashes % spec.dedupe.bands:
+        raise SpecError(f"{path}: field 'dedupe.bands' must divide 'dedupe.num_hashes'")
+    for pattern in spec.unit.boilerplate_patterns:
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise SpecError(f"{path}: field 'unit.boilerplate_patterns': bad regex {pattern!r}: {error}")
+    return spec.model_copy(update={"source_file": str(path)})
+
+
+def spec_files(directory: Path | None = None) -> list[Path]:
+    return sorted((directory or domains_dir()).glob("*.toml"))
+
+
+def domain_names(directory: Path | None = None) -> list[str]:
+    """Names of every spec file present, valid or not (an invalid one fails when it runs)."""
+    return [path.stem for path in spec_files(directory) if DOMAIN_NAME.match(path.stem)]
+
+
+def load_domain(name: str, directory: Path | None = None) -> DomainSpec:
+    directory = directory or domains_dir()
+    path = directory / f"{name}.toml"
+    if not path.exists():
+        known = ", ".join(domain_names(directory)) or "none"
+        raise SpecError(f"{path}: no spec for domain '{name}' (known domains: {known})")
+    return load_spec(path)

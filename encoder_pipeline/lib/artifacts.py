@@ -1,0 +1,130 @@
+"""Versioned, atomically published artifacts: `<root>/<domain>/<asset>/<version>/`.
+
+A stage writes into a hidden staging folder and publishes it with one `rename`, then moves the
+asset's `LATEST` pointer (also by rename). A downstream stage only ever reads a published version,
+so a run killed halfway leaves nothing half-written where anyone looks. Each version carries a
+`manifest.json`: library versions, seed, config hash, corpus fingerprint, upstream versions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+TRACKED_LIBRARIES = (
+    "dagster",
+    "daft",
+    "sentence-transformers",
+    "transformers",
+    "torch",
+    "faiss-cpu",
+    "bm25s",
+    "pytrec-eval-terrier",
+)
+
+
+class MissingArtifact(FileNotFoundError):
+    """An upstream artifact that has not been materialized for this domain."""
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for name in TRACKED_LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def config_hash(config: Any) -> str:
+    blob = json.dumps(config, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(
+        "w", dir=path.parent, prefix=f".{path.name}.", delete=False, encoding="utf-8"
+    ) as handle:
+        json.dump(payload, handle, indent=2, sort_keys=True, default=str)
+    os.replace(handle.name, path)
+
+
+@dataclass
+class Manifest:
+    domain: str
+    asset: str
+    version: str
+    seed: int
+    config: dict[str, Any]
+    corpus_fingerprint: str = ""
+    upstream: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "domain": self.domain,
+            "asset": self.asset,
+            "version": self.version,
+            "seed": self.seed,
+            "config": self.config,
+            "config_hash": config_hash(self.config),
+            "corpus_fingerprint": self.corpus_fingerprint,
+            "upstream": self.upstream,
+            "libraries": library_versions(),
+        }
+
+
+class ArtifactStore:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def asset_dir(self, domain: str, asset: str) -> Path:
+        return self.root / domain / asset
+
+    def domain_dir(self, domain: str) -> Path:
+        return self.root / domain
+
+    def latest_version(self, domain: str, asset: str) -> str:
+        pointer = self.asset_dir(domain, asset) / "LATEST"
+        if not pointer.exists():
+            raise MissingArtifact(
+                f"'{asset}' has not been materialized for domain '{domain}' "
+                f"(nothing at {pointer}); materialize it first"
+            )
+        return pointer.read_text().strip()
+
+    def latest(self, domain: str, asset: str) -> Path:
+        return self.asset_dir(domain, asset) / self.latest_version(domain, asset)
+
+    def manifest(self, domain: str, asset: str) -> dict[str, Any]:
+        return json.loads((self.latest(domain, asset) / "manifest.json").read_text())
+
+    @contextlib.contextmanager
+    def publish(self, manifest: Manifest) -> Iterator[Path]:
+        """Yield a staging folder; on success rename it into place and move LATEST to it."""
+        asset_dir = self.asset_dir(manifest.domain, manifest.asset)
+        asset_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=asset_dir, prefix=f".staging-{manifest.version}-"))
+        try:
+            yield staging
+            write_json_atomic(staging / "manifest.json", manifest.to_dict())
+            final = asset_dir / manifest.version
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        pointer_tmp = asset_dir / f".LATEST.{manifest.version}"
+        pointer_tmp.write_text(manifest.version)
+        os.replace(pointer_tmp, asset_dir / "LATEST")

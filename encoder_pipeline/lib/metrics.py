@@ -1,0 +1,87 @@
+"""Retrieval metrics (pytrec_eval), the BM25 baseline (bm25s) and timed single-query latency.
+
+Runs are `{query_id: {doc_id: score}}` at the source-document level: a chunked document scores as
+its best chunk, so judgments on documents need no remapping.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import bm25s
+import numpy as np
+import pytrec_eval
+
+Run = dict[str, dict[str, float]]
+Qrels = dict[str, dict[str, int]]
+
+MEASURES = {"ndcg_cut_10", "recall_100", "recall_10"}
+
+
+def to_parent_run(hits: Sequence[Sequence[tuple[int, float]]], query_ids: Sequence[str],
+                  parents: Sequence[str]) -> Run:
+    """Row hits -> a document-level run; a document's score is its best chunk's."""
+    run: Run = {}
+    for qid, row in zip(query_ids, hits, strict=True):
+        docs: dict[str, float] = {}
+        for position, score in row:
+            parent = parents[position]
+            if parent not in docs or score > docs[parent]:
+                docs[parent] = score
+        run[qid] = docs
+    return run
+
+
+def evaluate(run: Run, qrels: Qrels) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Mean and per-query nDCG@10, MRR@10, Recall@10 and Recall@100 (pytrec_eval)."""
+    qrels = {q: rels for q, rels in qrels.items() if q in run}
+    per_query = pytrec_eval.RelevanceEvaluator(qrels, MEASURES).evaluate(run)
+    top10 = {q: dict(sorted(docs.items(), key=lambda kv: -kv[1])[:10]) for q, docs in run.items()}
+    mrr = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(top10)
+    rows = {
+        q: {
+            "ndcg@10": v["ndcg_cut_10"],
+            "mrr@10": mrr[q]["recip_rank"],
+            "recall@10": v["recall_10"],
+            "recall@100": v["recall_100"],
+        }
+        for q, v in per_query.items()
+    }
+    means = {m: float(np.mean([r[m] for r in rows.values()])) for m in
+             ("ndcg@10", "mrr@10", "recall@10", "recall@100")}
+    return means, rows
+
+
+def bm25_run(corpus_texts: Sequence[str], parents: Sequence[str], queries: dict[str, str],
+             k: int = 100) -> Run:
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize(list(corpus_texts), stopwords="en", show_progress=False),
+                    show_progress=False)
+    qids = list(queries)
+    rows, scores = retriever.retrieve(
+        bm25s.tokenize([queries[q] for q in qids], stopwords="en", show_progress=False),
+        k=min(k, len(corpus_texts)), show_progress=False, n_threads=1,
+    )
+    hits = [[(int(r), float(s)) for r, s in zip(rr, ss, strict=True) if s > 0]
+            for rr, ss in zip(rows, scores, strict=True)]
+    return to_parent_run(hits, qids, parents)
+
+
+def latency_ms(answer: Callable[[str], object], queries: Sequence[str], warmup: int = 5
+               ) -> dict[str, float]:
+    """p50/p95/mean wall time of answering one query at a time (encode + search), warm, no cache."""
+    for query in queries[:warmup]:
+        answer(query)
+    times = []
+    for query in queries:
+        started = time.perf_counter()
+        answer(query)
+        times.append((time.perf_counter() - started) * 1000)
+    return {"p50_ms": float(np.percentile(times, 50)), "p95_ms": float(np.percentile(times, 95)),
+            "mean_ms": float(np.mean(times)), "queries": len(times)}
+
+
+def usd_per_1k_queries(mean_ms: float, usd_per_hour: float) -> float:
+    """Serving cost: machine time per query at a given hourly price, one query at a time."""
+    return mean_ms / 1000 / 3600 * usd_per_hour * 1000

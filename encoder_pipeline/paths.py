@@ -1,0 +1,40 @@
+"""Where things live. Every location can be moved with an environment variable.
+
+- ENCODER_PIPELINE_HOME: the artifact root (default `<project>/data`), laid out as
+  `<root>/<domain>/<asset>/<version>/`, with Dagster's own storage under `<root>/dagster/`.
+- ENCODER_PIPELINE_DOMAINS: the folder of domain spec files (default `<project>/data/domains`).
+- ENCODER_PIPELINE_CORPUS_ROOT: what relative corpus paths in specs are resolved against
+  (default `<project>/data/corpora`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def project_root() -> Path:
+    """The checkout holding pyproject.toml (editable install), else the working directory."""
+    candidate = Path(__file__).resolve().parents[1]
+    return candidate if (candidate / "pyproject.toml").exists() else Path.cwd()
+
+
+def artifact_root() -> Path:
+    return Path(os.environ.get("ENCODER_PIPELINE_HOME", project_root() / "data")).resolve()
+
+
+def domains_dir() -> Path:
+    return Path(os.environ.get("ENCODER_PIPELINE_DOMAINS", project_root() / "data" / "domains"))
+
+
+def corpus_root() -> Path:
+    return Path(
+        os.environ.get("ENCODER_PIPELINE_CORPUS_ROOT", project_root() / "data" / "corpora")
+    ).resolve()
+
+
+def ensure_dagster_home() -> Path:
+    """DAGSTER_HOME defaults to the project root so the shipped dagster.yaml applies."""
+    home = Path(os.environ.setdefault("DAGSTER_HOME", str(project_root())))
+    (artifact_root() / "dagster").mkdir(parents=True, exist_ok=True)
+    return home

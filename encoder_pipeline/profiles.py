@@ -1,0 +1,46 @@
+"""Size profiles: `tiny` for tests, `default` for the 20-minute run on 2 cores, `full` for real use."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+ProfileName = Literal["tiny", "default", "full"]
+
+
+@dataclass(frozen=True)
+class Profile:
+    max_documents: int  # corpus sample before cleaning (0: the whole corpus)
+    eval_queries: int  # held-out queries when the domain has no judged set
+    max_pairs: int  # structural pairs kept after the consistency filter
+    consistency_top_k: int  # keep a pair only if its positive ranks in the base model's top-k
+    dev_fraction: float
+    dev_max_pairs: int
+    synthetic_documents: int  # documents sent to the LLM (time-budgeted for the local model)
+    queries_per_document: int
+    round_trip_top_k: int
+    epochs: float
+    batch_size: int
+    latency_queries: int  # distinct queries timed for p95 latency
+
+
+PROFILES: dict[str, Profile] = {
+    "tiny": Profile(max_documents=400, eval_queries=30, max_pairs=150, consistency_top_k=20,
+                    dev_fraction=0.1, dev_max_pairs=15, synthetic_documents=4,
+                    queries_per_document=2, round_trip_top_k=10, epochs=1, batch_size=16,
+                    latency_queries=40),
+    "default": Profile(max_documents=3000, eval_queries=300, max_pairs=2000, consistency_top_k=20,
+                       dev_fraction=0.1, dev_max_pairs=100, synthetic_documents=96,
+                       queries_per_document=2, round_trip_top_k=10, epochs=1, batch_size=32,
+                       latency_queries=300),
+    "full": Profile(max_documents=0, eval_queries=1000, max_pairs=100_000, consistency_top_k=20,
+                    dev_fraction=0.05, dev_max_pairs=500, synthetic_documents=2000,
+                    queries_per_document=2, round_trip_top_k=10, epochs=1, batch_size=64,
+                    latency_queries=500),
+}
+
+
+def get_profile(name: str) -> Profile:
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}")
+    return PROFILES[name]

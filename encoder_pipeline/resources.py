@@ -1,0 +1,94 @@
+"""Resources shared by every stage: where artifacts go, run-wide settings, and the LLM."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import dagster as dg
+from pydantic import Field
+
+from encoder_pipeline.lib.artifacts import ArtifactStore
+from encoder_pipeline.lib.encoders import DEFAULT_BASE_MODEL
+from encoder_pipeline.lib.llm import (
+    GenerationParams,
+    LLMBackend,
+    LocalGGUFBackend,
+    OpenAIBackend,
+    ResponseCache,
+    ensure_local_gguf,
+)
+from encoder_pipeline.paths import artifact_root
+from encoder_pipeline.profiles import Profile, get_profile
+
+
+class ArtifactStoreResource(dg.ConfigurableResource):
+    """The artifact root: `<root>/<domain>/<asset>/<version>/`, published atomically."""
+
+    root: str = Field(default_factory=lambda: str(artifact_root()))
+
+    def store(self) -> ArtifactStore:
+        return ArtifactStore(self.root)
+
+
+class PipelineSettings(dg.ConfigurableResource):
+    """Run-wide knobs, editable in the launchpad: size profile, base model, seed, serving price."""
+
+    profile: Literal["tiny", "default", "full"] = "default"
+    base_model: str = Field(
+        DEFAULT_BASE_MODEL,
+        description="A sentence-transformers folder or name; the default is the packaged MiniLM.",
+    )
+    seed: int = 0
+    bf16_inference: bool = Field(True, description="bf16 autocast for bulk corpus encoding on CPU.")
+    serving_usd_per_hour: float = Field(
+        0.10, description="Price of the serving machine, for $/1k queries (serving cost only)."
+    )
+
+    def sizes(self) -> Profile:
+        return get_profile(self.profile)
+
+
+class LLMResource(dg.ConfigurableResource):
+    """Synthetic-query generator: the offline local model (default) or an OpenAI-compatible API.
+
+    Bind `api_key` with `dg.EnvVar(...)`: the key is read at run time and never stored.
+    """
+
+    backend: Literal["local", "openai"] = "local"
+    base_url: str | None = None
+    model: str = "gpt-4o-mini"
+    api_key: str | None = None
+    max_concurrency: int = 4
+    max_tokens_budget: int | None = None
+    max_usd_budget: float | None = None
+    usd_per_1m_prompt_tokens: float = 0.0
+    usd_per_1m_completion_tokens: float = 0.0
+    local_batch_size: int = 8
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_new_tokens: int = 48
+
+    @property
+    def is_remote(self) -> bool:
+        return self.backend == "openai"
+
+    def params(self, seed: int) -> GenerationParams:
+        return GenerationParams(temperature=self.temperature, top_p=self.top_p,
+                                max_new_tokens=self.max_new_tokens, seed=seed)
+
+    def build_backend(self, models_dir: Path) -> LLMBackend:
+        if self.backend == "local":
+            return LocalGGUFBackend(ensure_local_gguf(models_dir), batch_size=self.local_batch_size)
+        if not self.api_key:
+            raise ValueError("the openai LLM backend needs an api key: bind api_key with dg.EnvVar")
+        return OpenAIBackend(
+            base_url=self.base_url, model=self.model, api_key=self.api_key,
+            max_concurrency=self.max_concurrency, max_tokens_budget=self.max_tokens_budget,
+            max_usd_budget=self.max_usd_budget,
+            usd_per_1m_prompt_tokens=self.usd_per_1m_prompt_tokens,
+            usd_per_1m_completion_tokens=self.usd_per_1m_completion_tokens,
+        )
+
+    def cache(self, cache_dir: Path) -> ResponseCache:
+        return ResponseCache(cache_dir)
