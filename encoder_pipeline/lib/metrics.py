@@ -6,12 +6,15 @@ its best chunk, so judgments on documents need no remapping.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import bm25s
+import faiss
 import numpy as np
 import pytrec_eval
+import torch
 
 Run = dict[str, dict[str, float]]
 Qrels = dict[str, dict[str, int]]
@@ -53,6 +56,17 @@ def evaluate(run: Run, qrels: Qrels) -> tuple[dict[str, float], dict[str, dict[s
     return means, rows
 
 
+def dense_run(query_vectors: np.ndarray, corpus_vectors: np.ndarray, query_ids: Sequence[str],
+              parents: Sequence[str], k: int = 100) -> Run:
+    """Exact inner-product search (FAISS flat) over normalized vectors, as a document-level run."""
+    from encoder_pipeline.lib.index import build_index
+
+    flat = build_index(corpus_vectors, "flat")
+    scores, rows = flat.search(np.ascontiguousarray(query_vectors), min(k, flat.ntotal))
+    hits = [list(zip(r.tolist(), s.tolist(), strict=True)) for r, s in zip(rows, scores, strict=True)]
+    return to_parent_run(hits, query_ids, parents)
+
+
 def bm25_run(corpus_texts: Sequence[str], parents: Sequence[str], queries: dict[str, str],
              k: int = 100) -> Run:
     retriever = bm25s.BM25()
@@ -68,16 +82,36 @@ def bm25_run(corpus_texts: Sequence[str], parents: Sequence[str], queries: dict[
     return to_parent_run(hits, qids, parents)
 
 
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Serve as a one-worker-per-core server does: torch and FAISS on a single thread.
+
+    Two intra-op threads on a 2-core box turn a 7 ms query into hundreds of ms as soon as anything
+    else runs (measured here), so multi-threaded single-query timings say more about the neighbours
+    than about the index.
+    """
+    torch_threads, faiss_threads = torch.get_num_threads(), faiss.omp_get_max_threads()
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(torch_threads)
+        faiss.omp_set_num_threads(faiss_threads)
+
+
 def latency_ms(answer: Callable[[str], object], queries: Sequence[str], warmup: int = 5
                ) -> dict[str, float]:
-    """p50/p95/mean wall time of answering one query at a time (encode + search), warm, no cache."""
-    for query in queries[:warmup]:
-        answer(query)
+    """p50/p95/mean wall time of answering one query at a time (encode + search), warm, no cache,
+    on one thread."""
     times = []
-    for query in queries:
-        started = time.perf_counter()
-        answer(query)
-        times.append((time.perf_counter() - started) * 1000)
+    with one_thread():
+        for query in queries[:warmup]:
+            answer(query)
+        for query in queries:
+            started = time.perf_counter()
+            answer(query)
+            times.append((time.perf_counter() - started) * 1000)
     return {"p50_ms": float(np.percentile(times, 50)), "p95_ms": float(np.percentile(times, 95)),
             "mean_ms": float(np.mean(times)), "queries": len(times)}
 

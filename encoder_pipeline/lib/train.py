@@ -1,31 +1,52 @@
 """Contrastive fine-tuning of a sentence-transformers encoder on (query, positive[, negatives]) rows.
 
-Columns in: `query`, `positive`, then optional `negative_1..N`. Loss: MultipleNegativesRankingLoss
-(in-batch negatives plus any mined ones; van den Oord et al. 2018, Henderson et al. 2017) with the
-no-duplicates batch sampler, since a repeated text in a batch would be a false negative.
+Columns in: `query`, `positive`, then optional `negative_1..N`. Out: a sentence-transformers folder
+at `output_dir/model` and a `TrainingResult`.
+
+Loss (see `lib/losses.py`): MultipleNegativesRankingLoss (InfoNCE over in-batch plus mined
+negatives; van den Oord et al. 2018, Henderson et al. 2017) with a Global Orthogonal Regularization
+term (Zhang et al. 2017, as in EmbeddingGemma), under MatryoshkaLoss (Kusupati et al. 2022), and with
+GradCache (Gao et al. 2021) once the batch exceeds `mini_batch_size`, so the batch is a setting
+rather than a memory limit. Batches come from the no-duplicates sampler, since a repeated text in a
+batch would be a false in-batch negative.
+
+The dev slice (carved from the training pairs, never the eval set) is scored at the end of every
+epoch; the best epoch's checkpoint is kept. Checkpoints go to `checkpoint_dir`, a work folder that
+outlives a crashed run: calling `train_encoder` again with the same inputs resumes from the last one.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
+import re
 import resource
+import shutil
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
 import torch
 from datasets import Dataset
-from sentence_transformers import (
-    SentenceTransformerTrainer,
-    SentenceTransformerTrainingArguments,
-    losses,
-)
+from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 from sentence_transformers.evaluation import InformationRetrievalEvaluator
 from sentence_transformers.training_args import BatchSamplers
+from sentence_transformers.util import cos_sim
+from transformers import TrainerCallback
 
-from encoder_pipeline.lib.encoders import load_encoder
+from encoder_pipeline.lib.encoders import load_encoder, model_fingerprint
+from encoder_pipeline.lib.losses import contrastive_loss, default_matryoshka_dims, describe_loss
 
 MIN_TRAINING_PAIRS = 16
+# The auto batch keeps at least this many optimizer steps per epoch. A probe on ~700 pairs: batch
+# 128 lost to batch 32 because it cut the step count to a quarter.
+MIN_STEPS_PER_EPOCH = 64
+NEGATIVE_COLUMN = re.compile(r"^negative_\d+$")
+DEV_METRIC = "dev_cosine_ndcg@10"
+RUN_FILE = "run.json"
 
 
 class TrainingDataError(ValueError):
@@ -35,11 +56,29 @@ class TrainingDataError(ValueError):
 @dataclass(frozen=True)
 class TrainingConfig:
     epochs: float = 1.0
-    batch_size: int = 32
+    batch_size: int | None = None  # effective batch; None: auto_batch_size(pairs)
+    min_batch_size: int = 32  # the auto batch's floor (small sets want small batches)
+    max_batch_size: int = 1024  # the auto batch's ceiling
+    mini_batch_size: int = 32  # texts per forward pass under GradCache: bounds activation memory
+    gradcache: bool | None = None  # None: only when the batch exceeds mini_batch_size
+    matryoshka_dims: tuple[int, ...] | None = None  # None: full, 1/2, 1/4, 1/8 of the model; (): off
+    gor_weight: float = 0.1  # Global Orthogonal Regularization (second moment), 0 turns it off
     learning_rate: float = 5e-5
     warmup_ratio: float = 0.1
     max_seq_length: int = 128
+    max_steps: int = -1  # > 0 overrides epochs
     seed: int = 0
+    checkpoint_every_s: float = 300.0  # mid-epoch checkpoint interval (epoch ends always save)
+
+
+def auto_batch_size(pairs: int, min_batch: int = 32, max_batch: int = 1024) -> int:
+    """The largest power of two that still gives MIN_STEPS_PER_EPOCH steps, within [min, max].
+
+    32 up to ~4k pairs, 64 at 4k, 256 at 16k, 1024 from 64k. Large batches (more in-batch
+    negatives) help only when the step count survives them; GradCache keeps their memory flat.
+    """
+    fitting = 2 ** int(math.log2(max(1, pairs // MIN_STEPS_PER_EPOCH)))
+    return int(min(max_batch, max(min_batch, fitting)))
 
 
 @dataclass
@@ -50,75 +89,211 @@ class DevSet:
     corpus: dict[str, str]
     relevant: dict[str, set[str]]
 
-    def evaluator(self) -> InformationRetrievalEvaluator:
+    def evaluator(self, truncated_dims: Sequence[int] = ()) -> InformationRetrievalEvaluator:
+        """Cosine nDCG@10 etc.; each of `truncated_dims` adds `dev_cosine_dim{d}_*` metrics computed
+        from the same embeddings (truncated and re-normalized), so they cost no extra encoding."""
+        score_functions = {"cosine": cos_sim}
+        for dim in truncated_dims:
+            score_functions[f"cosine_dim{dim}"] = _truncated_cosine(dim)
         return InformationRetrievalEvaluator(
             self.queries, self.corpus, self.relevant, name="dev", ndcg_at_k=[10], mrr_at_k=[10],
             accuracy_at_k=[1], precision_recall_at_k=[10, 100], map_at_k=[100],
-            show_progress_bar=False, batch_size=64,
+            show_progress_bar=False, batch_size=64, score_functions=score_functions,
+            main_score_function="cosine", write_csv=False,
         )
 
     def ndcg_at_10(self, model) -> float:
-        return float(self.evaluator()(model)["dev_cosine_ndcg@10"])
+        return float(self.evaluator()(model)[DEV_METRIC])
+
+    def fingerprint(self) -> str:
+        blob = json.dumps([self.queries, self.corpus, {k: sorted(v) for k, v in self.relevant.items()}],
+                          sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _truncated_cosine(dim: int):
+    def score(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return cos_sim(a[:, :dim], b[:, :dim])  # cos_sim re-normalizes the truncated prefix
+    return score
 
 
 @dataclass
 class TrainingResult:
     training_rows: int
-    steps: int
-    train_seconds: float
-    pairs_per_second: float
-    peak_memory_mb: float
+    batch_size: int
+    steps: int  # optimizer steps in total (including any before a resume)
+    train_seconds: float  # wall time of this call's training, evaluation and checkpoints included
+    pairs_per_second: float  # rows trained per second of training steps (evaluation and saving excluded)
+    peak_memory_mb: float  # the process's peak RSS (ru_maxrss)
     final_loss: float
-    dev_ndcg_at_10: float
+    dev_ndcg_at_10: float  # of the kept (best) checkpoint
+    matryoshka_dim: int  # 1/4 of the model's dimension
+    dev_ndcg_at_10_truncated: float  # the kept checkpoint at `matryoshka_dim` dimensions
+    loss: str = ""
+    best_step: int = 0
+    resumed_from_step: int = 0  # 0: a fresh run
+    dev_history: list[dict] = field(default_factory=list)  # [{step, ndcg@10, ndcg@10 truncated}]
 
 
 def train_encoder(base_model: str, rows: pd.DataFrame, output_dir: str | Path, config: TrainingConfig,
-                  dev: DevSet | None = None) -> TrainingResult:
-    """Fine-tune `base_model` on `rows`, save a sentence-transformers folder to `output_dir/model`."""
+                  dev: DevSet | None = None, checkpoint_dir: str | Path | None = None,
+                  callbacks: Sequence[TrainerCallback] = ()) -> TrainingResult:
+    """Fine-tune `base_model` on `rows`, save a sentence-transformers folder to `output_dir/model`.
+
+    `checkpoint_dir` belongs to this run (default `output_dir/checkpoints`): if it holds checkpoints
+    of the same inputs (model, rows, config, dev set), training resumes from the last one; it is
+    deleted after success. Pass a folder outside any staging area for crash-resumable training.
+    """
     if len(rows) < MIN_TRAINING_PAIRS:
         raise TrainingDataError(
             f"only {len(rows)} training rows; at least {MIN_TRAINING_PAIRS} are needed to train "
             "(add documents with structure, or enable synthetic queries)"
         )
+    output_dir = Path(output_dir)
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else output_dir / "checkpoints"
+    columns = ["query", "positive"] + sorted((c for c in rows.columns if NEGATIVE_COLUMN.match(c)),
+                                             key=lambda c: int(c.split("_")[1]))
+    rows = rows[columns].reset_index(drop=True)
+    batch_size = min(config.batch_size or auto_batch_size(len(rows), config.min_batch_size,
+                                                           config.max_batch_size), len(rows))
+    gradcache = config.gradcache if config.gradcache is not None else batch_size > config.mini_batch_size
+
     torch.manual_seed(config.seed)
     model = load_encoder(base_model, config.max_seq_length, fresh=True)
-    columns = ["query", "positive"] + sorted(c for c in rows.columns if c.startswith("negative_"))
-    dataset = Dataset.from_pandas(rows[columns].reset_index(drop=True), preserve_index=False)
-    output_dir = Path(output_dir)
+    dim = model.get_embedding_dimension()
+    dims = default_matryoshka_dims(dim) if config.matryoshka_dims is None else tuple(config.matryoshka_dims)
+    quarter = max(1, dim // 4)
+    loss = contrastive_loss(model, gradcache=gradcache, mini_batch_size=config.mini_batch_size,
+                            matryoshka_dims=dims, gor_weight=config.gor_weight)
+
+    resume_from = _prepare_checkpoints(checkpoint_dir, _run_fingerprint(base_model, rows, config, dev))
     args = SentenceTransformerTrainingArguments(
-        output_dir=str(output_dir / "trainer"),
+        output_dir=str(checkpoint_dir),
         num_train_epochs=config.epochs,
-        per_device_train_batch_size=min(config.batch_size, len(rows)),
+        max_steps=config.max_steps,
+        per_device_train_batch_size=batch_size,
         learning_rate=config.learning_rate,
         warmup_steps=config.warmup_ratio,  # a float is a ratio of the total steps in v5
         batch_sampler=BatchSamplers.NO_DUPLICATES,
         seed=config.seed,
         data_seed=config.seed,
-        save_strategy="no",
-        eval_strategy="no",
+        # Epoch ends evaluate and save (the dev score picks the kept checkpoint); _Checkpointer adds
+        # time-based saves inside long epochs so a crash loses at most `checkpoint_every_s`.
+        eval_strategy="epoch" if dev else "no",
+        save_strategy="epoch",
+        save_total_limit=2,  # the last and the best (load_best_model_at_end always retains the best)
+        load_best_model_at_end=dev is not None,
+        metric_for_best_model=f"eval_{DEV_METRIC}" if dev else None,
+        greater_is_better=True,
         logging_steps=10,
         report_to="none",
         disable_tqdm=True,
         dataloader_drop_last=False,
     )
+    clock = _StepClock()
     trainer = SentenceTransformerTrainer(
-        model=model, args=args, train_dataset=dataset,
-        loss=losses.MultipleNegativesRankingLoss(model),
+        model=model, args=args, train_dataset=Dataset.from_pandas(rows, preserve_index=False),
+        loss=loss, evaluator=dev.evaluator([quarter]) if dev else None,
+        callbacks=[clock, _Checkpointer(config.checkpoint_every_s), *callbacks],
     )
     started = time.perf_counter()
-    output = trainer.train()
+    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - started
     model.save_pretrained(str(output_dir / "model"))
+
+    history = [{"step": e["step"], "ndcg@10": e[f"eval_{DEV_METRIC}"],
+                "ndcg@10_truncated": e.get(f"eval_dev_cosine_dim{quarter}_ndcg@10", float("nan"))}
+               for e in trainer.state.log_history if f"eval_{DEV_METRIC}" in e]
+    best_step = trainer.state.best_global_step or trainer.state.global_step
+    kept = next((h for h in history if h["step"] == best_step), history[-1] if history else None)
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    pairs_trained = (trainer.state.epoch - clock.start_epoch) * len(rows)
     return TrainingResult(
         training_rows=len(rows),
+        batch_size=batch_size,
         steps=int(output.global_step),
         train_seconds=round(seconds, 2),
-        pairs_per_second=round(len(rows) * config.epochs / seconds, 2),
+        pairs_per_second=round(pairs_trained / max(clock.seconds, 1e-9), 2),
         peak_memory_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         final_loss=round(float(output.training_loss), 4),
-        dev_ndcg_at_10=round(dev.ndcg_at_10(model), 4) if dev else float("nan"),
+        dev_ndcg_at_10=round(kept["ndcg@10"], 4) if kept else float("nan"),
+        matryoshka_dim=quarter,
+        dev_ndcg_at_10_truncated=round(kept["ndcg@10_truncated"], 4) if kept else float("nan"),
+        loss=describe_loss(gradcache, config.mini_batch_size, dims, config.gor_weight),
+        best_step=int(best_step),
+        resumed_from_step=_step_of(resume_from) if resume_from else 0,
+        dev_history=history,
     )
 
 
 def result_dict(result: TrainingResult) -> dict:
     return asdict(result)
+
+
+class _StepClock(TrainerCallback):
+    """Seconds spent in training steps (batch collation included; evaluation and saving excluded)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.start_epoch = 0.0
+        self._mark = time.perf_counter()
+
+    def _reset(self, *args, **kwargs) -> None:
+        self._mark = time.perf_counter()
+
+    def on_train_begin(self, args, state, control, **kwargs) -> None:
+        self.start_epoch = state.epoch or 0.0  # > 0 after a resume
+        self._reset()
+
+    on_evaluate = on_save = _reset
+
+    def on_step_end(self, args, state, control, **kwargs) -> None:
+        now = time.perf_counter()
+        self.seconds += now - self._mark
+        self._mark = now
+
+
+class _Checkpointer(TrainerCallback):
+    """Save a checkpoint every `seconds` inside an epoch (epoch ends save anyway)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._last = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs) -> None:
+        at_epoch_end = state.epoch is not None and abs(state.epoch - round(state.epoch)) < 1e-9
+        if (time.monotonic() - self._last >= self.seconds and state.global_step < state.max_steps
+                and not at_epoch_end):
+            control.should_save = True
+
+    def on_save(self, args, state, control, **kwargs) -> None:
+        self._last = time.monotonic()
+
+
+def _run_fingerprint(base_model: str, rows: pd.DataFrame, config: TrainingConfig,
+                     dev: DevSet | None) -> str:
+    """What a checkpoint must match to be resumed: base model, training rows, config, dev set."""
+    settings = {k: v for k, v in asdict(config).items() if k != "checkpoint_every_s"}
+    digest = hashlib.sha256(json.dumps(
+        [model_fingerprint(base_model), settings, dev.fingerprint() if dev else None],
+        sort_keys=True, default=str).encode())
+    digest.update(pd.util.hash_pandas_object(rows, index=False).to_numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+def _step_of(checkpoint: Path) -> int:
+    return int(checkpoint.name.rsplit("-", 1)[1])
+
+
+def _prepare_checkpoints(checkpoint_dir: Path, fingerprint: str) -> Path | None:
+    """The last complete checkpoint of this same run, or None; anything else there is cleared."""
+    marker = checkpoint_dir / RUN_FILE
+    if checkpoint_dir.exists():
+        same_run = marker.exists() and json.loads(marker.read_text()).get("fingerprint") == fingerprint
+        if not same_run:
+            shutil.rmtree(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"fingerprint": fingerprint}))
+    # trainer_state.json is written last, so a checkpoint without it was cut off mid-save.
+    complete = [p for p in checkpoint_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
+    return max(complete, key=_step_of) if complete else None

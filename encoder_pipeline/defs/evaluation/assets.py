@@ -24,6 +24,7 @@ from encoder_pipeline.lib.artifacts import ArtifactStore
 from encoder_pipeline.lib.index import LoadedIndex, build_index, load_index, served_bytes
 from encoder_pipeline.lib.metrics import (
     bm25_run,
+    dense_run,
     evaluate,
     latency_ms,
     to_parent_run,
@@ -102,10 +103,7 @@ def eval_report(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResou
         corpus_vectors = encoders.cached_embeddings(model_path, texts, cache, bf16=settings.bf16_inference)
         query_vectors = encoders.encode(encoders.load_encoder(model_path), query_texts,
                                         bf16=settings.bf16_inference)
-        flat = build_index(corpus_vectors, "flat")
-        scores, rows = flat.search(query_vectors, min(TOP_K, flat.ntotal))
-        hits = [list(zip(r.tolist(), s.tolist(), strict=True)) for r, s in zip(rows, scores, strict=True)]
-        return evaluate(to_parent_run(hits, qids, parents), split.qrels)[0]
+        return evaluate(dense_run(query_vectors, corpus_vectors, qids, parents, TOP_K), split.qrels)[0]
 
     systems = {"bm25": evaluate(bm25_run(texts, parents, split.queries, TOP_K), split.qrels)[0],
                "off_the_shelf": dense(settings.base_model)}

@@ -29,6 +29,7 @@ PAIRS_FILE = "pairs.parquet"
 DEV_FILE = "dev.parquet"
 SYNTHETIC_FILE = "synthetic.parquet"
 MINED_FILE = "mined.parquet"
+LEAKAGE_CHECK = "no_eval_leakage"
 
 
 class TrainingCorpus:
@@ -56,27 +57,39 @@ class TrainingCorpus:
         return rank_of_positive(query_vectors, positive_ids, self.embeddings(), self.ids, top_k)
 
 
-def _leaks(rows: pd.DataFrame, eval_queries: set[str], eval_texts: set[str]) -> int:
-    text_columns = [c for c in rows.columns if c == "positive" or c.startswith("negative_")]
-    leaked = rows["query"].str.lower().isin(eval_queries)
-    for column in text_columns:
-        leaked |= rows[column].isin(eval_texts)
-    return int(leaked.sum())
+class EvalGuard:
+    """Knows the eval queries and eval document texts; finds training rows that touch either.
 
+    Eval documents are already excluded by id; this also catches the same text under another id
+    (a docstring shared by two functions, a copied paragraph) and a training query equal to an eval
+    query.
+    """
 
-def leakage_check(store: ArtifactStore, spec: DomainSpec, rows: pd.DataFrame) -> dg.AssetCheckResult:
-    """No eval query and no eval document text in any training row (anchor, positive, negative)."""
-    split = read_eval_split(store, spec.name)
-    units = read_corpus_units(store, spec.name)
-    held = units[units["parent_id"].isin(split.eval_doc_ids)]
-    eval_texts = set(corpus_texts(held)) | set(positive_texts(held, spec.queries.pair_extractor))
-    leaked = _leaks(rows, {q.lower() for q in split.queries.values()}, eval_texts)
-    return dg.AssetCheckResult(check_name="no_eval_leakage", passed=leaked == 0,
-                               severity=dg.AssetCheckSeverity.ERROR,
-                               metadata={"leaking_rows": leaked, "rows": len(rows)})
+    def __init__(self, store: ArtifactStore, spec: DomainSpec):
+        split = read_eval_split(store, spec.name)
+        units = read_corpus_units(store, spec.name)
+        held = units[units["parent_id"].isin(split.eval_doc_ids)]
+        self.queries = {q.strip().lower() for q in split.queries.values()}
+        self.texts = set(corpus_texts(held)) | set(positive_texts(held, spec.queries.pair_extractor))
 
+    def leaking(self, rows: pd.DataFrame) -> pd.Series:
+        leaked = rows["query"].str.strip().str.lower().isin(self.queries)
+        for column in rows.columns:
+            if column == "positive" or column.startswith("negative_"):
+                leaked |= rows[column].isin(self.texts)
+        return leaked
 
-LEAKAGE_CHECK = "no_eval_leakage"
+    def drop(self, rows: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+        leaked = self.leaking(rows)
+        return rows[~leaked].reset_index(drop=True), int(leaked.sum())
+
+    def check(self, rows: pd.DataFrame) -> dg.AssetCheckResult:
+        """No eval query and no eval document text in any training row (query, positive, negative)."""
+        leaked = int(self.leaking(rows).sum())
+        return dg.AssetCheckResult(check_name=LEAKAGE_CHECK, passed=leaked == 0,
+                                   severity=dg.AssetCheckSeverity.ERROR,
+                                   metadata={"leaking_rows": leaked, "rows": len(rows)})
+
 
 
 @dg.asset(
@@ -96,7 +109,9 @@ def heuristic_pairs(context: dg.AssetExecutionContext, artifacts: ArtifactStoreR
     store = artifacts.store()
     sizes = settings.sizes()
     corpus = TrainingCorpus(store, spec, settings)
-    extracted = extract_pairs(corpus.units, spec.queries.pair_extractor, corpus.eval.eval_doc_ids)
+    guard = EvalGuard(store, spec)
+    extracted, overlapping = guard.drop(
+        extract_pairs(corpus.units, spec.queries.pair_extractor, corpus.eval.eval_doc_ids))
     ranks = corpus.ranks(list(extracted["query"]), list(extracted["doc_id"]), sizes.consistency_top_k)
     consistent = extracted[ranks > 0].assign(base_rank=ranks[ranks > 0])
     if len(consistent) > sizes.max_pairs:
@@ -107,7 +122,8 @@ def heuristic_pairs(context: dg.AssetExecutionContext, artifacts: ArtifactStoreR
     with publish(context, artifacts, settings, config, ["clean_corpus", "eval_set"]) as staging:
         train.to_parquet(staging / PAIRS_FILE, index=False)
         dev.to_parquet(staging / DEV_FILE, index=False)
-    counts = {"extracted": len(extracted), "consistent": int((ranks > 0).sum()),
+    counts = {"extracted": len(extracted) + overlapping, "dropped_eval_overlap": overlapping,
+              "consistent": int((ranks > 0).sum()),
               "training": len(train), "dev": len(dev)}
     return dg.MaterializeResult(
         metadata={
@@ -116,7 +132,7 @@ def heuristic_pairs(context: dg.AssetExecutionContext, artifacts: ArtifactStoreR
                 counts["consistent"] / max(1, counts["extracted"])),
             "sample": md_table(train.head(6)[["query", "positive", "base_rank"]]),
         },
-        check_results=[leakage_check(store, spec, train)],
+        check_results=[guard.check(train)],
     )
 
 
@@ -181,15 +197,18 @@ def synthetic_queries(context: dg.AssetExecutionContext, artifacts: ArtifactStor
     kept = parsed[ranks > 0].reset_index(drop=True)
     positive_of = dict(zip(corpus.units["doc_id"],
                            positive_texts(corpus.units, spec.queries.pair_extractor), strict=True))
-    synthetic = pd.DataFrame({"query": kept["query"], "positive": kept["doc_id"].map(positive_of),
-                              "doc_id": kept["doc_id"], "style": kept["style"]})
+    guard = EvalGuard(store, spec)
+    synthetic, overlapping = guard.drop(pd.DataFrame({
+        "query": kept["query"], "positive": kept["doc_id"].map(positive_of),
+        "doc_id": kept["doc_id"], "style": kept["style"]}))
     config = {"backend": backend.name, "model": backend.model, **llm.params(settings.seed).as_dict()}
     with publish(context, artifacts, settings, config, ["clean_corpus", "eval_set",
                                                         "heuristic_pairs"]) as staging:
         synthetic.to_parquet(staging / SYNTHETIC_FILE, index=False)
     counts = {"prompts": len(prompts), "completions": sum(c is not None for c in report.completions),
               "parsed": int(rows["query"].notna().sum()), "deduplicated": len(parsed),
-              "round_trip_kept": len(kept)}
+              "round_trip_kept": len(kept), "dropped_eval_overlap": overlapping,
+              "kept": len(synthetic)}
     return dg.MaterializeResult(
         metadata={
             **{f"queries_{k}": dg.MetadataValue.int(v) for k, v in counts.items()},
@@ -200,9 +219,9 @@ def synthetic_queries(context: dg.AssetExecutionContext, artifacts: ArtifactStor
             "llm": f"{backend.name}:{backend.model}",
             "sent_to_llm": "document title and text" + (" (remote endpoint)" if llm.is_remote
                                                         else " (local model, nothing left the machine)"),
-            "sample": md_table(kept.head(8)[["doc_id", "style", "query"]]),
+            "sample": md_table(synthetic.head(8)[["doc_id", "style", "query"]]),
         },
-        check_results=[leakage_check(store, spec, synthetic)],
+        check_results=[guard.check(synthetic)],
     )
 
 
@@ -228,8 +247,10 @@ def mined_negatives(context: dg.AssetExecutionContext, artifacts: ArtifactStoreR
     config = MiningConfig()
     model = encoders.load_encoder(settings.base_model)
     cache = embeddings_cache(store, spec.name) / f"mining-{encoders.model_fingerprint(settings.base_model)}"
-    mined = mine_negatives(pairs, positive_texts(corpus.units, spec.queries.pair_extractor), model,
-                           config, cache, bf16=settings.bf16_inference)
+    guard = EvalGuard(store, spec)
+    mined, overlapping = guard.drop(mine_negatives(
+        pairs, positive_texts(corpus.units, spec.queries.pair_extractor), model, config, cache,
+        bf16=settings.bf16_inference))
     with publish(context, artifacts, settings, config.__dict__,
                  ["clean_corpus", "eval_set", "heuristic_pairs", "synthetic_queries"]) as staging:
         mined.to_parquet(staging / MINED_FILE, index=False)
@@ -237,9 +258,10 @@ def mined_negatives(context: dg.AssetExecutionContext, artifacts: ArtifactStoreR
         metadata={
             "pairs_in": dg.MetadataValue.int(len(pairs)),
             "rows_with_negatives": dg.MetadataValue.int(len(mined)),
+            "dropped_eval_overlap": dg.MetadataValue.int(overlapping),
             "negatives_per_row": dg.MetadataValue.int(config.num_negatives),
             "relative_margin": dg.MetadataValue.float(config.relative_margin),
             "sample": md_table(mined.head(4)),
         },
-        check_results=[leakage_check(store, spec, mined)],
+        check_results=[guard.check(mined)],
     )

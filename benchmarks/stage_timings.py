@@ -1,0 +1,72 @@
+"""Time each stage of the main job for one domain, from a cold artifact root (no caches).
+
+    python benchmarks/stage_timings.py --domain code --profile default
+
+Prints wall seconds per stage (from Dagster's step events) and, as a machine-independent ratio, each
+stage in units of one baseline measured in the same run: encoding the cleaned corpus once with the
+base model (fp32, no cache).
+"""
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import dagster as dg
+
+from encoder_pipeline.definitions import defs
+from encoder_pipeline.defs.shared import corpus_texts, read_corpus_units
+from encoder_pipeline.domains import domain_partitions
+from encoder_pipeline.lib import encoders
+from encoder_pipeline.lib.artifacts import ArtifactStore
+from encoder_pipeline.resources import ArtifactStoreResource, LLMResource, PipelineSettings
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def step_seconds(result: dg.ExecuteInProcessResult) -> dict[str, float]:
+    started, seconds = {}, {}
+    for event in result.all_events:
+        if event.event_type_value == "STEP_START":
+            started[event.step_key] = event.timestamp
+        elif event.event_type_value == "STEP_SUCCESS":
+            seconds[event.step_key] = event.timestamp - started[event.step_key]
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--domain", default="code")
+    parser.add_argument("--profile", default="default")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as root:
+        instance = dg.DagsterInstance.ephemeral()
+        instance.add_dynamic_partitions(domain_partitions.name, [args.domain])
+        started = time.perf_counter()
+        result = defs.resolve_job_def("train_encoder_job").execute_in_process(
+            instance=instance, partition_key=args.domain,
+            resources={"artifacts": ArtifactStoreResource(root=root),
+                       "settings": PipelineSettings(profile=args.profile), "llm": LLMResource()})
+        total = time.perf_counter() - started
+        assert result.success
+        texts = corpus_texts(read_corpus_units(ArtifactStore(root), args.domain))
+        model = encoders.load_encoder(encoders.DEFAULT_BASE_MODEL)
+        began = time.perf_counter()
+        encoders.encode(model, texts, bf16=False)
+        baseline = time.perf_counter() - began
+    seconds = step_seconds(result)
+    print(f"domain {args.domain}, profile {args.profile}: {total:.0f} s end to end "
+          f"({total / 60:.1f} min)\nbaseline: fp32 encode of {len(texts)} units = {baseline:.1f} s "
+          f"({len(texts) / baseline:.0f} units/s)\n")
+    print("| stage | seconds | x baseline |\n|---|---|---|")
+    for step, value in seconds.items():
+        print(f"| {step} | {value:.1f} | {value / baseline:.2f} |")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"stage_timings_{args.domain}_{args.profile}.json").write_text(json.dumps(
+        {"total_seconds": total, "baseline_seconds": baseline, "units": len(texts),
+         "stages": seconds}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""The ladder's contrastive loss: InfoNCE over in-batch (and mined) negatives, plus a Global
+Orthogonal Regularization term, optionally GradCache'd, under MatryoshkaLoss.
+
+How the three levers compose (the reason this module exists):
+
+- GOR needs the embeddings of the whole batch. sentence-transformers' `GlobalOrthogonalRegularizationLoss`
+  embeds the columns itself with gradients, so pairing it with `CachedMultipleNegativesRankingLoss`
+  (as a second loss, or through the trainer's multi-task dict) runs a second full-batch forward pass
+  with activations alive: exactly the memory GradCache exists to avoid. Instead the GOR term is added
+  inside the cached loss's `calculate_loss`, which GradCache runs on the detached full-batch
+  embeddings (its step 2): the term's gradient lands in the same per-embedding gradient cache as the
+  InfoNCE gradient, and step 3 back-propagates the sum mini-batch by mini-batch. Memory stays bounded
+  by `mini_batch_size`, and the GOR statistics cover the full effective batch, as uncached.
+- MatryoshkaLoss wraps a cached loss by decorating its `calculate_loss` (it truncates and re-normalizes
+  the cached embeddings to each dim, calls the wrapped function, and chains the gradient back through
+  the truncation). Because GOR lives in `calculate_loss`, it is applied at every Matryoshka dim, with
+  that dim's weight and with GOR's 1/d floor for that dim. The uncached path gets the same: its
+  forward is called once per dim on the truncated embeddings. Spreading each prefix out is the point
+  for truncated retrieval.
+- The uncached variant (`MNRLWithGOR`) computes the identical objective; `test_lib_train.py` checks
+  the two give the same parameter gradients. With one mini-batch GradCache buys no memory and costs
+  an extra no-grad forward pass, so `train.py` uses it only when the batch exceeds `mini_batch_size`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.base.losses.merged_forward import embed_columns
+from sentence_transformers.sentence_transformer.losses import (
+    CachedMultipleNegativesRankingLoss,
+    GlobalOrthogonalRegularizationLoss,
+    MatryoshkaLoss,
+    MultipleNegativesRankingLoss,
+)
+from torch import Tensor, nn
+
+
+def _gor(model: SentenceTransformer) -> GlobalOrthogonalRegularizationLoss:
+    # EmbeddingGemma's form of GOR: the second-moment term only. Averaged over columns (not summed)
+    # so a weight means the same with 0 or 3 mined negatives per row.
+    return GlobalOrthogonalRegularizationLoss(model, mean_weight=0.0, second_moment_weight=1.0,
+                                              aggregation="mean")
+
+
+def gor_term(gor: GlobalOrthogonalRegularizationLoss, embeddings: list[Tensor]) -> Tensor:
+    """The unweighted GOR value of per-column embeddings (one tensor per input column)."""
+    return sum(gor.compute_loss_from_embeddings(embeddings).values())
+
+
+class MNRLWithGOR(nn.Module):
+    def __init__(self, model: SentenceTransformer, gor_weight: float = 0.1, scale: float = 20.0) -> None:
+        """
+        MultipleNegativesRankingLoss plus `gor_weight` times a Global Orthogonal Regularization term,
+        computed from one forward pass.
+
+        Args:
+            model: SentenceTransformer model
+            gor_weight: weight of the GOR second-moment term (0 turns it off)
+            scale: InfoNCE logit scale (1 / temperature)
+
+        References:
+            - InfoNCE with in-batch negatives: https://huggingface.co/papers/1705.00652
+            - GOR: https://huggingface.co/papers/1708.06320; EmbeddingGemma's use of it:
+              https://huggingface.co/papers/2509.20354
+
+        Inputs:
+            +-------------------------------------------------+--------+
+            | Inputs                                          | Labels |
+            +=================================================+========+
+            | (anchor, positive, negative_1, ..., negative_n) | none   |
+            +-------------------------------------------------+--------+
+
+        Relations:
+            - :class:`CachedMNRLWithGOR` is the same objective with GradCache (same gradients).
+
+        Example:
+            ``MatryoshkaLoss(model, MNRLWithGOR(model, gor_weight=0.1), [384, 192, 96, 48])``
+        """
+        super().__init__()
+        self.model = model
+        self.gor_weight = gor_weight
+        self.mnrl = MultipleNegativesRankingLoss(model, scale=scale)
+        self.gor = _gor(model)
+
+    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None) -> Tensor:
+        embeddings = embed_columns(self.model, sentence_features)
+        loss = self.mnrl.compute_loss_from_embeddings(embeddings, labels)
+        if self.gor_weight:
+            loss = loss + self.gor_weight * gor_term(self.gor, embeddings)
+        return loss
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return {"scale": self.mnrl.scale, "gor_weight": self.gor_weight, "gor": self.gor.get_config_dict()}
+
+
+class CachedMNRLWithGOR(CachedMultipleNegativesRankingLoss):
+    def __init__(self, model: SentenceTransformer, gor_weight: float = 0.1, scale: float = 20.0,
+                 mini_batch_size: int = 32) -> None:
+        """
+        :class:`MNRLWithGOR` with GradCache: the effective batch is whatever the trainer hands in,
+        activation memory is bounded by `mini_batch_size` (see the module docstring for how the GOR
+        term rides in GradCache's embedding-gradient cache).
+
+        Args:
+            model: SentenceTransformer model
+            gor_weight: weight of the GOR second-moment term (0 turns it off)
+            scale: InfoNCE logit scale (1 / temperature)
+            mini_batch_size: texts per forward pass; bounds activation memory
+
+        References:
+            - GradCache: https://huggingface.co/papers/2101.06983
+            - GOR: https://huggingface.co/papers/1708.06320
+
+        Inputs:
+            +-------------------------------------------------+--------+
+            | Inputs                                          | Labels |
+            +=================================================+========+
+            | (anchor, positive, negative_1, ..., negative_n) | none   |
+            +-------------------------------------------------+--------+
+
+        Example:
+            ``MatryoshkaLoss(model, CachedMNRLWithGOR(model, 0.1, mini_batch_size=32), [384, 192, 96, 48])``
+        """
+        super().__init__(model, scale=scale, mini_batch_size=mini_batch_size)
+        self.gor_weight = gor_weight
+        self.gor = _gor(model)
+
+    def calculate_loss(self, reps: list[list[Tensor]], labels: Tensor | None = None, *,
+                       with_backward: bool = False) -> Tensor:
+        loss = super().calculate_loss(reps, labels, with_backward=with_backward)
+        if not self.gor_weight:
+            return loss
+        # `reps` are GradCache's detached leaf embeddings; backward() here adds the GOR gradient to
+        # the InfoNCE gradient already accumulated in each `rep.grad` (the cache).
+        term = self.gor_weight * gor_term(self.gor, [torch.cat(column) for column in reps])
+        if with_backward:
+            term.backward()
+            term = term.detach()
+        return loss + term
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return {**super().get_config_dict(), "gor_weight": self.gor_weight,
+                "gor": self.gor.get_config_dict()}
+
+
+def default_matryoshka_dims(embedding_dim: int) -> tuple[int, ...]:
+    """Full, 1/2, 1/4, 1/8 of the model's dimension: 384/192/96/48 for MiniLM."""
+    return tuple(d for d in (embedding_dim, embedding_dim // 2, embedding_dim // 4, embedding_dim // 8) if d > 0)
+
+
+def contrastive_loss(model: SentenceTransformer, *, gradcache: bool, mini_batch_size: int = 32,
+                     matryoshka_dims: Sequence[int] = (), gor_weight: float = 0.1,
+                     scale: float = 20.0) -> nn.Module:
+    """The training loss: (Cached)MNRLWithGOR, under MatryoshkaLoss when `matryoshka_dims` is given.
+
+    Columns in: `query`, `positive`, then optional `negative_1..N`; no labels.
+    """
+    if gradcache:
+        loss: nn.Module = CachedMNRLWithGOR(model, gor_weight, scale, mini_batch_size)
+    else:
+        loss = MNRLWithGOR(model, gor_weight, scale)
+    if matryoshka_dims:
+        loss = MatryoshkaLoss(model, loss, list(matryoshka_dims))
+    return loss
+
+
+def describe_loss(gradcache: bool, mini_batch_size: int, matryoshka_dims: Sequence[int],
+                  gor_weight: float) -> str:
+    """One line for metadata, e.g. `Matryoshka(384/192/96/48) of CachedMNRL(mini-batch 32) + 0.1 GOR`."""
+    core = f"CachedMNRL(mini-batch {mini_batch_size})" if gradcache else "MNRL"
+    if gor_weight:
+        core += f" + {gor_weight:g} GOR"
+    if matryoshka_dims:
+        core = f"Matryoshka({'/'.join(str(d) for d in matryoshka_dims)}) of {core}"
+    return core

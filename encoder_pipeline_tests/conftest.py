@@ -1,0 +1,37 @@
+"""Shared fixtures: real data from ../shared, the packaged base model, a throwaway artifact root."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SHARED_CORPORA = Path(__file__).resolve().parents[1].parent / "shared" / "corpora"
+os.environ.setdefault("ENCODER_PIPELINE_CORPUS_ROOT", str(SHARED_CORPORA))
+
+
+@pytest.fixture(scope="session")
+def base_model():
+    """The packaged MiniLM, loaded once per session (load_encoder caches the instance)."""
+    from encoder_pipeline.lib.encoders import DEFAULT_BASE_MODEL, load_encoder
+
+    return load_encoder(DEFAULT_BASE_MODEL)
+
+
+@pytest.fixture(scope="session")
+def stdlib_units():
+    """A small cleaned sample of the real `code` corpus (the running Python's standard library)."""
+    from encoder_pipeline.lib.corpus import CleaningConfig, clean_corpus
+    from encoder_pipeline.lib.sources import read_corpus
+
+    units, _ = clean_corpus(read_corpus("python_stdlib", ""),
+                            CleaningConfig(min_words=5, normalize_whitespace=False, max_documents=400))
+    return units
+
+
+@pytest.fixture
+def artifact_root(tmp_path, monkeypatch):
+    root = tmp_path / "artifacts"
+    monkeypatch.setenv("ENCODER_PIPELINE_HOME", str(root))
+    return root

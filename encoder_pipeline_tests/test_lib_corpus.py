@@ -1,0 +1,131 @@
+"""Corpus cleaning on real data: the standard-library code corpus and the shared BEIR corpora."""
+
+import itertools
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from encoder_pipeline.lib.corpus import (
+    CleaningConfig,
+    chunk_words,
+    clean_corpus,
+    near_duplicate_groups,
+    sample_ids,
+)
+from encoder_pipeline.lib.sources import read_corpus, read_python_stdlib, summary_line
+
+
+@pytest.fixture(scope="module")
+def stdlib():
+    return read_python_stdlib(exclude=[])
+
+
+def test_stdlib_units_drop_their_docstring(stdlib):
+    by_id = {u["doc_id"]: u for u in stdlib}
+    unit = by_id["json.decoder:JSONDecoder.decode"]
+    assert unit["anchor"].startswith("Return the Python representation of")
+    assert "Return the Python representation" not in unit["text"]
+    assert unit["text"].startswith("def decode(self, s, _w=WHITESPACE.match):")
+    assert len(by_id) == len(stdlib), "ids are unique"
+    assert not any(u["doc_id"].startswith(("test.", "idlelib.")) for u in stdlib)
+    assert len(stdlib) > 5000
+
+
+def test_summary_line_takes_first_paragraph():
+    assert summary_line("  Parse a date.\n  More words.\n\n  Details here.") == "Parse a date. More words."
+
+
+def test_chunking_keeps_every_word():
+    text = " ".join(f"w{i}" for i in range(25))
+    pieces = chunk_words(text, 10)
+    assert [len(p.split()) for p in pieces] == [10, 10, 5]
+    assert " ".join(pieces).split() == text.split()
+    assert chunk_words(text, 0) == [text]
+
+
+def _jaccard(a: set, b: set) -> float:
+    return len(a & b) / len(a | b)
+
+
+def test_minhash_groups_match_exact_jaccard(stdlib):
+    """LSH + verification finds the same near-duplicate pairs as brute-force Jaccard on shingles."""
+    import daft
+    from daft import col
+    from daft.functions import minhash, normalize
+
+    units = [u for u in stdlib if u["doc_id"].startswith(("_pydecimal:Decimal.", "_pyio:", "io:"))][:300]
+    frame = daft.from_pylist(units)
+    key = normalize(col("text"), remove_punct=True, lowercase=True, white_space=True)
+    rows = frame.select(col("doc_id"), key.alias("key"),
+                        minhash(key, num_hashes=128, ngram_size=3, seed=1).alias("sig")).to_pydict()
+    signatures = np.array(rows["sig"], dtype=np.uint32)
+    groups = near_duplicate_groups(rows["doc_id"], signatures, bands=32, threshold=0.8)
+    found = {frozenset(p) for g in groups for p in itertools.combinations(g, 2)}
+    shingles = {d: {tuple(k.split()[i:i + 3]) for i in range(max(1, len(k.split()) - 2))}
+                for d, k in zip(rows["doc_id"], rows["key"])}
+    truth = {frozenset((a, b)) for a, b in itertools.combinations(rows["doc_id"], 2)
+             if _jaccard(shingles[a], shingles[b]) >= 0.9}
+    assert truth, "the fixture has true near-duplicates (Decimal's logical_and/or/xor)"
+    recall = len(truth & found) / len(truth)
+    assert recall >= 0.9
+    far = [p for p in found if _jaccard(*(shingles[d] for d in p)) < 0.6]
+    assert not far, f"pairs far below the threshold were merged: {far[:3]}"
+
+
+def test_clean_corpus_counts_and_dedupes(tmp_path):
+    docs = [
+        {"_id": "a", "title": "Intro", "text": "The quick brown fox jumps over the lazy dog today."},
+        {"_id": "b", "title": "Intro", "text": "The quick brown fox jumps over the lazy dog today."},
+        {"_id": "c", "title": "Other", "text": "Completely different words about retrieval encoders."},
+        {"_id": "d", "title": "", "text": "too short"},
+        {"_id": "e", "title": "Caf\u0065\u0301", "text": "Unicode   accents\n\nare normalized here ok."},
+    ]
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("\n".join(json.dumps(d) for d in docs))
+    units, report = clean_corpus(read_corpus("jsonl", str(path)), CleaningConfig(min_words=4))
+    assert report.counts["read"] == 5
+    assert report.counts["dropped_short_or_empty"] == 1
+    assert report.counts["dropped_exact_duplicates"] == 1
+    assert sorted(units["doc_id"]) == ["a", "c", "e"]
+    accented = units.set_index("doc_id").loc["e"]
+    assert accented["title"] == "Caf\u00e9" and accented["text"] == "Unicode accents are normalized here ok."
+
+
+def test_judged_documents_are_never_dropped(tmp_path):
+    docs = [{"_id": i, "title": "", "text": "identical text for every one of these docs"}
+            for i in ("x", "y", "z")]
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("\n".join(json.dumps(d) for d in docs))
+    units, _ = clean_corpus(read_corpus("jsonl", str(path)), CleaningConfig(), protected={"z"})
+    assert "z" in set(units["doc_id"]) and len(units) == 1
+
+
+def test_long_documents_are_chunked_under_their_parent(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text(json.dumps({"_id": "long", "title": "T", "text": " ".join(f"w{i}" for i in range(26))}))
+    units, report = clean_corpus(read_corpus("jsonl", str(path)), CleaningConfig(max_words=10))
+    assert list(units["doc_id"]) == ["long#0", "long#1", "long#2"]
+    assert set(units["parent_id"]) == {"long"}
+
+
+def test_sample_keeps_protected_ids():
+    ids = [f"d{i}" for i in range(100)]
+    chosen = sample_ids(ids, 10, protected={"d99", "d98"}, seed=0)
+    assert len(chosen) == 10 and {"d99", "d98"} <= chosen
+    assert chosen == sample_ids(ids, 10, protected={"d99", "d98"}, seed=0)
+
+
+def test_beir_corpus_reads_with_judged_docs(tmp_path):
+    from conftest import SHARED_CORPORA
+    from encoder_pipeline.lib.sources import read_judged
+
+    location = SHARED_CORPORA / "web_qa" / "python_docs"
+    queries, qrels = read_judged(str(location))
+    assert len(queries) == 175 and all(len(r) == 1 for r in qrels.values())
+    judged = {d for r in qrels.values() for d in r}
+    units, _ = clean_corpus(read_corpus("beir", str(location)),
+                            CleaningConfig(max_documents=600, min_words=20, max_words=300),
+                            protected=judged)
+    assert judged <= set(units["parent_id"])

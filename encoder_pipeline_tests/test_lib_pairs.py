@@ -1,0 +1,45 @@
+"""Eval split, structural pairs and the consistency filter on the real `code` corpus."""
+
+import numpy as np
+
+from encoder_pipeline.lib import encoders
+from encoder_pipeline.lib.pairs import extract_pairs, held_out_split, rank_of_positive, split_dev
+
+
+def test_held_out_split_is_disjoint_from_training_pairs(stdlib_units):
+    split = held_out_split(stdlib_units, "docstring", 20, seed=0)
+    assert len(split.queries) == 20 and not split.human_judged
+    assert all(len(rels) == 1 for rels in split.qrels.values())
+    pairs = extract_pairs(stdlib_units, "docstring", split.eval_doc_ids)
+    assert len(pairs) > 50
+    assert not set(pairs["doc_id"]) & split.eval_doc_ids
+    assert held_out_split(stdlib_units, "docstring", 20, seed=0).queries == split.queries
+    assert held_out_split(stdlib_units, "docstring", 20, seed=1).queries != split.queries
+
+
+def test_docstring_pairs_pair_summary_with_code(stdlib_units):
+    pairs = extract_pairs(stdlib_units, "docstring", set())
+    row = pairs.iloc[0]
+    unit = stdlib_units.set_index("doc_id").loc[row["doc_id"]]
+    assert row["query"] == unit["anchor"]
+    assert row["positive"] == f"{unit['title']}\n{unit['text']}"
+    assert row["query"] not in row["positive"]
+
+
+def test_consistency_filter_keeps_findable_pairs(stdlib_units, base_model):
+    pairs = extract_pairs(stdlib_units, "docstring", set()).head(60)
+    corpus = list(stdlib_units["title"] + "\n" + stdlib_units["text"])
+    corpus_vectors = encoders.encode(base_model, corpus)
+    queries = encoders.encode(base_model, list(pairs["query"]))
+    ranks = rank_of_positive(queries, list(pairs["doc_id"]), corpus_vectors, list(stdlib_units["doc_id"]), 10)
+    assert 0.3 < np.mean(ranks > 0) < 1.0, "the base model finds many but not all positives"
+    shuffled = rank_of_positive(queries, list(pairs["doc_id"].sample(frac=1, random_state=1)),
+                                corpus_vectors, list(stdlib_units["doc_id"]), 10)
+    assert np.mean(shuffled > 0) < np.mean(ranks > 0) / 2
+
+
+def test_dev_slice_is_carved_by_document(stdlib_units):
+    pairs = extract_pairs(stdlib_units, "docstring", set())
+    train, dev = split_dev(pairs, 0.1, 100, seed=0)
+    assert len(dev) > 0 and len(train) + len(dev) == len(pairs)
+    assert not set(train["doc_id"]) & set(dev["doc_id"])

@@ -1,0 +1,166 @@
+"""Training: the cached loss's gradients equal the uncached ones (with Matryoshka and GOR), a tiny real
+run lowers the loss and writes a loadable checkpoint, and an interrupted run resumes where it stopped."""
+
+import pandas as pd
+import pytest
+import torch
+from sentence_transformers import losses
+from sentence_transformers.base.losses.merged_forward import embed_columns
+from transformers import TrainerCallback
+
+from encoder_pipeline.lib import encoders
+from encoder_pipeline.lib.losses import MNRLWithGOR, _gor, contrastive_loss, gor_term
+from encoder_pipeline.lib.pairs import extract_pairs
+from encoder_pipeline.lib.train import (
+    DevSet,
+    TrainingConfig,
+    TrainingDataError,
+    auto_batch_size,
+    train_encoder,
+)
+
+QUERIES = ["how to parse a date", "read a csv file", "open a network socket", "sort a list in place",
+           "compress bytes", "format a float", "join two paths", "start a child process"]
+POSITIVES = ["datetime.strptime parses a string into a datetime", "csv.reader iterates over rows",
+             "socket.socket creates an endpoint", "list.sort sorts in place and returns None",
+             "zlib.compress returns compressed bytes", "format(x, '.2f') renders a float",
+             "os.path.join joins path components", "subprocess.run starts a child process"]
+NEGATIVES = ["time.sleep pauses the thread", "json.loads parses JSON text", "random.shuffle shuffles",
+             "math.floor rounds down", "re.compile compiles a pattern", "shutil.copy copies a file",
+             "glob.glob finds paths", "threading.Thread runs code concurrently"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These batches are tiny: a second intra-op thread only adds synchronization, and on a busy
+    2-core machine it can make a step 10x slower. Restored for the rest of the session."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pairs(stdlib_units):
+    return extract_pairs(stdlib_units, "docstring", set()).head(96)
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    """A private MiniLM in eval mode (no dropout, so the two loss paths see the same network)."""
+    model = encoders.load_encoder(encoders.DEFAULT_BASE_MODEL, max_seq_length=32, fresh=True)
+    return model.eval()
+
+
+def gradients(model, loss) -> tuple[float, torch.Tensor]:
+    model.zero_grad()
+    features = [model.tokenize(texts) for texts in (QUERIES, POSITIVES, NEGATIVES)]
+    value = loss(features, None)
+    value.backward()
+    flat = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    return float(value.detach()), flat
+
+
+@pytest.mark.parametrize("dims, gor_weight", [((), 0.0), ((384, 192, 96, 48), 0.5)])
+def test_cached_loss_gives_the_uncached_gradients(small_model, dims, gor_weight):
+    plain_loss, plain = gradients(small_model, contrastive_loss(
+        small_model, gradcache=False, matryoshka_dims=dims, gor_weight=gor_weight))
+    # 3 texts per mini-batch: each column of 8 is embedded in 3 pieces, the last one ragged
+    cached_loss, cached = gradients(small_model, contrastive_loss(
+        small_model, gradcache=True, mini_batch_size=3, matryoshka_dims=dims, gor_weight=gor_weight))
+    assert cached_loss == pytest.approx(plain_loss, rel=1e-5)
+    assert plain.abs().max() > 0
+    # Measured: relative norm of the difference ~3e-6, max abs difference ~1.5e-6 of a max 0.49
+    # (float32 sums in another order, and mini-batches padded to their own widths).
+    assert float((cached - plain).norm() / plain.norm()) < 1e-4
+    assert float((cached - plain).abs().max()) < 1e-4 * float(plain.abs().max())
+
+
+def test_gor_adds_its_weighted_term_to_sentence_transformers_mnrl(small_model):
+    features = [small_model.tokenize(texts) for texts in (QUERIES, POSITIVES, NEGATIVES)]
+    with torch.no_grad():
+        reference = losses.MultipleNegativesRankingLoss(small_model)(features, None)
+        combined = MNRLWithGOR(small_model, gor_weight=0.5)(features, None)
+        term = gor_term(_gor(small_model), embed_columns(small_model, features))
+    assert term > 0
+    assert float(combined) == pytest.approx(float(reference + 0.5 * term), rel=1e-5)
+
+
+def test_auto_batch_grows_with_the_pairs_but_keeps_the_step_count():
+    assert auto_batch_size(700) == 32  # the probe: small sets want small batches
+    assert auto_batch_size(2000) == 32
+    assert auto_batch_size(4096) == 64
+    assert auto_batch_size(20_000) == 256
+    assert auto_batch_size(100_000) == 1024  # capped; GradCache keeps memory flat
+    assert auto_batch_size(500, min_batch=16) == 16
+
+
+def mnrl_loss(model, pairs: pd.DataFrame) -> float:
+    features = [model.tokenize(list(pairs["query"])), model.tokenize(list(pairs["positive"]))]
+    with torch.no_grad():
+        return float(losses.MultipleNegativesRankingLoss(model)(features, None))
+
+
+def test_training_lowers_loss_and_writes_a_loadable_model(pairs, tmp_path):
+    dev = DevSet({f"q{i}": q for i, q in enumerate(pairs["query"][:20])},
+                 dict(zip(pairs["doc_id"], pairs["positive"])),
+                 {f"q{i}": {d} for i, d in enumerate(pairs["doc_id"][:20])})
+    base = encoders.load_encoder(encoders.DEFAULT_BASE_MODEL)
+    before, loss_before = dev.ndcg_at_10(base), mnrl_loss(base, pairs.head(32))
+    result = train_encoder(encoders.DEFAULT_BASE_MODEL, pd.concat([pairs] * 2), tmp_path,
+                           TrainingConfig(batch_size=16, epochs=1, learning_rate=1e-4), dev)
+    assert result.steps == 12 and result.pairs_per_second > 0 and result.best_step == 12
+    assert result.loss == "Matryoshka(384/192/96/48) of MNRL + 0.1 GOR"  # batch 16 <= mini-batch
+    trained = encoders.load_encoder(str(tmp_path / "model"))
+    assert trained.encode(["parse a date"]).shape == (1, 384)
+    assert mnrl_loss(trained, pairs.head(32)) < loss_before
+    assert result.dev_ndcg_at_10 >= before, "training on these very pairs must not hurt them"
+    assert result.matryoshka_dim == 96 and 0 < result.dev_ndcg_at_10_truncated <= 1
+    assert encoders.model_fingerprint(str(tmp_path / "model")) != encoders.model_fingerprint(
+        encoders.DEFAULT_BASE_MODEL)
+    assert not (tmp_path / "checkpoints").exists(), "checkpoints are removed after success"
+
+
+class SimulatedCrash(RuntimeError):
+    pass
+
+
+class Crash(TrainerCallback):
+    def __init__(self, at_step: int):
+        self.at_step = at_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.at_step:
+            raise SimulatedCrash(f"step {state.global_step}")
+
+
+def test_an_interrupted_run_resumes_from_its_last_checkpoint(pairs, tmp_path):
+    rows = pairs.head(32)
+    # GradCache on (batch 8 in mini-batches of 4), a checkpoint after every step
+    config = TrainingConfig(batch_size=8, mini_batch_size=4, max_seq_length=32, max_steps=4,
+                            checkpoint_every_s=0)
+    work = tmp_path / "work"
+    with pytest.raises(SimulatedCrash):
+        train_encoder(encoders.DEFAULT_BASE_MODEL, rows, tmp_path / "a", config, checkpoint_dir=work,
+                      callbacks=[Crash(at_step=3)])
+    assert sorted(p.name for p in work.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    result = train_encoder(encoders.DEFAULT_BASE_MODEL, rows, tmp_path / "b", config, checkpoint_dir=work)
+    assert result.resumed_from_step == 2 and result.steps == 4
+    assert "CachedMNRL(mini-batch 4)" in result.loss
+    assert (tmp_path / "b" / "model" / "modules.json").exists() and not work.exists()
+
+
+def test_checkpoints_of_other_inputs_are_not_resumed(pairs, tmp_path):
+    config = TrainingConfig(batch_size=8, max_seq_length=32, max_steps=2, checkpoint_every_s=0)
+    work = tmp_path / "work"
+    with pytest.raises(SimulatedCrash):
+        train_encoder(encoders.DEFAULT_BASE_MODEL, pairs.head(24), tmp_path / "a", config,
+                      checkpoint_dir=work, callbacks=[Crash(at_step=2)])
+    result = train_encoder(encoders.DEFAULT_BASE_MODEL, pairs.iloc[24:48], tmp_path / "b", config,
+                           checkpoint_dir=work)
+    assert result.resumed_from_step == 0 and result.steps == 2
+
+
+def test_too_few_pairs_is_a_clear_refusal(pairs, tmp_path):
+    with pytest.raises(TrainingDataError, match="at least 16"):
+        train_encoder(encoders.DEFAULT_BASE_MODEL, pairs.head(5), tmp_path, TrainingConfig())
