@@ -52,7 +52,7 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as work:
                 started = time.perf_counter()
                 train_encoder(encoders.DEFAULT_BASE_MODEL, rows_fn(store, args.domain), work,
-                              TrainingConfig(epochs=sizes.epochs, batch_size=sizes.batch_size, seed=seed),
+                              TrainingConfig(epochs=sizes.epochs, min_batch_size=sizes.batch_size, seed=seed),
                               dev_set(store, args.domain, 0))
                 seconds[name].append(time.perf_counter() - started)
                 scores[name].append(ndcg(str(Path(work) / "model"), store, args.domain))

@@ -39,8 +39,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--domain", default="code")
     parser.add_argument("--profile", default="default")
+    parser.add_argument("--root", help="artifact root to keep (must not hold this domain yet); "
+                        "default: a temporary folder")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as root:
+    with tempfile.TemporaryDirectory() as scratch:
+        root = args.root or scratch
+        if (Path(root) / args.domain).exists():
+            parser.error(f"{root}/{args.domain} exists: the timing must start cold")
         instance = dg.DagsterInstance.ephemeral()
         instance.add_dynamic_partitions(domain_partitions.name, [args.domain])
         started = time.perf_counter()

@@ -114,7 +114,8 @@ def main() -> None:
     for r in results:
         ratio = f"{r['pairs_per_second'] / reference:.2f}" if reference else "-"
         print(f"| {r['config']} | {r['loss']} | {r['batch_size']} | {r['steps']} | {r['pairs_per_second']} "
-              f"| {ratio} | {r['peak_rss_during_steps_mb']} | {r['peak_rss_mb']} | {r['rss_before_training_mb']} |")
+              f"| {ratio} | {r['peak_rss_during_steps_mb']} | {r['peak_rss_mb']} "
+              f"| {r['rss_before_training_mb']} |")
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"training_levers_{args.pairs}.json"
     out.write_text(json.dumps({"pairs": args.pairs, "max_seq_length": args.max_seq_length,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -49,6 +51,18 @@ class PipelineSettings(dg.ConfigurableResource):
         return get_profile(self.profile)
 
 
+def _build_backend(fields: dict, models_dir: str) -> LLMBackend:
+    if fields["backend"] == "local":
+        return LocalGGUFBackend(ensure_local_gguf(models_dir), batch_size=fields["local_batch_size"])
+    return OpenAIBackend(
+        base_url=fields["base_url"], model=fields["model"], api_key=fields["api_key"],
+        max_concurrency=fields["max_concurrency"], max_tokens_budget=fields["max_tokens_budget"],
+        max_usd_budget=fields["max_usd_budget"],
+        usd_per_1m_prompt_tokens=fields["usd_per_1m_prompt_tokens"],
+        usd_per_1m_completion_tokens=fields["usd_per_1m_completion_tokens"],
+    )
+
+
 class LLMResource(dg.ConfigurableResource):
     """Synthetic-query generator: the offline local model (default) or an OpenAI-compatible API.
 
@@ -77,18 +91,11 @@ class LLMResource(dg.ConfigurableResource):
         return GenerationParams(temperature=self.temperature, top_p=self.top_p,
                                 max_new_tokens=self.max_new_tokens, seed=seed)
 
-    def build_backend(self, models_dir: Path) -> LLMBackend:
-        if self.backend == "local":
-            return LocalGGUFBackend(ensure_local_gguf(models_dir), batch_size=self.local_batch_size)
-        if not self.api_key:
+    def backend_factory(self, models_dir: Path) -> Callable[[], LLMBackend]:
+        """A picklable constructor (Daft ships it to its workers), built from plain values."""
+        if self.is_remote and not self.api_key:
             raise ValueError("the openai LLM backend needs an api key: bind api_key with dg.EnvVar")
-        return OpenAIBackend(
-            base_url=self.base_url, model=self.model, api_key=self.api_key,
-            max_concurrency=self.max_concurrency, max_tokens_budget=self.max_tokens_budget,
-            max_usd_budget=self.max_usd_budget,
-            usd_per_1m_prompt_tokens=self.usd_per_1m_prompt_tokens,
-            usd_per_1m_completion_tokens=self.usd_per_1m_completion_tokens,
-        )
+        return functools.partial(_build_backend, self.model_dump(), str(models_dir))
 
     def cache(self, cache_dir: Path) -> ResponseCache:
         return ResponseCache(cache_dir)

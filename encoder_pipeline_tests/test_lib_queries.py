@@ -3,6 +3,8 @@
 import pytest
 
 from encoder_pipeline.lib.queries import (
+    RelabelConfig,
+    relabel,
     PromptSpec,
     build_prompts,
     copies_passage,
@@ -57,3 +59,51 @@ def test_prompts_carry_the_spec_and_vary_in_style():
     assert "Passage: def f(): pass\nQuery: do nothing" in rows[0]["prompt"]
     assert len({r["style"] for r in rows}) > 1
     assert rows == build_prompts(spec, [f"d{i}" for i in range(30)], ["def g(): return 1"] * 30, 2, seed=0)
+
+
+def test_relabel_and_round_trip_rules():
+    config = RelabelConfig(top_k=3, margin=0.05)
+    hits = [
+        [("seed", 0.9), ("b", 0.5), ("c", 0.4)],   # seed wins: kept
+        [("b", 0.92), ("seed", 0.8), ("c", 0.4)],  # a neighbour clearly better: relabeled
+        [("b", 0.82), ("seed", 0.8), ("c", 0.4)],  # within the margin: the seed is kept
+        [("b", 0.9), ("c", 0.8), ("d", 0.7), ("seed", 0.6)],  # seed outside the top-3: dropped
+    ]
+    positives, outcomes = relabel(hits, ["seed"] * 4, config)
+    assert outcomes == ["kept", "relabeled", "kept", "dropped_round_trip"]
+    assert positives == ["seed", "b", "seed", None]
+
+
+def test_round_trip_on_real_code(stdlib_units, base_model):
+    """Real docstring summaries find their function; summaries attached to the wrong function don't."""
+    from encoder_pipeline.lib import encoders
+    from encoder_pipeline.lib.pairs import extract_pairs, top_k_ids
+
+    pairs = extract_pairs(stdlib_units, "docstring", set()).head(40)
+    corpus = encoders.encode(base_model, list(stdlib_units["title"] + "\n" + stdlib_units["text"]))
+    hits = top_k_ids(encoders.encode(base_model, list(pairs["query"])), corpus,
+                     list(stdlib_units["doc_id"]), 10)
+    _, right = relabel(hits, list(pairs["doc_id"]), RelabelConfig(top_k=10))
+    _, wrong = relabel(hits, list(pairs["doc_id"].iloc[::-1]), RelabelConfig(top_k=10))
+    assert right.count("dropped_round_trip") < len(pairs) / 2
+    assert wrong.count("dropped_round_trip") > len(pairs) * 0.8
+
+
+def test_generation_runs_as_a_daft_udf_through_the_cache(tmp_path):
+    """The Daft batch UDF sends each prompt once; a second pass is served from the disk cache."""
+    from encoder_pipeline.lib.llm import Completion, GenerationParams
+    from encoder_pipeline.lib.queries import generate_frame
+
+    class EchoBackend:  # the real backends are exercised in test_lib_llm.py
+        name, model = "echo", "echo-1"
+
+        def generate(self, prompts, params):
+            return [Completion(f"query for {p}", 5, 3) for p in prompts]
+
+    prompts = [{"doc_id": f"d{i}", "prompt": f"passage {i}"} for i in range(20)]
+    first = generate_frame(prompts, EchoBackend, str(tmp_path), GenerationParams())
+    assert list(first["text"]) == [f"query for passage {i}" for i in range(20)]
+    assert not first["cached"].any() and first["completion_tokens"].sum() == 60
+    second = generate_frame(prompts, EchoBackend, str(tmp_path), GenerationParams())
+    assert second["cached"].all()
+    assert len(list(tmp_path.glob("*.json"))) == 20

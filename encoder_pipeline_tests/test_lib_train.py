@@ -103,7 +103,7 @@ def mnrl_loss(model, pairs: pd.DataFrame) -> float:
 
 def test_training_lowers_loss_and_writes_a_loadable_model(pairs, tmp_path):
     dev = DevSet({f"q{i}": q for i, q in enumerate(pairs["query"][:20])},
-                 dict(zip(pairs["doc_id"], pairs["positive"])),
+                 dict(zip(pairs["doc_id"], pairs["positive"], strict=True)),
                  {f"q{i}": {d} for i, d in enumerate(pairs["doc_id"][:20])})
     base = encoders.load_encoder(encoders.DEFAULT_BASE_MODEL)
     before, loss_before = dev.ndcg_at_10(base), mnrl_loss(base, pairs.head(32))

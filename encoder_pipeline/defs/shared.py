@@ -80,6 +80,7 @@ def md_table(frame: pd.DataFrame, max_chars: int = 160) -> dg.MetadataValue:
     """A markdown table for the UI, long cells shortened."""
     shown = frame.copy()
     for column in shown.columns:
-        if shown[column].dtype == object:
-            shown[column] = shown[column].astype(str).str.replace("\n", " ").str.slice(0, max_chars)
+        if not pd.api.types.is_numeric_dtype(shown[column]):
+            shown[column] = (shown[column].astype(str).str.replace(r"\s+", " ", regex=True)
+                             .str.replace("|", "\\|").str.slice(0, max_chars))
     return dg.MetadataValue.md(shown.to_markdown(index=False))

@@ -149,7 +149,8 @@ class CachedMNRLWithGOR(CachedMultipleNegativesRankingLoss):
 
 def default_matryoshka_dims(embedding_dim: int) -> tuple[int, ...]:
     """Full, 1/2, 1/4, 1/8 of the model's dimension: 384/192/96/48 for MiniLM."""
-    return tuple(d for d in (embedding_dim, embedding_dim // 2, embedding_dim // 4, embedding_dim // 8) if d > 0)
+    return tuple(d for d in (embedding_dim, embedding_dim // 2, embedding_dim // 4, embedding_dim // 8)
+                 if d > 0)
 
 
 def contrastive_loss(model: SentenceTransformer, *, gradcache: bool, mini_batch_size: int = 32,

@@ -95,7 +95,7 @@ def mine_negatives(pairs: pd.DataFrame, corpus: Sequence[str], teacher: Sentence
     dense_negatives = config.num_negatives - config.bm25_negatives
     bm25 = _bm25_index(corpus) if config.bm25_negatives else None
     frames, candidates, dropped, samples = [], 0, 0, []
-    corpus_vectors = None
+    corpus_vectors, index = None, None
     for number, start in enumerate(range(0, len(pairs), config.query_chunk_size)):
         part = pairs.iloc[start : start + config.query_chunk_size]
         with inference_precision(bf16), _seeded(config.seed + number):
@@ -119,9 +119,11 @@ def mine_negatives(pairs: pd.DataFrame, corpus: Sequence[str], teacher: Sentence
             ).to_pandas()
         if corpus_vectors is None:
             corpus_vectors = _cached_vectors(model, "corpus", corpus, cache_dir, bf16)
+            index = faiss.IndexFlatIP(corpus_vectors.shape[1])
+            index.add(np.ascontiguousarray(corpus_vectors))
         queries = list(dict.fromkeys(part["query"]))
         query_vectors = _cached_vectors(model, "query", queries, cache_dir, bf16)
-        scored = _ScoredChunk(part, queries, query_vectors, corpus, corpus_vectors, config)
+        scored = _ScoredChunk(part, queries, query_vectors, corpus, corpus_vectors, index, config)
         candidates += scored.candidates
         dropped += scored.dropped
         samples.append(scored.dropped_sample(config.sample_size, config.seed + number))
@@ -186,7 +188,8 @@ class _ScoredChunk:
     """The teacher's scores of one chunk's queries against their top candidates, as mined."""
 
     def __init__(self, part: pd.DataFrame, queries: list[str], query_vectors: np.ndarray,
-                 corpus: list[str], corpus_vectors: np.ndarray, config: MiningConfig):
+                 corpus: list[str], corpus_vectors: np.ndarray, index: faiss.Index,
+                 config: MiningConfig):
         self.queries, self.corpus = queries, corpus
         self.query_vectors, self.corpus_vectors = query_vectors, corpus_vectors
         position = {text: i for i, text in enumerate(corpus)}
@@ -201,8 +204,6 @@ class _ScoredChunk:
         self.threshold = self.positive_score - np.abs(self.positive_score) * config.relative_margin
         # Same window as mine_hard_negatives: range_max plus room for the positives.
         k = min(config.range_max + max(len(p) for p in self.positives), len(corpus))
-        index = faiss.IndexFlatIP(corpus_vectors.shape[1])
-        index.add(np.ascontiguousarray(corpus_vectors))
         self.scores, self.ids = index.search(np.ascontiguousarray(query_vectors), k)
         self.is_candidate = self.ids >= 0
         for i, positives in enumerate(self.positives):
@@ -222,7 +223,8 @@ class _ScoredChunk:
         rows = []
         for i in np.flatnonzero(self.is_dropped.any(axis=1)):
             j = int(np.argmax(self.is_dropped[i]))
-            positive = min(self.positives[i], key=lambda p: float(self.query_vectors[i] @ self.corpus_vectors[p]))
+            positive = min(self.positives[i],
+                           key=lambda p: float(self.query_vectors[i] @ self.corpus_vectors[p]))
             rows.append({"query": self.queries[i], "positive": self.corpus[positive],
                          "candidate": self.corpus[self.ids[i, j]],
                          "candidate_score": round(float(self.scores[i, j]), 4),
@@ -263,5 +265,6 @@ class _ScoredChunk:
                 [float(self.query_vectors[query_index[q]] @ self.corpus_vectors[d])
                  for q, d in zip(mined["query"], ids, strict=True)], dtype=np.float32)
         text_columns = ["query", "positive"] + [f"negative_{n}" for n in range(1, config.num_negatives + 1)]
-        score_columns = ["score_positive"] + [f"score_negative_{n}" for n in range(1, config.num_negatives + 1)]
+        score_columns = ["score_positive"] + [f"score_negative_{n}"
+                                              for n in range(1, config.num_negatives + 1)]
         return mined[text_columns + score_columns]

@@ -1,24 +1,36 @@
-"""Synthetic queries: few-shot prompts from the domain spec, output cleaning, round-trip filter.
+"""Synthetic queries: few-shot prompts from the domain spec, generation as a Daft batch UDF,
+output cleaning, positive relabeling and the round-trip filter.
 
-Columns out of `build_prompts`: `doc_id`, `prompt`, `style`; of `parse_query`: one clean query or
-None. Sources: doc2query (Nogueira et al. 2019), InPars / Promptagator (few-shot prompting of a
-generator), Gecko (Lee et al. 2024: a task/length taxonomy per document; round-trip filtering).
+Columns out of `build_prompts`: `doc_id`, `variant`, `style`, `prompt`; `generate_frame` adds
+`text`, `prompt_tokens`, `completion_tokens`, `cached`; `parse_query` gives one clean query or None;
+`relabel` gives each query's positive and what happened to it.
+Sources: doc2query (Nogueira et al. 2019), InPars / Promptagator (few-shot prompting of a generator,
+round-trip consistency), Gecko (Lee et al. 2024: a task / persona / length taxonomy per document,
+positives relabeled among retrieved neighbours).
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-# Gecko-style variety: each document draws one style, so queries are not all restatements of the
-# first sentence.
-QUERY_STYLES = (
-    "a short keyword search query (3 to 6 words)",
-    "a natural question a user would type",
-    "a one-sentence request describing what the user wants to do",
+import daft
+import pandas as pd
+from daft import col
+
+from encoder_pipeline.lib.llm import GenerationParams, LLMBackend, ResponseCache, generate_cached
+
+# Gecko-style variety: each document draws a task, a persona and a length, so queries are not all
+# restatements of the passage's first sentence.
+QUERY_TASKS = (
+    "asks for what the passage provides",
+    "describes a problem the passage solves, without naming it",
+    "asks about one specific detail the passage states",
 )
+QUERY_PERSONAS = ("a newcomer to the field", "an experienced practitioner", "someone in a hurry")
+QUERY_LENGTHS = ("3 to 6 words", "about 10 words", "one full sentence")
 PASSAGE_WORDS = 120
 MIN_QUERY_WORDS = 3
 MAX_QUERY_WORDS = 32
@@ -39,7 +51,10 @@ def _shorten(text: str, words: int = PASSAGE_WORDS) -> str:
 
 def _style_for(doc_id: str, variant: int, seed: int) -> str:
     digest = hashlib.sha1(f"{seed}:{variant}:{doc_id}".encode()).digest()
-    return QUERY_STYLES[digest[0] % len(QUERY_STYLES)]
+    task = QUERY_TASKS[digest[0] % len(QUERY_TASKS)]
+    persona = QUERY_PERSONAS[digest[1] % len(QUERY_PERSONAS)]
+    length = QUERY_LENGTHS[digest[2] % len(QUERY_LENGTHS)]
+    return f"a query of {length} by {persona} that {task}"
 
 
 def build_prompt(spec: PromptSpec, passage: str, style: str) -> str:
@@ -108,3 +123,72 @@ def dedupe_queries(queries: Sequence[str | None]) -> list[bool]:
         if key:
             seen.add(key)
     return keep
+
+
+COMPLETION_DTYPE = daft.DataType.struct({
+    "text": daft.DataType.string(), "prompt_tokens": daft.DataType.int64(),
+    "completion_tokens": daft.DataType.int64(), "cached": daft.DataType.bool(),
+})
+
+
+@daft.cls(max_concurrency=1, use_process=False)
+class CachedGenerator:
+    """A Daft batch UDF around an LLM backend and its on-disk cache: the model loads once per worker,
+    every call goes through `generate_cached`, so the cache and the budget apply to each batch.
+    (`daft.functions.prompt` has no cache hook and no budget, hence this class.)"""
+
+    def __init__(self, make_backend: Callable[[], LLMBackend], cache_dir: str, params: GenerationParams):
+        self.backend = make_backend()
+        self.cache = ResponseCache(cache_dir)
+        self.params = params
+
+    @daft.method.batch(return_dtype=COMPLETION_DTYPE, batch_size=16, unnest=True)
+    def generate(self, prompts: daft.Series) -> list[dict | None]:
+        report = generate_cached(self.backend, self.cache, prompts.to_pylist(), self.params)
+        return [None if c is None else {"text": c.text, "prompt_tokens": c.prompt_tokens,
+                                        "completion_tokens": c.completion_tokens, "cached": c.cached}
+                for c in report.completions]
+
+
+def generate_frame(prompts: list[dict], make_backend: Callable[[], LLMBackend], cache_dir: str,
+                   params: GenerationParams) -> pd.DataFrame:
+    """Run every prompt through the cached generator as a streaming Daft pipeline."""
+    if not prompts:
+        return pd.DataFrame(columns=["doc_id", "variant", "style", "prompt", "text", "prompt_tokens",
+                                     "completion_tokens", "cached"])
+    generator = CachedGenerator(make_backend, cache_dir, params)
+    frame = daft.from_pylist(prompts)
+    return frame.select("*", generator.generate(col("prompt"))).to_pandas()
+
+
+@dataclass(frozen=True)
+class RelabelConfig:
+    top_k: int = 10  # round trip: the seed document must be among the query's top-k
+    margin: float = 0.05  # relabel only when a neighbour beats the seed by this much (cosine)
+
+
+def relabel(hits: Sequence[Sequence[tuple[str, float]]], seed_ids: Sequence[str],
+            config: RelabelConfig) -> tuple[list[str | None], list[str]]:
+    """Gecko's positive relabeling with an encoder as judge, and the round-trip filter.
+
+    For each query, `hits` are its retrieved (doc_id, score) pairs, best first, from the corpus minus
+    eval documents. A query whose seed is not in the top-k is dropped (`dropped_round_trip`): the
+    generator wrote something its passage does not answer. Otherwise the positive becomes the top
+    neighbour when it beats the seed by more than `margin` (`relabeled`: the query fits another
+    document better, so training it against that one as a negative would teach the wrong thing);
+    the seed stays when it wins or ties (`kept`).
+    """
+    positives, outcomes = [], []
+    for row, seed in zip(hits, seed_ids, strict=True):
+        top = list(row[: config.top_k])
+        scores = dict(top)
+        if seed not in scores:
+            positives.append(None)
+            outcomes.append("dropped_round_trip")
+        elif top[0][0] != seed and top[0][1] - scores[seed] > config.margin:
+            positives.append(top[0][0])
+            outcomes.append("relabeled")
+        else:
+            positives.append(seed)
+            outcomes.append("kept")
+    return positives, outcomes

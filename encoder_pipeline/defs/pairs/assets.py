@@ -18,16 +18,30 @@ from encoder_pipeline.defs.shared import (
 from encoder_pipeline.domains import DomainSpec, domain_partitions
 from encoder_pipeline.lib import encoders
 from encoder_pipeline.lib.artifacts import ArtifactStore
-from encoder_pipeline.lib.llm import generate_cached
 from encoder_pipeline.lib.negatives import MiningConfig, mine_negatives
-from encoder_pipeline.lib.pairs import extract_pairs, positive_texts, rank_of_positive, split_dev
-from encoder_pipeline.lib.queries import PromptSpec, build_prompts, dedupe_queries, parse_query
+from encoder_pipeline.lib.pairs import (
+    extract_pairs,
+    positive_texts,
+    rank_of_positive,
+    split_dev,
+    top_k_ids,
+)
+from encoder_pipeline.lib.queries import (
+    PromptSpec,
+    RelabelConfig,
+    build_prompts,
+    dedupe_queries,
+    generate_frame,
+    parse_query,
+    relabel,
+)
 from encoder_pipeline.resources import ArtifactStoreResource, LLMResource, PipelineSettings
 
 GROUP = "training_data"
 PAIRS_FILE = "pairs.parquet"
 DEV_FILE = "dev.parquet"
 SYNTHETIC_FILE = "synthetic.parquet"
+UNFILTERED_FILE = "synthetic_unfiltered.parquet"
 MINED_FILE = "mined.parquet"
 LEAKAGE_CHECK = "no_eval_leakage"
 
@@ -51,10 +65,17 @@ class TrainingCorpus:
         keep = ~self._all_units["parent_id"].isin(self.eval.eval_doc_ids).to_numpy()
         return everything[keep]
 
-    def ranks(self, queries: list[str], positive_ids: list[str], top_k: int) -> np.ndarray:
+    def _encode(self, queries: list[str]) -> np.ndarray:
         model = encoders.load_encoder(self._settings.base_model)
-        query_vectors = encoders.encode(model, queries, bf16=self._settings.bf16_inference)
-        return rank_of_positive(query_vectors, positive_ids, self.embeddings(), self.ids, top_k)
+        return encoders.encode(model, queries, bf16=self._settings.bf16_inference)
+
+    def ranks(self, queries: list[str], positive_ids: list[str], top_k: int) -> np.ndarray:
+        return rank_of_positive(self._encode(queries), positive_ids, self.embeddings(), self.ids, top_k)
+
+    def search(self, queries: list[str], top_k: int) -> list[list[tuple[str, float]]]:
+        if not queries:
+            return []
+        return top_k_ids(self._encode(queries), self.embeddings(), self.ids, top_k)
 
 
 class EvalGuard:
@@ -159,10 +180,12 @@ def read_mined(store: ArtifactStore, domain: str) -> pd.DataFrame:
 )
 def synthetic_queries(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource,
                       settings: PipelineSettings, llm: LLMResource) -> dg.MaterializeResult:
-    """LLM-written queries for a sample of training documents: few-shot prompts built from the
-    spec's query form and relevance criterion with a per-document style, parsed and cleaned, then
-    kept only when the base model retrieves their seed document in its top-k (round trip). Every
-    LLM response is cached on disk, so a re-run never pays twice."""
+    """LLM-written queries for a sample of training documents (Gecko / Promptagator recipe):
+    few-shot prompts built from the spec's query form and relevance criterion with a per-document
+    task / persona / length, generated through a cached Daft batch UDF, parsed and cleaned; then each
+    query retrieves from the corpus minus eval documents: it is dropped when its seed document is not
+    in the top-k (round trip), and its positive is relabeled when another document fits it clearly
+    better. Every LLM response is cached on disk, so a re-run never pays twice."""
     spec = domain_spec(context)
     store = artifacts.store()
     sizes = settings.sizes()
@@ -170,7 +193,7 @@ def synthetic_queries(context: dg.AssetExecutionContext, artifacts: ArtifactStor
         raise dg.Failure(f"domain '{spec.name}' does not allow sending documents to a remote LLM; "
                          f"set remote_llm_allowed = true in {spec.source_file} to opt in")
     corpus = TrainingCorpus(store, spec, settings)
-    train_pairs, dev = read_pairs(store, spec.name)
+    _, dev = read_pairs(store, spec.name)
     candidates = corpus.units[~corpus.units["doc_id"].isin(set(dev["doc_id"]))]
     sample = candidates.sample(min(sizes.synthetic_documents, len(candidates)),
                                random_state=settings.seed)
@@ -179,47 +202,63 @@ def synthetic_queries(context: dg.AssetExecutionContext, artifacts: ArtifactStor
                              tuple((e.passage, e.query) for e in spec.queries.examples))
     prompts = build_prompts(prompt_spec, list(sample["doc_id"]), passages,
                             sizes.queries_per_document, settings.seed)
-    backend = llm.build_backend(store.root / "_models")
-    report = generate_cached(backend, llm.cache(store.domain_dir(spec.name) / "_llm_cache"),
-                             [p["prompt"] for p in prompts], llm.params(settings.seed))
+    params = llm.params(settings.seed)
+    rows = generate_frame(prompts, llm.backend_factory(store.root / "_models"),
+                          str(store.domain_dir(spec.name) / "_llm_cache"), params)
     by_doc = dict(zip(sample["doc_id"], passages, strict=True))
     examples = [e.query for e in spec.queries.examples]
-    rows = pd.DataFrame(prompts).assign(
-        raw=[c.text if c else None for c in report.completions])
-    rows["query"] = [parse_query(raw, by_doc[d], examples) if raw is not None else None
-                     for raw, d in zip(rows["raw"], rows["doc_id"], strict=True)]
+    rows["query"] = [parse_query(raw, by_doc[d], examples) if isinstance(raw, str) else None
+                     for raw, d in zip(rows["text"], rows["doc_id"], strict=True)]
     parsed = rows[rows["query"].notna()]
     parsed = parsed[dedupe_queries(list(parsed["query"]))].reset_index(drop=True)
-    if len(parsed):
-        ranks = corpus.ranks(list(parsed["query"]), list(parsed["doc_id"]), sizes.round_trip_top_k)
-    else:
-        ranks = np.zeros(0, dtype=int)
-    kept = parsed[ranks > 0].reset_index(drop=True)
+    relabel_config = RelabelConfig(top_k=sizes.round_trip_top_k)
+    dev_docs = set(dev["doc_id"])  # the dev slice stays out of training, relabeled positives too
+    hits = [[(doc, score) for doc, score in row if doc not in dev_docs]
+            for row in corpus.search(list(parsed["query"]), relabel_config.top_k + len(dev_docs))]
+    parsed["positive_id"], parsed["outcome"] = relabel(hits, list(parsed["doc_id"]), relabel_config)
     positive_of = dict(zip(corpus.units["doc_id"],
                            positive_texts(corpus.units, spec.queries.pair_extractor), strict=True))
     guard = EvalGuard(store, spec)
+    kept = parsed[parsed["outcome"] != "dropped_round_trip"]
     synthetic, overlapping = guard.drop(pd.DataFrame({
-        "query": kept["query"], "positive": kept["doc_id"].map(positive_of),
-        "doc_id": kept["doc_id"], "style": kept["style"]}))
-    config = {"backend": backend.name, "model": backend.model, **llm.params(settings.seed).as_dict()}
+        "query": kept["query"], "positive": kept["positive_id"].map(positive_of),
+        "doc_id": kept["positive_id"], "seed_doc_id": kept["doc_id"], "outcome": kept["outcome"],
+        "style": kept["style"]}))
+    unfiltered = pd.DataFrame({"query": parsed["query"], "positive": parsed["doc_id"].map(positive_of),
+                               "doc_id": parsed["doc_id"], "outcome": parsed["outcome"]})
+    config = {"backend": llm.backend, "model": llm.model if llm.is_remote else "local",
+              **params.as_dict(), **relabel_config.__dict__}
     with publish(context, artifacts, settings, config, ["clean_corpus", "eval_set",
                                                         "heuristic_pairs"]) as staging:
         synthetic.to_parquet(staging / SYNTHETIC_FILE, index=False)
-    counts = {"prompts": len(prompts), "completions": sum(c is not None for c in report.completions),
+        unfiltered.to_parquet(staging / UNFILTERED_FILE, index=False)
+    generated = rows[rows["text"].notna()]
+    fresh = generated[~generated["cached"].astype(bool)]
+    outcomes = parsed["outcome"].value_counts()
+    counts = {"prompts": len(prompts), "completions": len(generated),
               "parsed": int(rows["query"].notna().sum()), "deduplicated": len(parsed),
-              "round_trip_kept": len(kept), "dropped_eval_overlap": overlapping,
+              "dropped_round_trip": int(outcomes.get("dropped_round_trip", 0)),
+              "relabeled": int(outcomes.get("relabeled", 0)), "dropped_eval_overlap": overlapping,
               "kept": len(synthetic)}
+    prompt_tokens, completion_tokens = int(fresh["prompt_tokens"].sum()), int(fresh["completion_tokens"].sum())
+    usd = (prompt_tokens * llm.usd_per_1m_prompt_tokens
+           + completion_tokens * llm.usd_per_1m_completion_tokens) / 1e6
+    sample_rows = synthetic.head(8).assign(
+        document=lambda f: f["seed_doc_id"],
+        relabeled_positive=lambda f: f["doc_id"].where(f["outcome"] == "relabeled", "(seed kept)"))
     return dg.MaterializeResult(
         metadata={
             **{f"queries_{k}": dg.MetadataValue.int(v) for k, v in counts.items()},
-            "prompt_tokens": dg.MetadataValue.int(report.prompt_tokens),
-            "completion_tokens": dg.MetadataValue.int(report.completion_tokens),
-            "cache_hits": dg.MetadataValue.int(report.cache_hits),
-            "stopped_by_budget": report.stopped_by_budget,
-            "llm": f"{backend.name}:{backend.model}",
-            "sent_to_llm": "document title and text" + (" (remote endpoint)" if llm.is_remote
-                                                        else " (local model, nothing left the machine)"),
-            "sample": md_table(synthetic.head(8)[["doc_id", "style", "query"]]),
+            "prompt_tokens": dg.MetadataValue.int(prompt_tokens),
+            "completion_tokens": dg.MetadataValue.int(completion_tokens),
+            "cache_hits": dg.MetadataValue.int(int(generated["cached"].astype(bool).sum())),
+            "estimated_usd": dg.MetadataValue.float(usd),
+            "not_generated_budget_or_error": dg.MetadataValue.int(len(rows) - len(generated)),
+            "llm": f"{llm.backend}:{llm.model if llm.is_remote else 'gemma3-270m-q4_k_m'}",
+            "sent_to_llm": ("document title and text, to " + (llm.base_url or "api.openai.com")
+                            if llm.is_remote else
+                            "document title and text, to the local model (nothing left the machine)"),
+            "sample": md_table(sample_rows[["document", "query", "relabeled_positive"]]),
         },
         check_results=[guard.check(synthetic)],
     )
@@ -236,32 +275,44 @@ def synthetic_queries(context: dg.AssetExecutionContext, artifacts: ArtifactStor
 def mined_negatives(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource,
                     settings: PipelineSettings) -> dg.MaterializeResult:
     """Hard negatives for every heuristic and synthetic pair, mined from the corpus minus eval
-    documents with the base model; positive-aware: candidates scoring above 95% of the positive
-    are dropped as likely false negatives (NV-Retriever's TopK-PercPos)."""
+    documents with the teacher (default: the base model); positive-aware: candidates scoring above
+    95% of the positive are dropped as likely false negatives (NV-Retriever's TopK-PercPos), and 3
+    negatives are sampled from the teacher's top 50 survivors. Dropped candidates are counted and
+    sampled in the metadata."""
     spec = domain_spec(context)
     store = artifacts.store()
     corpus = TrainingCorpus(store, spec, settings)
     train_pairs, _ = read_pairs(store, spec.name)
     pairs = pd.concat([train_pairs[["query", "positive"]],
                        read_synthetic(store, spec.name)[["query", "positive"]]], ignore_index=True)
-    config = MiningConfig()
-    model = encoders.load_encoder(settings.base_model)
-    cache = embeddings_cache(store, spec.name) / f"mining-{encoders.model_fingerprint(settings.base_model)}"
+    config = MiningConfig(seed=settings.seed)
+    teacher = config.teacher or settings.base_model
+    # mine_hard_negatives keys its embedding cache by text only: one folder per teacher revision.
+    cache = embeddings_cache(store, spec.name) / f"mining-{encoders.model_fingerprint(teacher)}"
     guard = EvalGuard(store, spec)
-    mined, overlapping = guard.drop(mine_negatives(
-        pairs, positive_texts(corpus.units, spec.queries.pair_extractor), model, config, cache,
-        bf16=settings.bf16_inference))
-    with publish(context, artifacts, settings, config.__dict__,
+    mining = mine_negatives(pairs, positive_texts(corpus.units, spec.queries.pair_extractor),
+                            encoders.load_encoder(teacher), config, cache,
+                            bf16=settings.bf16_inference)
+    mined, overlapping = guard.drop(mining.rows)
+    report = mining.report
+    with publish(context, artifacts, settings, {**config.__dict__, "teacher": teacher},
                  ["clean_corpus", "eval_set", "heuristic_pairs", "synthetic_queries"]) as staging:
         mined.to_parquet(staging / MINED_FILE, index=False)
+    text_columns = [c for c in mined.columns if not c.startswith("score_")]
     return dg.MaterializeResult(
         metadata={
             "pairs_in": dg.MetadataValue.int(len(pairs)),
             "rows_with_negatives": dg.MetadataValue.int(len(mined)),
             "dropped_eval_overlap": dg.MetadataValue.int(overlapping),
             "negatives_per_row": dg.MetadataValue.int(config.num_negatives),
-            "relative_margin": dg.MetadataValue.float(config.relative_margin),
-            "sample": md_table(mined.head(4)),
+            "bm25_negatives_per_row": dg.MetadataValue.int(config.bm25_negatives),
+            "perc_pos": dg.MetadataValue.float(config.perc_pos),
+            "teacher": teacher,
+            "candidates_scored": dg.MetadataValue.int(report.candidates),
+            "dropped_false_negatives": dg.MetadataValue.int(report.dropped_false_negatives),
+            "dropped_false_negative_rate": dg.MetadataValue.float(round(report.dropped_rate, 4)),
+            "dropped_sample": md_table(report.dropped_sample),
+            "sample": md_table(mined.head(4)[text_columns]),
         },
         check_results=[guard.check(mined)],
     )

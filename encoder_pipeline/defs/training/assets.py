@@ -82,7 +82,9 @@ def build_rung(name: str, data_label: str, rows_fn: RowsFn, deps: list) -> dg.As
         owners=["team:retrieval"],
         deps=deps,
         description=f"Encoder fine-tuned from the base model on {data_label} "
-                    "(MultipleNegativesRankingLoss, no-duplicates batches), scored on the dev slice.",
+                    "(MultipleNegativesRankingLoss + GOR under Matryoshka, GradCache when the batch "
+                    "exceeds the mini-batch, no-duplicates batches); the best epoch on the dev slice "
+                    "is kept, and a crashed run resumes from its last checkpoint.",
     )
     def rung(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource,
              settings: PipelineSettings) -> dg.MaterializeResult:
@@ -90,7 +92,8 @@ def build_rung(name: str, data_label: str, rows_fn: RowsFn, deps: list) -> dg.As
         store = artifacts.store()
         sizes = settings.sizes()
         rows = rows_fn(store, spec.name)
-        config = TrainingConfig(epochs=sizes.epochs, batch_size=sizes.batch_size, seed=settings.seed)
+        # The batch grows with the pairs (auto_batch_size), from the profile's batch as its floor.
+        config = TrainingConfig(epochs=sizes.epochs, min_batch_size=sizes.batch_size, seed=settings.seed)
         dev = dev_set(store, spec.name, settings.seed)
         upstream = ["heuristic_pairs"] + [d.key.to_user_string() for d in deps
                                           if d.key.to_user_string() != "heuristic_pairs"]
@@ -98,19 +101,30 @@ def build_rung(name: str, data_label: str, rows_fn: RowsFn, deps: list) -> dg.As
                      {"base_model": settings.base_model, "rows": data_label, **asdict(config)},
                      upstream) as staging:
             try:
-                result = train_encoder(settings.base_model, rows, staging, config, dev)
+                # Checkpoints live outside the staging folder so that a re-run after a crash resumes.
+                result = train_encoder(settings.base_model, rows, staging, config, dev,
+                                       checkpoint_dir=store.domain_dir(spec.name) / "_checkpoints" / name)
             except TrainingDataError as error:
                 raise dg.Failure(f"domain '{spec.name}', {name}: {error}") from error
             revision = model_fingerprint(str(staging / MODEL_DIR))
             (staging / RESULT_FILE).write_text(json.dumps({**asdict(result), "revision": revision}))
         return dg.MaterializeResult(metadata={
             "training_rows": dg.MetadataValue.int(result.training_rows),
+            "batch_size": dg.MetadataValue.int(result.batch_size),
+            "loss": result.loss,
             "steps": dg.MetadataValue.int(result.steps),
             "train_seconds": dg.MetadataValue.float(result.train_seconds),
             "pairs_per_second": dg.MetadataValue.float(result.pairs_per_second),
             "peak_memory_mb": dg.MetadataValue.float(result.peak_memory_mb),
             "final_loss": dg.MetadataValue.float(result.final_loss),
             "dev_ndcg_at_10": dg.MetadataValue.float(result.dev_ndcg_at_10),
+            "truncated_dim": dg.MetadataValue.int(result.matryoshka_dim),
+            "dev_ndcg_at_10_truncated": dg.MetadataValue.float(result.dev_ndcg_at_10_truncated),
+            "best_step": dg.MetadataValue.int(result.best_step),
+            "resumed_from_step": dg.MetadataValue.int(result.resumed_from_step),
+            "dev_by_epoch": dg.MetadataValue.md(
+                pd.DataFrame(result.dev_history, columns=["step", "ndcg@10", "ndcg@10_truncated"])
+                .to_markdown(index=False)),
             "revision": revision,
             "model_path": dg.MetadataValue.path(str(rung_model_path(store, spec.name, name))),
         })
