@@ -1,12 +1,16 @@
-"""Repeat the ladder's training over several seeds on one domain's published training data, and
-print mean and standard deviation of nDCG@10 per rung against the off-the-shelf model.
+"""Repeat training over several seeds on one domain's published training data, and print mean and
+standard deviation of nDCG@10 on the eval set per variant, against the off-the-shelf model.
 
-Run the main job first (it publishes the corpus, eval set and training data), then:
+    python benchmarks/seed_spread.py --domain code --seeds 0 1 2                  # the ladder
+    python benchmarks/seed_spread.py --domain web_qa --ablation synthetic --materialize
 
-    python benchmarks/seed_spread.py --domain code --seeds 0 1 2
+Ablations:
+- `ladder`: the three rungs (heuristic -> + synthetic -> + hard negatives), as the pipeline trains them.
+- `synthetic`: heuristic only; + unfiltered synthetic queries (every parsed query, seed positive);
+  + synthetic after relabeling and the round-trip filter.
 
-The data stages are fixed (seed 0 of the main job) so the spread measured is training's alone. The
-off-the-shelf model is deterministic; the margin must exceed twice the top rung's deviation.
+The data stages are fixed (seed 0) so the spread measured is training's alone; `--materialize` first
+builds the data stages the ablation needs (through Dagster, into the artifact root) when missing.
 """
 
 import argparse
@@ -14,20 +18,59 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import dagster as dg
+import pandas as pd
+
+from encoder_pipeline.definitions import defs
+from encoder_pipeline.defs.pairs.assets import UNFILTERED_FILE, read_pairs, read_synthetic
 from encoder_pipeline.defs.shared import corpus_texts, embeddings_cache, read_corpus_units, read_eval_split
 from encoder_pipeline.defs.training.assets import LADDER, dev_set
+from encoder_pipeline.domains import domain_partitions
 from encoder_pipeline.lib import encoders
+from encoder_pipeline.lib.artifacts import ArtifactStore, MissingArtifact
 from encoder_pipeline.lib.metrics import dense_run, evaluate
 from encoder_pipeline.lib.train import TrainingConfig, train_encoder
 from encoder_pipeline.profiles import get_profile
-from encoder_pipeline.resources import ArtifactStoreResource
+from encoder_pipeline.resources import ArtifactStoreResource, LLMResource, PipelineSettings
 
 RESULTS = Path(__file__).parent / "results"
+RowsFn = Callable[[ArtifactStore, str], pd.DataFrame]
 
 
-def ndcg(model: str, store, domain: str) -> float:
+def _unfiltered(store: ArtifactStore, domain: str) -> pd.DataFrame:
+    synthetic = pd.read_parquet(store.latest(domain, "synthetic_queries") / UNFILTERED_FILE)
+    return pd.concat([read_pairs(store, domain)[0], synthetic], ignore_index=True)
+
+
+def _filtered(store: ArtifactStore, domain: str) -> pd.DataFrame:
+    return pd.concat([read_pairs(store, domain)[0], read_synthetic(store, domain)], ignore_index=True)
+
+
+ABLATIONS: dict[str, tuple[list[str], list[tuple[str, RowsFn]]]] = {
+    "ladder": ([], [(name, rows_fn) for name, _, rows_fn, _ in LADDER]),
+    "synthetic": (["clean_corpus", "eval_set", "heuristic_pairs", "synthetic_queries"], [
+        ("heuristic only", lambda store, domain: read_pairs(store, domain)[0]),
+        ("+ unfiltered synthetic", _unfiltered),
+        ("+ relabeled, round-trip filtered synthetic", _filtered),
+    ]),
+}
+
+
+def materialize(domain: str, assets: list[str], profile: str) -> None:
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(domain_partitions.name, [domain])
+    selected = [a for a in defs.assets if isinstance(a, dg.AssetsDefinition)
+                and a.key.to_user_string() in assets]
+    result = dg.materialize(selected, instance=instance, partition_key=domain, resources={
+        "artifacts": ArtifactStoreResource(), "settings": PipelineSettings(profile=profile),
+        "llm": LLMResource()})
+    assert result.success
+
+
+def ndcg(model: str, store: ArtifactStore, domain: str) -> float:
     units = read_corpus_units(store, domain)
     split = read_eval_split(store, domain)
     qids = list(split.queries)
@@ -39,35 +82,50 @@ def ndcg(model: str, store, domain: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--domain", default="code")
+    parser.add_argument("--ablation", choices=sorted(ABLATIONS), default="ladder")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--profile", default="default")
+    parser.add_argument("--materialize", action="store_true")
     args = parser.parse_args()
     store = ArtifactStoreResource().store()
+    needed, variants = ABLATIONS[args.ablation]
+    if args.materialize:
+        try:
+            for asset in needed:
+                store.latest_version(args.domain, asset)
+        except MissingArtifact:
+            materialize(args.domain, needed, args.profile)
     sizes = get_profile(args.profile)
     base = ndcg(encoders.DEFAULT_BASE_MODEL, store, args.domain)
-    scores: dict[str, list[float]] = {name: [] for name, *_ in LADDER}
-    seconds: dict[str, list[float]] = {name: [] for name, *_ in LADDER}
+    scores: dict[str, list[float]] = {name: [] for name, _ in variants}
+    seconds: dict[str, list[float]] = {name: [] for name, _ in variants}
+    rows_used: dict[str, int] = {}
     for seed in args.seeds:
-        for name, _, rows_fn, _ in LADDER:
+        for name, rows_fn in variants:
+            rows = rows_fn(store, args.domain)
+            rows_used[name] = len(rows)
             with tempfile.TemporaryDirectory() as work:
                 started = time.perf_counter()
-                train_encoder(encoders.DEFAULT_BASE_MODEL, rows_fn(store, args.domain), work,
+                train_encoder(encoders.DEFAULT_BASE_MODEL, rows, work,
                               TrainingConfig(epochs=sizes.epochs, min_batch_size=sizes.batch_size, seed=seed),
                               dev_set(store, args.domain, 0))
                 seconds[name].append(time.perf_counter() - started)
                 scores[name].append(ndcg(str(Path(work) / "model"), store, args.domain))
             print(f"seed {seed} {name}: nDCG@10 {scores[name][-1]:.4f} ({seconds[name][-1]:.0f} s)", flush=True)
-    print(f"\n| system | nDCG@10 mean | std | vs off-the-shelf | train s |\n|---|---|---|---|---|")
-    print(f"| off-the-shelf | {base:.4f} | 0 | - | - |")
-    summary = {"domain": args.domain, "seeds": args.seeds, "off_the_shelf": base, "rungs": {}}
+    print(f"\n{args.domain}, {args.ablation}, seeds {args.seeds}\n")
+    print("| system | rows | nDCG@10 mean | std | vs off-the-shelf | train s |\n|---|---|---|---|---|---|")
+    print(f"| off-the-shelf | - | {base:.4f} | 0 | - | - |")
+    summary = {"domain": args.domain, "ablation": args.ablation, "seeds": args.seeds,
+               "off_the_shelf": base, "variants": {}}
     for name, values in scores.items():
-        mean, std = statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-        print(f"| {name} | {mean:.4f} | {std:.4f} | {mean - base:+.4f} ({(mean - base) / max(std, 1e-9):.1f} std) "
-              f"| {statistics.mean(seconds[name]):.0f} |")
-        summary["rungs"][name] = {"scores": values, "mean": mean, "std": std,
-                                  "margin": mean - base, "margin_exceeds_2_std": mean - base > 2 * std}
+        mean = statistics.mean(values)
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        print(f"| {name} | {rows_used[name]} | {mean:.4f} | {std:.4f} | {mean - base:+.4f} "
+              f"({(mean - base) / max(std, 1e-9):.1f} std) | {statistics.mean(seconds[name]):.0f} |")
+        summary["variants"][name] = {"rows": rows_used[name], "scores": values, "mean": mean, "std": std,
+                                     "margin": mean - base, "margin_exceeds_2_std": mean - base > 2 * std}
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"seed_spread_{args.domain}.json"
+    out = RESULTS / f"seed_spread_{args.domain}_{args.ablation}.json"
     out.write_text(json.dumps(summary, indent=2))
     print(f"\nwritten {out}")
 

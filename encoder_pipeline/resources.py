@@ -46,6 +46,9 @@ class PipelineSettings(dg.ConfigurableResource):
     serving_usd_per_hour: float = Field(
         0.10, description="Price of the serving machine, for $/1k queries (serving cost only)."
     )
+    build_usd_per_hour: float = Field(
+        0.10, description="Price of the machine that trains and generates, for the one-off build cost."
+    )
 
     def sizes(self) -> Profile:
         return get_profile(self.profile)

@@ -79,6 +79,7 @@ def test_report_is_written_and_complete(tiny_code_run):
     assert report["after"]["p95_ms"] > 0 and report["after"]["index_mb"] > 0
     assert report["human_judged"] is False
     assert report["verdict"]
+    assert report["build_costs"]["training_seconds"] > 0 and report["build_costs"]["llm_tokens"] > 0
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()
               if c.asset_key.to_user_string() == "eval_report"}
     assert set(checks) == {"ndcg_at_10_target", "p95_latency_target", "index_size_target",

@@ -1,40 +1,13 @@
 """Domain specs: the built-ins load, and bad spec files fail with the file and the field named."""
 
-import textwrap
-
 import dagster as dg
 import pytest
 
 from encoder_pipeline.domains import SpecError, domain_names, load_domain, load_spec
 from encoder_pipeline.lib.sources import CorpusError, read_corpus
+from spec_files import write_spec
 
 BUILT_INS = ("code", "web_qa", "legal", "biomedical")
-
-MINIMAL = """
-name = "{name}"
-[corpus]
-format = "jsonl"
-path = "{path}"
-[unit]
-name = "paragraph"
-[queries]
-form = "a question"
-relevance = "it answers it"
-hard_negative = "same topic, other answer"
-pair_extractor = "title"
-[targets]
-ndcg_at_10 = 0.5
-p95_latency_ms = 20
-index_mb = 10
-usd_per_1k_queries = 0.01
-"""
-
-
-def write_spec(directory, name="mine", path="docs/*.jsonl", extra=""):
-    spec = directory / f"{name}.toml"
-    spec.write_text(MINIMAL.format(name=name, path=path) + textwrap.dedent(extra))
-    return spec
-
 
 @pytest.mark.parametrize("name", BUILT_INS)
 def test_built_in_specs_load(name):

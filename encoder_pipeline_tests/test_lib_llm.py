@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ class FakeOpenAIServer(ThreadingHTTPServer):
         self.script: list[int] = []  # status codes to answer first, one per request, then 200
         self.delay_s = 0.0
         self.null_content = False
+        self.respond: Callable[[str], str] | None = None  # scripted answers, by prompt
         self.requests = 0
         self.in_flight = 0
         self.max_in_flight = 0
@@ -70,7 +71,8 @@ class _Handler(BaseHTTPRequestHandler):
                 status = 404
             if status == 200:
                 prompt = body["messages"][0]["content"]
-                content = None if server.null_content else f"answer to {prompt}"
+                content = None if server.null_content else (
+                    server.respond(prompt) if server.respond else f"answer to {prompt}")
                 payload = {
                     "id": f"chatcmpl-{server.requests}",
                     "object": "chat.completion",

@@ -4,6 +4,8 @@ import pytest
 
 from encoder_pipeline.lib.queries import (
     RelabelConfig,
+    judge_prompt,
+    parse_choice,
     relabel,
     PromptSpec,
     build_prompts,
@@ -107,3 +109,22 @@ def test_generation_runs_as_a_daft_udf_through_the_cache(tmp_path):
     second = generate_frame(prompts, EchoBackend, str(tmp_path), GenerationParams())
     assert second["cached"].all()
     assert len(list(tmp_path.glob("*.json"))) == 20
+
+
+def test_an_llm_judge_overrides_the_margin_rule():
+    hits = [[("b", 0.82), ("seed", 0.8), ("c", 0.4)], [("b", 0.95), ("seed", 0.8)], [("seed", 0.9)]]
+    positives, outcomes = relabel(hits, ["seed"] * 3, RelabelConfig(top_k=3), choices=[0, 1, None])
+    assert positives == ["b", "seed", "seed"] and outcomes == ["relabeled", "kept", "kept"]
+
+
+@pytest.mark.parametrize("answer, expected", [
+    ("2", 1), ("[3]", 2), ("The most relevant passage is 1.", 0), ("9", None), ("none of them", None), (None, None),
+])
+def test_judge_answers_are_parsed(answer, expected):
+    assert parse_choice(answer, 4) == expected
+
+
+def test_judge_prompt_lists_candidates():
+    prompt = judge_prompt("parse a date", ["def parse(s): ...", "def fmt(d): ..."], "it does that")
+    assert "[1] def parse(s): ..." in prompt and "[2] def fmt(d): ..." in prompt
+    assert prompt.endswith("Answer with its number only.")

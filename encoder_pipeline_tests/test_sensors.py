@@ -3,7 +3,6 @@ retrains; both retrain triggers are off by default."""
 
 import datetime
 import json
-import shutil
 
 import dagster as dg
 import pytest
@@ -14,26 +13,7 @@ from encoder_pipeline.defs.domains.sensors import (
     weekly_retrain_schedule,
 )
 from encoder_pipeline.domains import domain_partitions
-
-SPEC = """
-name = "notes"
-[corpus]
-format = "jsonl"
-path = "{path}"
-[unit]
-name = "note"
-[queries]
-form = "a question"
-relevance = "the note answers it"
-hard_negative = "a note on the same topic"
-pair_extractor = "title"
-[targets]
-ndcg_at_10 = 0.5
-p95_latency_ms = 20
-index_mb = 10
-usd_per_1k_queries = 0.01
-"""
-
+from spec_files import write_spec
 
 @pytest.fixture
 def domains(tmp_path, monkeypatch):
@@ -46,7 +26,7 @@ def domains(tmp_path, monkeypatch):
 def test_new_spec_file_becomes_a_partition(domains, tmp_path):
     instance = dg.DagsterInstance.ephemeral()
     assert isinstance(domain_specs_sensor(dg.build_sensor_context(instance=instance)), dg.SkipReason)
-    (domains / "notes.toml").write_text(SPEC.format(path=tmp_path / "notes.jsonl"))
+    write_spec(domains, name="notes", path=tmp_path / "notes.jsonl")
     result = domain_specs_sensor(dg.build_sensor_context(instance=instance))
     request = result.dynamic_partitions_requests[0]
     assert request.partitions_def_name == domain_partitions.name and request.partition_keys == ["notes"]
@@ -57,7 +37,7 @@ def test_new_spec_file_becomes_a_partition(domains, tmp_path):
 def test_corpus_change_requests_one_retrain(domains, tmp_path):
     corpus = tmp_path / "notes.jsonl"
     corpus.write_text('{"_id": "1", "title": "a", "text": "first version"}\n')
-    (domains / "notes.toml").write_text(SPEC.format(path=corpus))
+    write_spec(domains, name="notes", path=corpus)
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(domain_partitions.name, ["notes"])
 
@@ -77,11 +57,11 @@ def test_corpus_change_requests_one_retrain(domains, tmp_path):
 
 
 def test_weekly_schedule_requests_every_domain():
-    instance = dg.DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions(domain_partitions.name, ["code", "legal"])
-    context = dg.build_schedule_context(
-        instance=instance, scheduled_execution_time=datetime.datetime(2026, 11, 23, 3, 0))
-    requests = weekly_retrain_schedule(context)
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(domain_partitions.name, ["code", "legal"])
+        context = dg.build_schedule_context(
+            instance=instance, scheduled_execution_time=datetime.datetime(2026, 11, 23, 3, 0))
+        requests = weekly_retrain_schedule(context)
     assert [r.partition_key for r in requests] == ["code", "legal"]
     assert all(r.run_key.endswith("2026-W48") for r in requests)
 

@@ -167,28 +167,52 @@ class RelabelConfig:
     margin: float = 0.05  # relabel only when a neighbour beats the seed by this much (cosine)
 
 
+JUDGE_CANDIDATES = 4
+
+
+def judge_prompt(query: str, candidates: Sequence[str], relevance: str) -> str:
+    """Ask an instruction-following LLM which retrieved passage answers a query best (Gecko)."""
+    listed = "\n\n".join(f"[{i}] {_shorten(text, 80)}" for i, text in enumerate(candidates, 1))
+    return (f"A passage is relevant to a query when {relevance}.\n\nQuery: {query}\n\n{listed}\n\n"
+            f"Which passage is most relevant to the query? Answer with its number only.")
+
+
+def parse_choice(text: str | None, candidates: int) -> int | None:
+    """The 0-based candidate an LLM judge picked, or None when its answer names none."""
+    match = re.search(r"\d+", text or "")
+    if not match or not 1 <= int(match.group()) <= candidates:
+        return None
+    return int(match.group()) - 1
+
+
 def relabel(hits: Sequence[Sequence[tuple[str, float]]], seed_ids: Sequence[str],
-            config: RelabelConfig) -> tuple[list[str | None], list[str]]:
-    """Gecko's positive relabeling with an encoder as judge, and the round-trip filter.
+            config: RelabelConfig, choices: Sequence[int | None] | None = None
+            ) -> tuple[list[str | None], list[str]]:
+    """Gecko's positive relabeling, and the round-trip filter.
 
     For each query, `hits` are its retrieved (doc_id, score) pairs, best first, from the corpus minus
     eval documents. A query whose seed is not in the top-k is dropped (`dropped_round_trip`): the
-    generator wrote something its passage does not answer. Otherwise the positive becomes the top
-    neighbour when it beats the seed by more than `margin` (`relabeled`: the query fits another
-    document better, so training it against that one as a negative would teach the wrong thing);
-    the seed stays when it wins or ties (`kept`).
+    generator wrote something its passage does not answer. Otherwise the judge decides the positive:
+    an LLM's pick among the top candidates (`choices`, index into `hits`) where one was given, else
+    the encoder with a margin rule: the top neighbour replaces the seed only when it scores more than
+    `margin` above it. A changed positive is `relabeled` (the query fits another document better, so
+    training it with that one as a negative would teach the wrong thing); otherwise `kept`.
     """
+    choices = choices if choices is not None else [None] * len(seed_ids)
     positives, outcomes = [], []
-    for row, seed in zip(hits, seed_ids, strict=True):
+    for row, seed, choice in zip(hits, seed_ids, choices, strict=True):
         top = list(row[: config.top_k])
         scores = dict(top)
         if seed not in scores:
             positives.append(None)
             outcomes.append("dropped_round_trip")
+            continue
+        if choice is not None and choice < len(top):
+            positive = top[choice][0]
         elif top[0][0] != seed and top[0][1] - scores[seed] > config.margin:
-            positives.append(top[0][0])
-            outcomes.append("relabeled")
+            positive = top[0][0]
         else:
-            positives.append(seed)
-            outcomes.append("kept")
+            positive = seed
+        positives.append(positive)
+        outcomes.append("kept" if positive == seed else "relabeled")
     return positives, outcomes

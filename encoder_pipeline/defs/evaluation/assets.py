@@ -17,7 +17,8 @@ from encoder_pipeline.defs.shared import (
     read_corpus_units,
     read_eval_split,
 )
-from encoder_pipeline.defs.training.assets import RUNGS, rung_model_path
+from encoder_pipeline.defs.pairs.assets import GENERATION_FILE
+from encoder_pipeline.defs.training.assets import RUNGS, read_training_result, rung_model_path
 from encoder_pipeline.domains import DomainSpec, domain_partitions
 from encoder_pipeline.lib import encoders
 from encoder_pipeline.lib.artifacts import ArtifactStore
@@ -51,6 +52,19 @@ def latency_queries(queries: list[str], titles: list[str], wanted: int, seed: in
         extra = rng.choice(len(pool), size=min(wanted - len(distinct), len(pool)), replace=False)
         distinct += [pool[i] for i in extra]
     return distinct[:wanted]
+
+
+def build_costs(store: ArtifactStore, domain: str, usd_per_hour: float) -> dict[str, float]:
+    """What building cost, apart from serving: training every rung, generating synthetic queries."""
+    training = sum(read_training_result(store, domain, rung)["train_seconds"] for rung in RUNGS)
+    generation = json.loads((store.latest(domain, "synthetic_queries") / GENERATION_FILE).read_text())
+    return {
+        "training_seconds": training, "training_usd": training / 3600 * usd_per_hour,
+        "generation_seconds": generation["seconds"],
+        "generation_usd": generation["seconds"] / 3600 * usd_per_hour,
+        "llm_tokens": generation["prompt_tokens"] + generation["completion_tokens"],
+        "llm_api_usd": generation["estimated_usd"],
+    }
 
 
 def _served(model, index: LoadedIndex):
@@ -150,6 +164,7 @@ def eval_report(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResou
         "usd_per_1k_queries": served["usd_per_1k_queries"] <= targets.usd_per_1k_queries,
     }
     summary = verdict(spec, before["ndcg@10"], served["ndcg@10"], served)
+    build = build_costs(store, spec.name, settings.build_usd_per_hour)
     report = {
         "domain": spec.name, "unit": spec.unit.name, "query_form": spec.queries.form,
         "relevance": spec.queries.relevance, "hard_negative": spec.queries.hard_negative,
@@ -157,6 +172,7 @@ def eval_report(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResou
         "systems": systems, "before": before, "after": served,
         "targets": targets.model_dump(), "verdict": summary,
         "latency_queries": len(timing), "serving_usd_per_hour": usd_per_hour,
+        "build_costs": build,
     }
     ladder = pd.DataFrame([{"system": name, **{k: round(v, 4) for k, v in m.items()}}
                            for name, m in systems.items()])
@@ -170,8 +186,13 @@ def eval_report(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResou
     header = (f"# {spec.name}\n\nUnit: {spec.unit.name}. Query: {spec.queries.form}. Relevant when "
               f"{spec.queries.relevance}.\n\nEval set: {len(qids)} queries, "
               f"{'human-judged' if split.human_judged else 'NOT human-judged (held-out structural pairs)'}.")
+    costs = (f"One-off build cost (not in $/1k queries): training {build['training_seconds']:.0f} s "
+             f"(${build['training_usd']:.4f}); synthetic queries {build['generation_seconds']:.0f} s, "
+             f"{build['llm_tokens']} tokens (${build['generation_usd']:.4f} machine time + "
+             f"${build['llm_api_usd']:.4f} API).")
     markdown = (f"{header}\n\n**Verdict:** {summary}\n\n## Before / after\n\n"
-                f"{before_after.to_markdown(index=False)}\n\n## Ladder\n\n{ladder.to_markdown(index=False)}\n")
+                f"{before_after.to_markdown(index=False)}\n\n{costs}\n\n"
+                f"## Ladder\n\n{ladder.to_markdown(index=False)}\n")
     with publish(context, artifacts, settings, {"top_k": TOP_K}, ["clean_corpus", "eval_set", *RUNGS,
                                                                   "embedding_index"]) as staging:
         (staging / "report.json").write_text(json.dumps(report, indent=2))
@@ -207,6 +228,8 @@ def eval_report(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResou
             "p95_latency_ms": dg.MetadataValue.float(served["p95_ms"]),
             "index_mb": dg.MetadataValue.float(served["index_mb"]),
             "usd_per_1k_queries": dg.MetadataValue.float(served["usd_per_1k_queries"]),
+            "build_usd": dg.MetadataValue.float(build["training_usd"] + build["generation_usd"]
+                                                + build["llm_api_usd"]),
             "report_path": dg.MetadataValue.path(str(store.latest(spec.name, "eval_report"))),
         },
         check_results=checks,

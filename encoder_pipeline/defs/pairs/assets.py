@@ -1,6 +1,10 @@
 """Training data, one rung of the ablation ladder at a time: structural pairs, synthetic queries,
 mined hard negatives. Nothing here ever reads an eval document."""
 
+import dataclasses
+import json
+import time
+
 import dagster as dg
 import numpy as np
 import pandas as pd
@@ -27,11 +31,14 @@ from encoder_pipeline.lib.pairs import (
     top_k_ids,
 )
 from encoder_pipeline.lib.queries import (
+    JUDGE_CANDIDATES,
     PromptSpec,
     RelabelConfig,
     build_prompts,
     dedupe_queries,
     generate_frame,
+    judge_prompt,
+    parse_choice,
     parse_query,
     relabel,
 )
@@ -42,6 +49,7 @@ PAIRS_FILE = "pairs.parquet"
 DEV_FILE = "dev.parquet"
 SYNTHETIC_FILE = "synthetic.parquet"
 UNFILTERED_FILE = "synthetic_unfiltered.parquet"
+GENERATION_FILE = "generation.json"
 MINED_FILE = "mined.parquet"
 LEAKAGE_CHECK = "no_eval_leakage"
 
@@ -170,6 +178,19 @@ def read_mined(store: ArtifactStore, domain: str) -> pd.DataFrame:
     return pd.read_parquet(store.latest(domain, "mined_negatives") / MINED_FILE)
 
 
+def judge_candidates(parsed: pd.DataFrame, hits: list, corpus: TrainingCorpus, spec: DomainSpec,
+                     backend_factory, cache_dir: str, params) -> list[int | None]:
+    """The LLM's pick among each query's top retrieved passages (None: no usable answer)."""
+    text_of = dict(zip(corpus.ids, corpus_texts(corpus.units), strict=True))
+    prompts = [{"prompt": judge_prompt(query, [text_of[d] for d, _ in row[:JUDGE_CANDIDATES]],
+                                       spec.queries.relevance)}
+               for query, row in zip(parsed["query"], hits, strict=True)]
+    greedy = dataclasses.replace(params, temperature=0.0, max_new_tokens=4)
+    answers = generate_frame(prompts, backend_factory, cache_dir, greedy)["text"]
+    return [parse_choice(a if isinstance(a, str) else None, min(JUDGE_CANDIDATES, len(row)))
+            for a, row in zip(answers, hits, strict=True)]
+
+
 @dg.asset(
     partitions_def=domain_partitions,
     group_name=GROUP,
@@ -184,14 +205,16 @@ def synthetic_queries(context: dg.AssetExecutionContext, artifacts: ArtifactStor
     few-shot prompts built from the spec's query form and relevance criterion with a per-document
     task / persona / length, generated through a cached Daft batch UDF, parsed and cleaned; then each
     query retrieves from the corpus minus eval documents: it is dropped when its seed document is not
-    in the top-k (round trip), and its positive is relabeled when another document fits it clearly
-    better. Every LLM response is cached on disk, so a re-run never pays twice."""
+    in the top-k (round trip), and its positive is relabeled when another document fits it better:
+    judged by the LLM among the top candidates on a remote backend, by the base encoder with a margin
+    rule offline. Every LLM response is cached on disk, so a re-run never pays twice."""
     spec = domain_spec(context)
     store = artifacts.store()
     sizes = settings.sizes()
     if llm.is_remote and not spec.remote_llm_allowed:
         raise dg.Failure(f"domain '{spec.name}' does not allow sending documents to a remote LLM; "
                          f"set remote_llm_allowed = true in {spec.source_file} to opt in")
+    started = time.perf_counter()
     corpus = TrainingCorpus(store, spec, settings)
     _, dev = read_pairs(store, spec.name)
     candidates = corpus.units[~corpus.units["doc_id"].isin(set(dev["doc_id"]))]
@@ -203,8 +226,9 @@ def synthetic_queries(context: dg.AssetExecutionContext, artifacts: ArtifactStor
     prompts = build_prompts(prompt_spec, list(sample["doc_id"]), passages,
                             sizes.queries_per_document, settings.seed)
     params = llm.params(settings.seed)
-    rows = generate_frame(prompts, llm.backend_factory(store.root / "_models"),
-                          str(store.domain_dir(spec.name) / "_llm_cache"), params)
+    backend_factory = llm.backend_factory(store.root / "_models")
+    cache_dir = str(store.domain_dir(spec.name) / "_llm_cache")
+    rows = generate_frame(prompts, backend_factory, cache_dir, params)
     by_doc = dict(zip(sample["doc_id"], passages, strict=True))
     examples = [e.query for e in spec.queries.examples]
     rows["query"] = [parse_query(raw, by_doc[d], examples) if isinstance(raw, str) else None
@@ -215,7 +239,11 @@ def synthetic_queries(context: dg.AssetExecutionContext, artifacts: ArtifactStor
     dev_docs = set(dev["doc_id"])  # the dev slice stays out of training, relabeled positives too
     hits = [[(doc, score) for doc, score in row if doc not in dev_docs]
             for row in corpus.search(list(parsed["query"]), relabel_config.top_k + len(dev_docs))]
-    parsed["positive_id"], parsed["outcome"] = relabel(hits, list(parsed["doc_id"]), relabel_config)
+    choices = None
+    if llm.is_remote:  # an instruction-following model judges; the local base model cannot
+        choices = judge_candidates(parsed, hits, corpus, spec, backend_factory, cache_dir, params)
+    parsed["positive_id"], parsed["outcome"] = relabel(hits, list(parsed["doc_id"]), relabel_config,
+                                                       choices)
     positive_of = dict(zip(corpus.units["doc_id"],
                            positive_texts(corpus.units, spec.queries.pair_extractor), strict=True))
     guard = EvalGuard(store, spec)
@@ -228,10 +256,6 @@ def synthetic_queries(context: dg.AssetExecutionContext, artifacts: ArtifactStor
                                "doc_id": parsed["doc_id"], "outcome": parsed["outcome"]})
     config = {"backend": llm.backend, "model": llm.model if llm.is_remote else "local",
               **params.as_dict(), **relabel_config.__dict__}
-    with publish(context, artifacts, settings, config, ["clean_corpus", "eval_set",
-                                                        "heuristic_pairs"]) as staging:
-        synthetic.to_parquet(staging / SYNTHETIC_FILE, index=False)
-        unfiltered.to_parquet(staging / UNFILTERED_FILE, index=False)
     generated = rows[rows["text"].notna()]
     fresh = generated[~generated["cached"].astype(bool)]
     outcomes = parsed["outcome"].value_counts()
@@ -243,6 +267,13 @@ def synthetic_queries(context: dg.AssetExecutionContext, artifacts: ArtifactStor
     prompt_tokens, completion_tokens = int(fresh["prompt_tokens"].sum()), int(fresh["completion_tokens"].sum())
     usd = (prompt_tokens * llm.usd_per_1m_prompt_tokens
            + completion_tokens * llm.usd_per_1m_completion_tokens) / 1e6
+    with publish(context, artifacts, settings, config, ["clean_corpus", "eval_set",
+                                                        "heuristic_pairs"]) as staging:
+        synthetic.to_parquet(staging / SYNTHETIC_FILE, index=False)
+        unfiltered.to_parquet(staging / UNFILTERED_FILE, index=False)
+        (staging / GENERATION_FILE).write_text(json.dumps({
+            "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "estimated_usd": usd, "seconds": time.perf_counter() - started, **counts}))
     sample_rows = synthetic.head(8).assign(
         document=lambda f: f["seed_doc_id"],
         relabeled_positive=lambda f: f["doc_id"].where(f["outcome"] == "relabeled", "(seed kept)"))
