@@ -56,12 +56,13 @@ def test_corpus_change_requests_one_retrain(domains, tmp_path):
     assert isinstance(again, dg.SkipReason)
 
 
-def test_weekly_schedule_requests_every_domain():
-    with dg.instance_for_test() as instance:
-        instance.add_dynamic_partitions(domain_partitions.name, ["code", "legal"])
-        context = dg.build_schedule_context(
-            instance=instance, scheduled_execution_time=datetime.datetime(2026, 11, 23, 3, 0))
-        requests = weekly_retrain_schedule(context)
+def test_weekly_schedule_requests_every_domain(tmp_path):
+    # A schedule context needs an instance with a ref (an ephemeral one has none).
+    instance = dg.DagsterInstance.local_temp(tempdir=str(tmp_path))
+    instance.add_dynamic_partitions(domain_partitions.name, ["code", "legal"])
+    context = dg.build_schedule_context(
+        instance=instance, scheduled_execution_time=datetime.datetime(2026, 11, 23, 3, 0))
+    requests = weekly_retrain_schedule(context)
     assert [r.partition_key for r in requests] == ["code", "legal"]
     assert all(r.run_key.endswith("2026-W48") for r in requests)
 
