@@ -162,7 +162,9 @@ def load_spec(path: str | Path) -> DomainSpec:
         try:
             re.compile(pattern)
         except re.error as error:
-            raise SpecError(f"{path}: field 'unit.boilerplate_patterns': bad regex {pattern!r}: {error}")
+            raise SpecError(
+                f"{path}: field 'unit.boilerplate_patterns': bad regex {pattern!r}: {error}"
+            ) from error
     return spec.model_copy(update={"source_file": str(path)})
 
 

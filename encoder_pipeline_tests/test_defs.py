@@ -4,7 +4,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import dagster as dg
 
 from encoder_pipeline.definitions import defs
 

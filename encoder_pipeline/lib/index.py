@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,9 +80,3 @@ def load_index(directory: str | Path, encoder_revision: str) -> LoadedIndex:
     mapping = json.loads((directory / "ids.json").read_text())
     return LoadedIndex(faiss.read_index(str(directory / "index.faiss")), mapping["ids"],
                        mapping["parents"], mapping["titles"], info)
-
-
-def timed_build(embeddings: np.ndarray, kind: str) -> tuple[faiss.Index, float]:
-    started = time.perf_counter()
-    index = build_index(embeddings, kind)
-    return index, time.perf_counter() - started

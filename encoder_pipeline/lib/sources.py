@@ -169,7 +169,7 @@ def read_judged(location: str, split: str = "dev") -> tuple[dict[str, str], dict
             qrels.setdefault(str(row["query-id"]), {})[str(row["corpus-id"])] = int(row["score"])
     queries = {}
     with queries_path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
+        for line in handle:
             if line.strip():
                 record = json.loads(line)
                 if str(record["_id"]) in qrels:

@@ -226,9 +226,6 @@ def train_encoder(base_model: str, rows: pd.DataFrame, output_dir: str | Path, c
     )
 
 
-def result_dict(result: TrainingResult) -> dict:
-    return asdict(result)
-
 
 class _StepClock(TrainerCallback):
     """Seconds spent in training steps (batch collation included; evaluation and saving excluded)."""
@@ -297,3 +294,4 @@ def _prepare_checkpoints(checkpoint_dir: Path, fingerprint: str) -> Path | None:
     # trainer_state.json is written last, so a checkpoint without it was cut off mid-save.
     complete = [p for p in checkpoint_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
     return max(complete, key=_step_of) if complete else None
+

@@ -12,7 +12,6 @@ from encoder_pipeline.defs.shared import (
     corpus_texts,
     domain_spec,
     embeddings_cache,
-    md_table,
     publish,
     read_corpus_units,
     read_eval_split,
