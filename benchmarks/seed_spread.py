@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import dagster as dg
+import numpy as np
 import pandas as pd
 
 from encoder_pipeline.definitions import defs
@@ -70,12 +71,21 @@ def materialize(domain: str, assets: list[str], profile: str) -> None:
     assert result.success
 
 
-def ndcg(model: str, store: ArtifactStore, domain: str) -> float:
+def _truncate(vectors, dims: int | None):
+    if not dims:
+        return vectors
+    cut = vectors[:, :dims]
+    return cut / np.linalg.norm(cut, axis=1, keepdims=True)
+
+
+def ndcg(model: str, store: ArtifactStore, domain: str, dims: int | None = None) -> float:
+    """Eval-set nDCG@10, optionally with embeddings truncated to their first `dims` (Matryoshka)."""
     units = read_corpus_units(store, domain)
     split = read_eval_split(store, domain)
     qids = list(split.queries)
-    corpus = encoders.cached_embeddings(model, corpus_texts(units), embeddings_cache(store, domain))
-    queries = encoders.encode(encoders.load_encoder(model), [split.queries[q] for q in qids])
+    corpus = _truncate(encoders.cached_embeddings(model, corpus_texts(units), embeddings_cache(store, domain)),
+                       dims)
+    queries = _truncate(encoders.encode(encoders.load_encoder(model), [split.queries[q] for q in qids]), dims)
     return evaluate(dense_run(queries, corpus, qids, list(units["parent_id"])), split.qrels)[0]["ndcg@10"]
 
 
