@@ -51,7 +51,8 @@ def _filtered(store: ArtifactStore, domain: str) -> pd.DataFrame:
 
 
 ABLATIONS: dict[str, tuple[list[str], list[tuple[str, RowsFn]]]] = {
-    "ladder": ([], [(name, rows_fn) for name, _, rows_fn, _ in LADDER]),
+    "ladder": (["clean_corpus", "eval_set", "heuristic_pairs", "synthetic_queries", "mined_negatives"],
+               [(name, rows_fn) for name, _, rows_fn, _ in LADDER]),
     "synthetic": (["clean_corpus", "eval_set", "heuristic_pairs", "synthetic_queries"], [
         ("heuristic only", lambda store, domain: read_pairs(store, domain)[0]),
         ("+ unfiltered synthetic", _unfiltered),

@@ -1,8 +1,11 @@
-"""`encoder-pipeline`: run the main job for a domain, list domains, search a served index.
+"""`encoder-pipeline`: run the main job for a domain, list domains, search or export what it serves.
 
     encoder-pipeline materialize --domain code            # the whole graph for one partition
     encoder-pipeline materialize --domain code --profile tiny
     encoder-pipeline domains                              # validate specs, register partitions
+    encoder-pipeline domain add mine --corpus ./docs      # a spec for your own corpus
+    encoder-pipeline search --domain code "parse a date"  # query the served index (-k 10, --json)
+    encoder-pipeline export --domain code --out DIR       # the served encoder + a model card
 
 Runs go through the project's Dagster instance (DAGSTER_HOME defaults to the project root), so
 they show in the UI with their lineage and metadata.
@@ -71,7 +74,9 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     result = job.execute_in_process(instance=instance, partition_key=args.domain,
                                     run_config=run_config, raise_on_error=False)
     print(f"run {result.run_id}: {'success' if result.success else 'FAILED'}")
-    if result.success:
+    reported = any(e.asset_key.to_user_string() == "eval_report"
+                   for e in result.get_asset_materialization_events())
+    if reported:
         from encoder_pipeline.defs.evaluation.assets import read_report
         from encoder_pipeline.resources import ArtifactStoreResource
 
@@ -80,7 +85,87 @@ def cmd_materialize(args: argparse.Namespace) -> int:
         print((report_dir / "report.md").read_text())
         print(f"report: {report_dir}")
         print(f"verdict: {read_report(store, args.domain)['verdict']}")
+    blocked = [c for c in result.get_asset_check_evaluations()
+               if c.check_name == "safe_to_promote" and not c.passed]
+    if blocked:
+        print("not promoted: the candidate is worse than what is served or than the off-the-shelf "
+              "model (check safe_to_promote); `search` keeps serving the previous index", file=sys.stderr)
+        return 3
     return 0 if result.success else 1
+
+
+def cmd_domain_add(args: argparse.Namespace) -> int:
+    from encoder_pipeline.domains import SpecError, add_domain, new_spec_text
+    from encoder_pipeline.lib.corpus_summary import detect_format, summarize_corpus
+    from encoder_pipeline.lib.sources import CorpusError
+
+    def local(path: str | None) -> str | None:  # user paths are taken from where the command runs
+        return path if path is None or "://" in path else os.path.abspath(path)
+
+    corpus, judged = local(args.corpus), local(args.judged)
+    try:
+        fmt = args.format or detect_format(corpus)
+        summary = summarize_corpus(fmt, corpus, args.id_field, args.title_field, args.text_field, judged)
+        spec = add_domain(args.name, new_spec_text(
+            args.name, fmt, corpus, id_field=args.id_field, title_field=args.title_field,
+            text_field=args.text_field, judged=judged, description=args.description), overwrite=args.force)
+    except (CorpusError, SpecError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"{args.name}: {fmt} corpus at {corpus}")
+    for line in summary.lines():
+        print(f"  {line}")
+    added = register_domains(_instance())
+    print(f"spec written to {spec.source_file}; partition "
+          f"{'registered' if args.name in added else 'already registered'} (it shows in the UI now)")
+    print(f"review its queries and targets, then: encoder-pipeline materialize --domain {args.name}")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    import json
+
+    from encoder_pipeline.lib.artifacts import MissingArtifact
+    from encoder_pipeline.lib.index import EncoderMismatch
+    from encoder_pipeline.lib.search import Searcher
+
+    query = " ".join(args.query).strip()
+    if not query:
+        print("error: empty query", file=sys.stderr)
+        return 2
+    try:
+        searcher = Searcher.for_domain(args.domain, backend=args.backend)
+        hits = searcher.search(query, k=args.k)
+    except (MissingArtifact, EncoderMismatch, ImportError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"query": query, "served": searcher.describe(), "hits": [
+            {"rank": rank, "score": round(hit.score, 6), "id": hit.id, "parent_id": hit.parent_id,
+             "title": hit.title} for rank, hit in enumerate(hits, 1)]}, indent=2))
+        return 0
+    served = searcher.describe()
+    print(f"# {served['domain']}: {served['rung']} (revision {served['revision']}), "
+          f"{served['precision']}@{served['dims']}, {served['documents']} units, "
+          f"{served['asset']} {served['version']}")
+    width = max([len(h.id) for h in hits] + [2])
+    print(f"{'rank':>4}  {'score':>6}  {'id':<{width}}  title")
+    for rank, hit in enumerate(hits, 1):
+        print(f"{rank:>4}  {hit.score:6.3f}  {hit.id:<{width}}  {hit.title}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from encoder_pipeline.lib.artifacts import MissingArtifact
+    from encoder_pipeline.lib.export import ExportError, export_model
+
+    try:
+        folder = export_model(args.domain, args.out, overwrite=args.overwrite)
+    except (MissingArtifact, ExportError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"exported {args.domain} encoder to {folder} (model card: {folder / 'README.md'})")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,6 +180,33 @@ def main(argv: list[str] | None = None) -> int:
     run.set_defaults(handler=cmd_materialize)
     domains = commands.add_parser("domains", help="validate spec files and register partitions")
     domains.set_defaults(handler=cmd_domains)
+    domain = commands.add_parser("domain", help="manage domains").add_subparsers(dest="action",
+                                                                                  required=True)
+    add = domain.add_parser("add", help="write, validate and register a spec for your corpus")
+    add.add_argument("name", help="lowercase letters, digits and _")
+    add.add_argument("--corpus", required=True, help="BEIR folder, folder of files, file or glob, or URI")
+    add.add_argument("--judged", help="BEIR folder with queries.jsonl and qrels/dev.tsv (evaluated on)")
+    add.add_argument("--format", choices=["beir", "jsonl", "parquet", "csv", "files"],
+                     help="default: detected from the path")
+    add.add_argument("--id-field", default="_id")
+    add.add_argument("--title-field", default="title")
+    add.add_argument("--text-field", default="text")
+    add.add_argument("--description", default="")
+    add.add_argument("--force", action="store_true", help="replace an existing spec")
+    add.set_defaults(handler=cmd_domain_add)
+    search = commands.add_parser("search", help="search a domain's served index")
+    search.add_argument("--domain", default="code")
+    search.add_argument("query", nargs="+", help="the query (several words are joined)")
+    search.add_argument("-k", type=int, default=10, help="results to show (default 10)")
+    search.add_argument("--json", action="store_true", help="print the hits as JSON")
+    search.add_argument("--backend", choices=["torch", "onnx-int8"], default="torch",
+                        help="query encoder runtime (onnx-int8 needs the `onnx` extra)")
+    search.set_defaults(handler=cmd_search)
+    export = commands.add_parser("export", help="export the served encoder with a model card")
+    export.add_argument("--domain", default="code")
+    export.add_argument("--out", required=True, help="the folder to write (a sentence-transformers model)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    export.set_defaults(handler=cmd_export)
     args = parser.parse_args(argv)
     return args.handler(args)
 

@@ -8,8 +8,10 @@ file and the field in the message, not halfway through a run.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import tempfile
 import tomllib
 from pathlib import Path
 from typing import Literal
@@ -34,17 +36,21 @@ class _Strict(BaseModel):
 
 
 class CorpusSource(_Strict):
-    format: Literal["python_stdlib", "beir", "jsonl", "parquet", "csv"]
+    format: Literal["python_stdlib", "beir", "jsonl", "parquet", "csv", "files"]
     path: str = Field(
         "",
-        description="BEIR folder or file glob, relative to $ENCODER_PIPELINE_CORPUS_ROOT unless "
-        "absolute or a URI (s3://, gs://, az://, http(s)://). Unused for python_stdlib.",
+        description="BEIR folder, file glob, or (files) a folder of .txt/.md/.html documents, "
+        "relative to $ENCODER_PIPELINE_CORPUS_ROOT unless absolute or a URI (s3://, gs://, az://, "
+        "http(s)://). Unused for python_stdlib.",
     )
     id_field: str = "_id"
     title_field: str = "title"
     text_field: str = "text"
     exclude: list[str] = Field(
         default_factory=list, description="python_stdlib: package folders left out of the corpus."
+    )
+    license: str = Field(
+        "", description="The corpus's licence or terms of use, repeated in the exported model card."
     )
 
 
@@ -107,6 +113,11 @@ class DomainSpec(_Strict):
     dedupe: DedupeSpec = DedupeSpec()
     judged: JudgedSet | None = None
     targets: Targets
+    extra_models: list[str] = Field(
+        default_factory=list,
+        description="More baselines for the report: sentence-transformers folders (or hub names), "
+        "evaluated on the eval set like the off-the-shelf model.",
+    )
     remote_llm_allowed: bool = Field(
         False, description="Opt in to sending document text to a remote LLM endpoint."
     )
@@ -184,3 +195,73 @@ def load_domain(name: str, directory: Path | None = None) -> DomainSpec:
         known = ", ".join(domain_names(directory)) or "none"
         raise SpecError(f"{path}: no spec for domain '{name}' (known domains: {known})")
     return load_spec(path)
+
+
+def _toml_string(value: str) -> str:
+    return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid TOML basic string
+
+
+def new_spec_text(name: str, corpus_format: str, corpus_path: str, *, id_field: str = "_id",
+                  title_field: str = "title", text_field: str = "text", judged: str | None = None,
+                  description: str = "") -> str:
+    """A spec for a user's corpus with generic defaults: paragraphs of up to 200 words, questions as
+    queries, title -> body pairs, placeholder targets to commit to (edit them before building)."""
+    lines = [
+        f"# Written by `encoder-pipeline domain add {name}`. Review the query columns and commit to",
+        "# the targets before building: the report judges the trained encoder against them.",
+        f"name = {_toml_string(name)}",
+        f"description = {_toml_string(description or f'Retrieval over the {name} corpus.')}",
+        "",
+        "[corpus]",
+        f"format = {_toml_string(corpus_format)}",
+        f"path = {_toml_string(corpus_path)}",
+    ]
+    if corpus_format in ("jsonl", "parquet", "csv"):
+        lines += [f"id_field = {_toml_string(id_field)}", f"title_field = {_toml_string(title_field)}",
+                  f"text_field = {_toml_string(text_field)}"]
+    lines += [
+        'license = ""  # the corpus\'s licence or terms: the exported model card repeats it',
+        "",
+        "[unit]",
+        'name = "a passage of a document (up to 200 words)"',
+        "max_words = 200",
+        "min_words = 5",
+        "normalize_whitespace = true",
+        "",
+        "[queries]",
+        'form = "a question a user asks in plain words"',
+        'relevance = "the passage answers the question"',
+        'hard_negative = "a passage on the same topic that does not answer the question"',
+        'pair_extractor = "title"',
+    ]
+    if judged:
+        lines += ["", "[judged]", f"path = {_toml_string(judged)}", 'split = "dev"']
+    lines += [
+        "",
+        "[targets]",
+        "ndcg_at_10 = 0.5",
+        "p95_latency_ms = 15.0",
+        "index_mb = 50.0",
+        "usd_per_1k_queries = 0.001",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def add_domain(name: str, spec_text: str, directory: Path | None = None, overwrite: bool = False
+               ) -> DomainSpec:
+    """Validate `spec_text` as domain `name` and publish it as `<directory>/<name>.toml` (atomic
+    rename); nothing is written when validation fails or the domain exists and `overwrite` is off."""
+    directory = directory or domains_dir()
+    if not DOMAIN_NAME.match(name):
+        raise SpecError(f"domain name {name!r}: use lowercase letters, digits and _, starting with a letter")
+    target = directory / f"{name}.toml"
+    if target.exists() and not overwrite:
+        raise SpecError(f"domain {name!r} already exists at {target} (pass --force to replace it)")
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".staging-") as staging_dir:
+        staging = Path(staging_dir) / target.name  # the file name must match the domain name
+        staging.write_text(spec_text, encoding="utf-8")
+        spec = load_spec(staging)
+        os.replace(staging, target)
+    return spec.model_copy(update={"source_file": str(target)})

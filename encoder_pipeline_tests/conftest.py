@@ -35,3 +35,30 @@ def artifact_root(tmp_path, monkeypatch):
     root = tmp_path / "artifacts"
     monkeypatch.setenv("ENCODER_PIPELINE_HOME", str(root))
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_code_run(tmp_path_factory):
+    """The whole graph for the `code` partition, tiny profile, real components, in a throwaway
+    artifact root: built once per session and shared by the graph, report and serving tests."""
+    import dagster as dg
+
+    from encoder_pipeline.definitions import defs
+    from encoder_pipeline.domains import domain_partitions
+    from encoder_pipeline.lib.artifacts import ArtifactStore
+    from encoder_pipeline.resources import ArtifactStoreResource, LLMResource, PipelineSettings
+
+    root = tmp_path_factory.mktemp("artifacts")
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(domain_partitions.name, ["code"])
+    result = dg.materialize(
+        [a for a in defs.assets if isinstance(a, dg.AssetsDefinition)],
+        instance=instance,
+        partition_key="code",
+        resources={
+            "artifacts": ArtifactStoreResource(root=str(root)),
+            "settings": PipelineSettings(profile="tiny"),
+            "llm": LLMResource(),
+        },
+    )
+    return result, ArtifactStore(root)

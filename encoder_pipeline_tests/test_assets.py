@@ -14,28 +14,10 @@ from encoder_pipeline.resources import ArtifactStoreResource, LLMResource, Pipel
 
 ALL_ASSETS = {
     "clean_corpus", "eval_set", "heuristic_pairs", "synthetic_queries", "mined_negatives",
-    "encoder_heuristic", "encoder_synthetic", "encoder_hard_negatives", "embedding_index",
-    "eval_report",
+    "encoder_heuristic", "encoder_synthetic", "encoder_hard_negatives", "index_sweep",
+    "embedding_index", "eval_report", "serving_index",
 }
-
-
-@pytest.fixture(scope="module")
-def tiny_code_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("artifacts")
-    instance = dg.DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions(domain_partitions.name, ["code"])
-    assets = [a for a in defs.assets if isinstance(a, dg.AssetsDefinition)]
-    result = dg.materialize(
-        assets,
-        instance=instance,
-        partition_key="code",
-        resources={
-            "artifacts": ArtifactStoreResource(root=str(root)),
-            "settings": PipelineSettings(profile="tiny"),
-            "llm": LLMResource(),
-        },
-    )
-    return result, ArtifactStore(root)
+FIGURES = ("ladder.png", "sweep.png", "latency.png")
 
 
 def test_every_asset_materializes_with_lineage(tiny_code_run):
@@ -71,9 +53,11 @@ def test_synthetic_queries_are_real_generations(tiny_code_run):
 
 def test_report_is_written_and_complete(tiny_code_run):
     result, store = tiny_code_run
-    report = json.loads((store.latest("code", "eval_report") / "report.json").read_text())
+    report_dir = store.latest("code", "eval_report")
+    report = json.loads((report_dir / "report.json").read_text())
     assert set(report["systems"]) == {"bm25", "off_the_shelf", "encoder_heuristic",
-                                      "encoder_synthetic", "encoder_hard_negatives", "served_index"}
+                                      "encoder_synthetic", "encoder_hard_negatives", "served_index",
+                                      "hybrid_bm25_served"}
     for metrics in report["systems"].values():
         assert 0.0 <= metrics["ndcg@10"] <= 1.0 and 0.0 <= metrics["recall@100"] <= 1.0
     assert report["after"]["p95_ms"] > 0 and report["after"]["index_mb"] > 0
@@ -83,9 +67,75 @@ def test_report_is_written_and_complete(tiny_code_run):
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()
               if c.asset_key.to_user_string() == "eval_report"}
     assert set(checks) == {"ndcg_at_10_target", "p95_latency_target", "index_size_target",
-                           "cost_target", "beats_off_the_shelf"}
-    assert all(c.severity == dg.AssetCheckSeverity.WARN for c in checks.values())
-    assert (store.latest("code", "eval_report") / "report.md").read_text().startswith("# code")
+                           "cost_target", "beats_off_the_shelf", "safe_to_promote"}
+    assert all(c.severity == dg.AssetCheckSeverity.WARN for name, c in checks.items()
+               if name != "safe_to_promote")
+    assert checks["safe_to_promote"].severity == dg.AssetCheckSeverity.ERROR
+    assert checks["safe_to_promote"].passed == report["promotion"]["safe"]
+    assert (report_dir / "report.md").read_text().startswith("# code")
+
+
+def test_report_ladder_has_paired_tests(tiny_code_run):
+    _, store = tiny_code_run
+    report = json.loads((store.latest("code", "eval_report") / "report.json").read_text())
+    ladder = report["ladder"]
+    assert list(ladder) == ["off_the_shelf", "encoder_heuristic", "encoder_synthetic",
+                            "encoder_hard_negatives"]
+    for rung in ("encoder_heuristic", "encoder_synthetic", "encoder_hard_negatives"):
+        assert 0.0 < ladder[rung]["p_vs_below"] <= 1.0 and 0.0 < ladder[rung]["p_vs_off_the_shelf"] <= 1.0
+    assert ladder["encoder_synthetic"]["below"] == "encoder_heuristic"
+    worse = [r for r in ladder if ladder[r]["diff_vs_below"] is not None and ladder[r]["diff_vs_below"] < 0]
+    assert len(report["regressions"]) == len(worse)
+    markdown = (store.latest("code", "eval_report") / "report.md").read_text()
+    assert "p vs below" in markdown and "## Targets" in markdown and "## Migration" in markdown
+
+
+def test_report_hybrid_sweep_and_migration(tiny_code_run):
+    _, store = tiny_code_run
+    report = json.loads((store.latest("code", "eval_report") / "report.json").read_text())
+    assert report["hybrid"]["runs"] == ["bm25", "served_index"]
+    assert 0.0 <= report["hybrid"]["ndcg@10"] <= 1.0
+    migration = report["migration"]
+    assert migration["old"].startswith("off-the-shelf")  # nothing was served before this run
+    assert 0.0 <= migration["top10_overlap"] <= 1.0 and 0.0 <= migration["top1_agreement"] <= 1.0
+    assert migration["queries"] == report["eval_queries"]
+    assert report["sweep"]["points"] and report["sweep"]["chosen"] in report["sweep"]["points"]
+    assert len(report["latency_ms_per_query"]) == report["latency_queries"]
+    assert set(report["targets_pass_fail"]) == {"nDCG@10", "p95 latency ms", "index MB", "$/1k queries"}
+
+
+def test_report_figures_are_written_and_embedded(tiny_code_run):
+    from PIL import Image
+
+    result, store = tiny_code_run
+    report_dir = store.latest("code", "eval_report")
+    for name in FIGURES:
+        image = Image.open(report_dir / name)
+        image.verify()
+        assert image.format == "PNG"
+        assert f"]({name})" in (report_dir / "report.md").read_text()
+    event = next(e for e in result.get_asset_materialization_events()
+                 if e.asset_key.to_user_string() == "eval_report")
+    markdown = event.materialization.metadata["report"].value
+    assert markdown.count("](data:image/png;base64,") == len(FIGURES)
+
+
+def test_serving_index_publishes_the_promoted_candidate(tiny_code_run):
+    result, store = tiny_code_run
+    report = json.loads((store.latest("code", "eval_report") / "report.json").read_text())
+    assert report["promotion"]["safe"], report["promotion"]["reason"]
+    served = store.latest("code", "serving_index")
+    candidate = store.latest("code", "embedding_index")
+    choice = json.loads((served / "choice.json").read_text())
+    assert choice == json.loads((candidate / "choice.json").read_text())
+    assert load_index(served, choice["revision"]).index.ntotal > 0
+    promotion = json.loads((served / "promotion.json").read_text())
+    assert promotion["verdict"] == report["verdict"]
+    assert promotion["embedding_index_version"] == candidate.name and promotion["previous"] is None
+    event = next(e for e in result.get_asset_materialization_events()
+                 if e.asset_key.to_user_string() == "serving_index")
+    assert event.materialization.metadata["promoted_revision"].value == choice["revision"]
+    assert event.materialization.metadata["previous_revision"].value == "none"
 
 
 def test_index_refuses_another_encoder(tiny_code_run):
@@ -95,3 +145,28 @@ def test_index_refuses_another_encoder(tiny_code_run):
     assert load_index(index_dir, choice["revision"]).index.ntotal > 0
     with pytest.raises(EncoderMismatch):
         load_index(index_dir, "some-other-encoder")
+
+
+def test_a_second_promotion_compares_with_what_is_served(tiny_code_run):
+    """Last in this module: re-runs the report and the promotion on the same artifacts, so the
+    report now measures against the served index and serving_index records its predecessor."""
+    _, store = tiny_code_run
+    first = store.latest("code", "serving_index")
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(domain_partitions.name, ["code"])
+    assets = [a for a in defs.assets if isinstance(a, dg.AssetsDefinition)
+              and {k.to_user_string() for k in a.keys} & {"eval_report", "serving_index"}]
+    again = dg.materialize(assets, instance=instance, partition_key="code", resources={
+        "artifacts": ArtifactStoreResource(root=str(store.root)),
+        "settings": PipelineSettings(profile="tiny"),
+        "llm": LLMResource(),
+    })
+    assert again.success
+    report = json.loads((store.latest("code", "eval_report") / "report.json").read_text())
+    assert report["currently_served"]["remeasured"] and "currently_served" in report["systems"]
+    assert report["migration"]["old"].startswith("currently served")
+    assert report["migration"]["top10_overlap"] == 1.0  # the same encoder and index as the candidate
+    second = store.latest("code", "serving_index")
+    assert second != first and first.exists()
+    promotion = json.loads((second / "promotion.json").read_text())
+    assert promotion["previous"]["version"] == first.name

@@ -16,8 +16,10 @@ def test_graph_shape_and_lineage():
                for key in graph.get_all_asset_keys()}
     assert parents["eval_set"] == {"clean_corpus"}
     assert parents["encoder_hard_negatives"] == {"mined_negatives"}
-    assert parents["embedding_index"] == {"encoder_heuristic", "encoder_synthetic", "encoder_hard_negatives"}
-    assert parents["eval_report"] == {"embedding_index"}
+    assert parents["index_sweep"] == {"encoder_heuristic", "encoder_synthetic", "encoder_hard_negatives"}
+    assert parents["embedding_index"] == {"index_sweep"}
+    assert parents["eval_report"] == {"embedding_index", "index_sweep"}
+    assert parents["serving_index"] == {"eval_report"}
     for key in graph.get_all_asset_keys():
         node = graph.get(key)
         assert node.partitions_def is not None and node.partitions_def.name == "domain"

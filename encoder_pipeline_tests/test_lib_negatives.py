@@ -119,6 +119,20 @@ def test_chunks_reuse_the_cached_corpus_embeddings(tmp_path):
     assert len(list((tmp_path / "chunked").glob("corpus_embeddings_*.npy"))) == 1
 
 
+def test_sibling_positives_of_a_repeated_query_are_never_its_negatives(tmp_path):
+    # "alpha delta" is a second paragraph under the same heading as "pos alpha"; "beta query" sits
+    # between them so that chunking by rows would split the heading's two pairs apart.
+    siblings = pd.DataFrame({"query": ["alpha query", "beta query", "alpha query"],
+                             "positive": ["pos alpha", "pos beta", "alpha delta"]})
+    result = mine_negatives(siblings, list(DOCS), FakeTeacher(),
+                            MiningConfig(range_max=20, num_negatives=3, sampling_strategy="top",
+                                         perc_pos=1.0, query_chunk_size=1), tmp_path, bf16=False)
+    alpha_rows = result.rows[result.rows["query"] == "alpha query"]
+    assert len(alpha_rows) == 2
+    for _, row in alpha_rows.iterrows():
+        assert not {"pos alpha", "alpha delta"} & set(negatives(row, 3))
+
+
 def test_bm25_negatives_pass_the_same_filter(tmp_path):
     result, _ = mine(tmp_path, num_negatives=3, bm25_negatives=1, sampling_strategy="top")
     assert [c for c in result.rows.columns if c.startswith("negative_")] == \

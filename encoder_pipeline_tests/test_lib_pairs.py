@@ -1,6 +1,7 @@
 """Eval split, structural pairs and the consistency filter on the real `code` corpus."""
 
 import numpy as np
+import pandas as pd
 
 from encoder_pipeline.lib import encoders
 from encoder_pipeline.lib.pairs import extract_pairs, held_out_split, rank_of_positive, split_dev
@@ -43,3 +44,17 @@ def test_dev_slice_is_carved_by_document(stdlib_units):
     train, dev = split_dev(pairs, 0.1, 100, seed=0)
     assert len(dev) > 0 and len(train) + len(dev) == len(pairs)
     assert not set(train["doc_id"]) & set(dev["doc_id"])
+
+
+def test_sibling_paragraphs_under_one_heading_are_judged_together():
+    units = pd.DataFrame({
+        "doc_id": ["a1", "a2", "b1", "c1"], "parent_id": ["a1", "a2", "b1", "c1"],
+        "title": ["Article 17 right to erasure", "Article 17 right to erasure",
+                  "Article 20 data portability", "Article 21 right to object"],
+        "text": ["p. 1 erase", "p. 2 exceptions", "p. 1 port", "p. 1 object"], "anchor": ""})
+    split = held_out_split(units, "title", num_queries=3, seed=0)
+    assert len(split.queries) == 3
+    erasure = next(q for q, text in split.queries.items() if "erasure" in text)
+    assert split.qrels[erasure] == {"a1": 1, "a2": 1}
+    assert split.eval_doc_ids == {"a1", "a2", "b1", "c1"}
+    assert extract_pairs(units, "title", split.eval_doc_ids).empty

@@ -1,6 +1,7 @@
 """Training: the cached loss's gradients equal the uncached ones (with Matryoshka and GOR), a tiny real
 run lowers the loss and writes a loadable checkpoint, and an interrupted run resumes where it stopped."""
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -164,3 +165,22 @@ def test_checkpoints_of_other_inputs_are_not_resumed(pairs, tmp_path):
 def test_too_few_pairs_is_a_clear_refusal(pairs, tmp_path):
     with pytest.raises(TrainingDataError, match="at least 16"):
         train_encoder(encoders.DEFAULT_BASE_MODEL, pairs.head(5), tmp_path, TrainingConfig())
+
+
+def test_variance_ordering_keeps_full_width_scores_and_sorts_dimensions(stdlib_units, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    from encoder_pipeline.lib.encoders import DEFAULT_BASE_MODEL, load_encoder
+    from encoder_pipeline.lib.train import order_dimensions_by_variance
+
+    texts = list(stdlib_units["title"] + "\n" + stdlib_units["text"])
+    model = load_encoder(DEFAULT_BASE_MODEL, fresh=True)
+    before = model.encode(texts[:40], normalize_embeddings=True)
+    order_dimensions_by_variance(model, texts, sample=300, seed=0)
+    model.save_pretrained(str(tmp_path / "rotated"))
+    reloaded = SentenceTransformer(str(tmp_path / "rotated"), device="cpu")
+    after = reloaded.encode(texts[:40], normalize_embeddings=True)
+    np.testing.assert_allclose(before @ before.T, after @ after.T, atol=1e-5)  # a pure rotation
+    variance = reloaded.encode(texts, normalize_embeddings=True).var(axis=0)
+    assert variance[:96].sum() > 2 * variance[96:192].sum()
+    assert np.all(np.diff(variance[:20]) < 1e-3)  # leading dimensions in decreasing variance

@@ -96,8 +96,11 @@ def mine_negatives(pairs: pd.DataFrame, corpus: Sequence[str], teacher: Sentence
     bm25 = _bm25_index(corpus) if config.bm25_negatives else None
     frames, candidates, dropped, samples = [], 0, 0, []
     corpus_vectors, index = None, None
-    for number, start in enumerate(range(0, len(pairs), config.query_chunk_size)):
-        part = pairs.iloc[start : start + config.query_chunk_size]
+    # Chunks split between distinct queries, never inside one: mine_hard_negatives treats every
+    # positive of a repeated query (sibling paragraphs under one heading) as positive, not negative.
+    query_number = pairs.groupby("query", sort=False).ngroup()
+    chunks = pairs.groupby(query_number // config.query_chunk_size, sort=True)
+    for number, (_, part) in enumerate(chunks):
         with inference_precision(bf16), _seeded(config.seed + number):
             mined = mine_hard_negatives(
                 Dataset.from_pandas(part, preserve_index=False),

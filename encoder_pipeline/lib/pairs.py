@@ -49,22 +49,40 @@ class EvalSplit:
     human_judged: bool
 
 
-def held_out_split(units: pd.DataFrame, extractor: str, num_queries: int, seed: int) -> EvalSplit:
+MAX_HELD_OUT_FRACTION = 0.3  # of the distinct structural queries: the rest must stay to train on
+
+
+def held_out_split(units: pd.DataFrame, extractor: str, num_queries: int, seed: int,
+                   max_fraction: float = MAX_HELD_OUT_FRACTION) -> EvalSplit:
     """An eval split from structure on a held-out slice of documents (never from synthetic queries).
 
-    Whole source documents are held out (all their chunks), chosen by a salted hash so the split is
-    stable as the corpus grows.
+    A query is a distinct structural text (docstring summary, heading); every document carrying it
+    is relevant, so the sibling paragraphs under one heading are judged positives together, never
+    negatives of each other. Whole source documents are held out (all their chunks), queries chosen
+    by a salted hash so the split is stable as the corpus grows. At most `max_fraction` of the
+    distinct queries are held out, so a small corpus keeps most of its structure for training.
     """
     candidates = units[has_structural_query(units, extractor)].drop_duplicates("parent_id")
-    parents = sorted(candidates["parent_id"], key=lambda p: _salted(p, seed))
-    held = set(parents[:num_queries])
-    held_rows = candidates[candidates["parent_id"].isin(held)]
-    queries, qrels = {}, {}
-    for parent, text in zip(held_rows["parent_id"], structural_query(held_rows, extractor), strict=True):
-        qid = f"q-{_salted(parent, seed)[:12]}"
+    texts = structural_query(candidates, extractor)
+    parents_by_query = candidates.groupby(texts.to_numpy(), sort=False)["parent_id"].agg(list)
+    wanted = min(num_queries, max(1, int(len(parents_by_query) * max_fraction)))
+    chosen = sorted(parents_by_query.index, key=lambda q: _salted(q, seed))[:wanted]
+    queries, qrels, held = {}, {}, set()
+    for text in chosen:
+        qid = f"q-{_salted(text, seed)[:12]}"
         queries[qid] = text
-        qrels[qid] = {parent: 1}
+        qrels[qid] = {parent: 1 for parent in parents_by_query[text]}
+        held.update(parents_by_query[text])
     return EvalSplit(queries, qrels, held, human_judged=False)
+
+
+def sample_judged(queries: dict[str, str], qrels: dict[str, dict[str, int]], size: int, seed: int
+                  ) -> tuple[dict[str, str], dict[str, dict[str, int]]]:
+    """A stable sample of `size` judged queries (0: all), for small-scale runs."""
+    if not size or size >= len(queries):
+        return queries, qrels
+    chosen = sorted(queries, key=lambda q: _salted(q, seed))[:size]
+    return {q: queries[q] for q in chosen}, {q: qrels[q] for q in chosen}
 
 
 def judged_split(queries: dict[str, str], qrels: dict[str, dict[str, int]]) -> EvalSplit:

@@ -11,8 +11,10 @@ import ast
 import csv
 import glob
 import hashlib
+import html.parser
 import json
 import os
+import re
 import sysconfig
 import textwrap
 from pathlib import Path
@@ -21,6 +23,7 @@ import daft
 from daft import col
 
 CORPUS_COLUMNS = ("doc_id", "title", "text", "anchor")
+TEXT_FILE_PATTERN = r"\.(txt|text|md|markdown|rst|html?|xhtml)$"
 STDLIB_ALWAYS_EXCLUDED = ("test", "tests", "idlelib", "site-packages", "__pycache__")
 
 
@@ -112,6 +115,100 @@ def read_python_stdlib(exclude: list[str]) -> list[dict]:
     return units
 
 
+class _HTMLText(html.parser.HTMLParser):
+    """Visible text of an HTML page, one line per block; headings kept as their own lines."""
+
+    SKIPPED = {"script", "style", "noscript", "template"}
+    BLOCKS = {"p", "div", "li", "br", "tr", "section", "article", "h1", "h2", "h3", "h4", "h5", "h6"}
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.lines: list[str] = [""]
+        self.title = ""
+        self._skipping = 0
+        self._in_title = False
+
+    def handle_starttag(self, tag: str, attrs) -> None:
+        if tag in self.SKIPPED:
+            self._skipping += 1
+        elif tag == "title":
+            self._in_title = True
+        elif tag in self.BLOCKS:
+            self.lines.append("")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in self.SKIPPED:
+            self._skipping = max(0, self._skipping - 1)
+        elif tag == "title":
+            self._in_title = False
+        elif tag in self.BLOCKS:
+            self.lines.append("")
+
+    def handle_data(self, data: str) -> None:
+        if self._in_title:
+            self.title += data
+        elif not self._skipping:
+            self.lines[-1] += data
+
+
+def parse_document_file(path: str, content: str) -> dict[str, str]:
+    """One file -> {title, text}: markdown and HTML lose their markup but keep their headings as
+    lines (the heading -> section pairs need them); the title is the first heading (HTML <title>),
+    else the file name."""
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    suffix = name.rsplit(".", 1)[-1].lower() if "." in name else ""
+    title = ""
+    if suffix in ("html", "htm", "xhtml"):
+        parser = _HTMLText()
+        parser.feed(content)
+        lines = [" ".join(line.split()) for line in parser.lines]
+        title = " ".join(parser.title.split())
+    else:
+        lines = [line.rstrip() for line in content.splitlines()]
+        if suffix in ("md", "markdown"):
+            lines = [line.lstrip("#").strip() if line.startswith("#") else line for line in lines]
+            headings = [line.lstrip("#").strip() for line in content.splitlines() if line.startswith("#")]
+            title = headings[0] if headings else ""
+    lines = [line for line in lines if line.strip()]
+    if not title and suffix in ("html", "htm", "xhtml", "md", "markdown") and lines:
+        title = lines[0] if len(lines[0].split()) <= 12 else ""
+    if lines and lines[0] == title:
+        lines = lines[1:]
+    return {"title": title or name.rsplit(".", 1)[0], "text": "\n".join(lines)}
+
+
+@daft.func(return_dtype=daft.DataType.struct({"title": daft.DataType.string(),
+                                              "text": daft.DataType.string()}))
+def _parse_file(path: str, content: str) -> dict[str, str]:
+    return parse_document_file(path, content)
+
+
+def glob_root(pattern: str) -> str:
+    """The folder above a glob's first wildcard, as Daft spells paths (local ones as file://)."""
+    head = re.split(r"[*?\[]", pattern, maxsplit=1)[0].rsplit("/", 1)[0]
+    if _is_remote(head):
+        return head
+    return "file://" + os.path.abspath(head)
+
+
+def read_document_files(location: str) -> daft.DataFrame:
+    """A folder (or glob) of text, markdown or HTML files, one document per file, through Daft's
+    glob and download (streamed; local paths and object-storage URIs alike)."""
+    pattern = location if any(ch in location for ch in "*?[") else location.rstrip("/") + "/**/*"
+    files = daft.from_glob_path(pattern)
+    content = daft.functions.try_decode(daft.functions.download(col("path")), "utf-8")
+    parsed = _parse_file(col("path"), content.fill_null(""))
+    text_files = daft.functions.regexp(daft.functions.lower(col("path")), TEXT_FILE_PATTERN)
+    root = glob_root(pattern)
+    relative = daft.functions.regexp_replace(col("path"), "^" + re.escape(root) + "/*", "")
+    return files.where(text_files).select(
+        relative.alias("doc_id"),
+        parsed.get("title").alias("title"),
+        parsed.get("text").alias("text"),
+        daft.lit("").alias("anchor"),
+    )
+
+
 def _mapped(df: daft.DataFrame, id_field: str, title_field: str, text_field: str,
             location: str) -> daft.DataFrame:
     names = set(df.column_names)
@@ -139,6 +236,9 @@ def read_corpus(fmt: str, location: str, id_field: str = "_id", title_field: str
     """A lazy Daft frame with CORPUS_COLUMNS, from any supported source."""
     if fmt == "python_stdlib":
         return daft.from_pylist(read_python_stdlib(exclude or []))
+    if fmt == "files":
+        _require_exists(location, "a folder or glob of .txt/.md/.html files")
+        return read_document_files(location)
     if fmt == "beir":
         location = location.rstrip("/") + "/corpus.jsonl"
         _require_exists(location, "a BEIR folder needs corpus.jsonl; set ENCODER_PIPELINE_CORPUS_ROOT "

@@ -17,14 +17,15 @@ from encoder_pipeline.defs.shared import (
 )
 from encoder_pipeline.domains import DomainSpec, domain_partitions
 from encoder_pipeline.lib.corpus import CleaningConfig, clean_corpus as clean
-from encoder_pipeline.lib.pairs import held_out_split, judged_split
+from encoder_pipeline.lib.pairs import held_out_split, judged_split, sample_judged
 from encoder_pipeline.lib.sources import CorpusError, read_corpus, read_judged
 from encoder_pipeline.resources import ArtifactStoreResource, PipelineSettings
 
 GROUP = "corpus"
 
 
-def _judged(spec: DomainSpec):
+def _judged(spec: DomainSpec, settings: PipelineSettings):
+    """The judged set (sampled down under a small profile), or None."""
     location = spec.judged_location()
     if location is None:
         return None
@@ -33,7 +34,8 @@ def _judged(spec: DomainSpec):
             f"domain '{spec.name}': judged set not found at {location} (spec {spec.source_file}, "
             "field 'judged.path'); set ENCODER_PIPELINE_CORPUS_ROOT or fix the path"
         )
-    return read_judged(location, spec.judged.split)
+    queries, qrels = read_judged(location, spec.judged.split)
+    return sample_judged(queries, qrels, settings.sizes().judged_queries, settings.seed)
 
 
 def _cleaning_config(spec: DomainSpec, settings: PipelineSettings) -> CleaningConfig:
@@ -61,7 +63,7 @@ def clean_corpus(context: dg.AssetExecutionContext, artifacts: ArtifactStoreReso
     Judged documents are never dropped or merged; chunks keep their source document id."""
     spec = domain_spec(context)
     location = spec.corpus_location() if spec.corpus.format != "python_stdlib" else "(stdlib)"
-    judged = _judged(spec)
+    judged = _judged(spec, settings)
     protected = {doc for rels in judged[1].values() for doc in rels} if judged else set()
     config = _cleaning_config(spec, settings)
     try:
@@ -113,7 +115,7 @@ def eval_set(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource
     spec = domain_spec(context)
     store = artifacts.store()
     units = read_corpus_units(store, spec.name)
-    judged = _judged(spec)
+    judged = _judged(spec, settings)
     if judged:
         split = judged_split(*judged)
     else:

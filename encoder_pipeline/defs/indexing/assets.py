@@ -1,20 +1,25 @@
-"""embedding_index: the corpus embedded by the best rung (chosen on the dev slice, never the eval
-set) in an int8 scalar-quantized FAISS index, bound to that encoder's revision."""
+"""index_sweep and embedding_index: every Matryoshka width x precision of the best rung's index,
+measured on the dev slice (which chooses) and the eval set (which only reports), then the chosen
+configuration built over the whole corpus and bound to that encoder's revision."""
 
 import json
 import time
 
 import dagster as dg
+import numpy as np
 
 from encoder_pipeline.defs.shared import (
     corpus_texts,
     domain_spec,
     embeddings_cache,
+    md_table,
     publish,
     read_corpus_units,
+    read_eval_split,
 )
 from encoder_pipeline.defs.training.assets import (
     RUNGS,
+    dev_set,
     ladder_encoders,
     read_training_result,
     rung_model_path,
@@ -22,12 +27,24 @@ from encoder_pipeline.defs.training.assets import (
 from encoder_pipeline.domains import domain_partitions
 from encoder_pipeline.lib import encoders
 from encoder_pipeline.lib.artifacts import ArtifactStore
-from encoder_pipeline.lib.index import build_index, save_index
+from encoder_pipeline.lib.index import RESCORE_MULTIPLIER, build_quantized, save_index
+from encoder_pipeline.lib.sweep import (
+    CHOICE_RULE,
+    QuerySet,
+    choose,
+    latency_queries,
+    points_frame,
+    reference_point,
+    sweep,
+    time_encoding,
+)
 from encoder_pipeline.resources import ArtifactStoreResource, PipelineSettings
 
 GROUP = "serving"
-INDEX_KIND = "sq8"
 CHOICE_FILE = "choice.json"
+SWEEP_FILE = "sweep.json"
+TOP_K = 100  # results per query for nDCG@10 and Recall@100
+SERVED_K = 10  # results per timed query, as served
 
 
 def best_rung(store: ArtifactStore, domain: str) -> tuple[str, dict[str, float]]:
@@ -41,41 +58,145 @@ def read_index_choice(store: ArtifactStore, domain: str) -> dict:
     return json.loads((store.latest(domain, "embedding_index") / CHOICE_FILE).read_text())
 
 
+def read_sweep(store: ArtifactStore, domain: str) -> dict:
+    """index_sweep's `sweep.json`: rung, model_path, revision, latency_queries, points, chosen, rule."""
+    return json.loads((store.latest(domain, "index_sweep") / SWEEP_FILE).read_text())
+
+
 @dg.asset(
     partitions_def=domain_partitions,
     group_name=GROUP,
     kinds={"faiss"},
     owners=["team:retrieval"],
     deps=ladder_encoders,
+    description=(
+        "The best rung's corpus index at every Matryoshka width (384/192/96/48) x precision (fp32, "
+        "fp16, int8 scalar quantizer, binary with int8 or fp32 rescoring, IVF-PQ from 20k vectors): "
+        "nDCG@10 / Recall@100 and the share of fp32 full width they keep, on the dev slice and the "
+        "eval set, every served byte, build time, p50/p95 latency (query encode + search, one query "
+        "at a time, warm, one thread). Picks the smallest configuration meeting the domain's targets "
+        "on the dev slice, never on the eval set."
+    ),
 )
-def embedding_index(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource,
-                    settings: PipelineSettings) -> dg.MaterializeResult:
-    """FAISS int8 scalar-quantizer index of the whole corpus, embedded by the ladder rung with the
-    best dev nDCG@10; refuses to be queried with any other encoder revision."""
+def index_sweep(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource,
+                settings: PipelineSettings) -> dg.MaterializeResult:
     spec = domain_spec(context)
     store = artifacts.store()
     rung, dev_scores = best_rung(store, spec.name)
     model_path = str(rung_model_path(store, spec.name, rung))
     revision = encoders.model_fingerprint(model_path)
     units = read_corpus_units(store, spec.name)
-    vectors = encoders.cached_embeddings(model_path, corpus_texts(units),
-                                         embeddings_cache(store, spec.name),
-                                         bf16=settings.bf16_inference)
-    started = time.perf_counter()
-    index = build_index(vectors, INDEX_KIND)
-    build_seconds = time.perf_counter() - started
-    with publish(context, artifacts, settings, {"kind": INDEX_KIND, "rung": rung},
-                 ["clean_corpus", *RUNGS]) as staging:
-        size = save_index(staging, index, list(units["doc_id"]), list(units["parent_id"]),
-                          list(units["title"]), revision, INDEX_KIND, build_seconds)
-        (staging / CHOICE_FILE).write_text(json.dumps(
-            {"rung": rung, "model_path": model_path, "revision": revision, "dev_ndcg_at_10": dev_scores}))
+    parents, ids, titles = list(units["parent_id"]), list(units["doc_id"]), list(units["title"])
+    corpus_vectors = encoders.cached_embeddings(model_path, corpus_texts(units),
+                                                embeddings_cache(store, spec.name),
+                                                bf16=settings.bf16_inference)
+    model = encoders.load_encoder(model_path)
+
+    def query_set(queries: dict[str, str], qrels: dict[str, dict[str, int]]) -> QuerySet:
+        qids = list(queries)
+        vectors = encoders.encode(model, [queries[q] for q in qids], bf16=settings.bf16_inference)
+        return QuerySet(vectors, qids, qrels)
+
+    # Dev queries search the whole corpus, like served queries; their positives judged at the
+    # document level, as the eval set is.
+    dev = dev_set(store, spec.name, settings.seed)
+    parent_of = dict(zip(ids, parents, strict=True))
+    dev_qrels = {q: {parent_of[d]: 1 for d in docs if d in parent_of} for q, docs in dev.relevant.items()}
+    split = read_eval_split(store, spec.name)
+    query_sets = {"dev": query_set(dev.queries, dev_qrels), "eval": query_set(split.queries, split.qrels)}
+
+    # Timing: distinct queries encoded one at a time with the shipped default backend (fp32, no cache).
+    timing = latency_queries([*dev.queries.values(), *split.queries.values()], titles,
+                             settings.sizes().latency_queries, settings.seed)
+    latency_vectors, encode_ms = time_encoding(
+        lambda q: encoders.encode(model, [q], batch_size=1, bf16=False), timing)
+    context.log.info(f"sweeping {rung} over {len(units)} units; {len(timing)} timed queries")
+    points = sweep(corpus_vectors, query_sets, parents, latency_vectors, encode_ms, ids=ids,
+                   titles=titles, k=TOP_K, latency_k=SERVED_K)
+    full_dim = corpus_vectors.shape[1]
+    chosen, reason = choose(points, spec.targets, full_dim, on="dev")
+    reference = reference_point(points, full_dim)
+    payload = {
+        "rung": rung, "model_path": model_path, "revision": revision, "latency_queries": len(timing),
+        "encode_p50_ms": float(np.percentile(encode_ms, 50)),
+        "encode_p95_ms": float(np.percentile(encode_ms, 95)),
+        "dev_queries": len(dev.queries), "eval_queries": len(split.queries),
+        "rescore_multiplier": RESCORE_MULTIPLIER, "targets": spec.targets.model_dump(),
+        "dev_ndcg_at_10_by_rung": dev_scores,
+        "points": points, "chosen": chosen, "rule": CHOICE_RULE, "reason": reason,
+    }
+    with publish(context, artifacts, settings, {"rung": rung, "top_k": TOP_K},
+                 ["clean_corpus", "eval_set", "heuristic_pairs", *RUNGS]) as staging:
+        (staging / SWEEP_FILE).write_text(json.dumps(payload, indent=2))
     return dg.MaterializeResult(metadata={
         "rung": rung,
         "encoder_revision": revision,
-        "vectors": dg.MetadataValue.int(index.ntotal),
-        "dim": dg.MetadataValue.int(index.d),
+        "sweep": md_table(points_frame(points).round(4)),
+        "chosen": f"{chosen['precision']} at {chosen['dims']} dims",
+        "reason": reason,
+        "chosen_dims": dg.MetadataValue.int(chosen["dims"]),
+        "chosen_mb": dg.MetadataValue.float(chosen["bytes"] / 1e6),
+        "chosen_p95_ms": dg.MetadataValue.float(chosen["p95_ms"]),
+        "chosen_dev_ndcg_at_10": dg.MetadataValue.float(chosen["dev"]["ndcg@10"]),
+        "chosen_eval_ndcg_at_10": dg.MetadataValue.float(chosen["eval"]["ndcg@10"]),
+        "chosen_eval_ndcg_retained": dg.MetadataValue.float(chosen["eval_ndcg_retained"]),
+        "chosen_eval_recall_retained": dg.MetadataValue.float(chosen["eval_recall_retained"]),
+        "fp32_full_mb": dg.MetadataValue.float(reference["bytes"] / 1e6),
+        "compression_vs_fp32": dg.MetadataValue.float(reference["bytes"] / chosen["bytes"]),
+        "encode_p95_ms": dg.MetadataValue.float(payload["encode_p95_ms"]),
+        "points": dg.MetadataValue.int(len(points)),
+        "latency_queries": dg.MetadataValue.int(len(timing)),
+    })
+
+
+@dg.asset(
+    partitions_def=domain_partitions,
+    group_name=GROUP,
+    kinds={"faiss"},
+    owners=["team:retrieval"],
+    deps=[index_sweep],
+)
+def embedding_index(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource,
+                    settings: PipelineSettings) -> dg.MaterializeResult:
+    """The configuration index_sweep chose (Matryoshka width x precision), built over the whole corpus
+    embedded by the ladder rung with the best dev nDCG@10; refuses to be queried with any other
+    encoder revision."""
+    spec = domain_spec(context)
+    store = artifacts.store()
+    swept = read_sweep(store, spec.name)
+    rung, model_path, chosen = swept["rung"], swept["model_path"], swept["chosen"]
+    revision = encoders.model_fingerprint(model_path)
+    if revision != swept["revision"]:
+        raise dg.Failure(f"the encoder at {model_path} is now {revision}, but index_sweep measured "
+                         f"{swept['revision']}: re-materialize index_sweep")
+    units = read_corpus_units(store, spec.name)
+    vectors = encoders.cached_embeddings(model_path, corpus_texts(units),
+                                         embeddings_cache(store, spec.name),
+                                         bf16=settings.bf16_inference)
+    ids, parents, titles = list(units["doc_id"]), list(units["parent_id"]), list(units["title"])
+    started = time.perf_counter()
+    index = build_quantized(vectors, chosen["dims"], chosen["precision"], ids, parents, titles,
+                            rescore_multiplier=swept.get("rescore_multiplier", RESCORE_MULTIPLIER))
+    build_seconds = time.perf_counter() - started
+    dev_scores = swept.get("dev_ndcg_at_10_by_rung", {})
+    with publish(context, artifacts, settings,
+                 {"rung": rung, "dims": chosen["dims"], "precision": chosen["precision"]},
+                 ["clean_corpus", "index_sweep", *RUNGS]) as staging:
+        size = save_index(staging, index, ids, parents, titles, revision, chosen["precision"],
+                          build_seconds)
+        (staging / CHOICE_FILE).write_text(json.dumps({
+            "rung": rung, "model_path": model_path, "revision": revision,
+            "dev_ndcg_at_10": dev_scores, "dims": chosen["dims"], "precision": chosen["precision"],
+            "bytes": size, "sweep_point": chosen, "reason": swept.get("reason", ""),
+        }, indent=2))
+    return dg.MaterializeResult(metadata={
+        "rung": rung,
+        "encoder_revision": revision,
+        "precision": chosen["precision"],
+        "dims": dg.MetadataValue.int(chosen["dims"]),
+        "vectors": dg.MetadataValue.int(index.index.ntotal),
         "index_mb": dg.MetadataValue.float(size / 1e6),
         "build_seconds": dg.MetadataValue.float(build_seconds),
+        "dev_ndcg_at_10_chosen": dg.MetadataValue.float(chosen["dev"]["ndcg@10"]),
         **{f"dev_ndcg_at_10/{r}": dg.MetadataValue.float(s) for r, s in dev_scores.items()},
     })

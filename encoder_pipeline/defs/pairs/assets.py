@@ -316,7 +316,7 @@ def mined_negatives(context: dg.AssetExecutionContext, artifacts: ArtifactStoreR
     train_pairs, _ = read_pairs(store, spec.name)
     pairs = pd.concat([train_pairs[["query", "positive"]],
                        read_synthetic(store, spec.name)[["query", "positive"]]], ignore_index=True)
-    config = MiningConfig(seed=settings.seed)
+    config = MiningConfig(seed=settings.seed, teacher=settings.teacher_model or None)
     teacher = config.teacher or settings.base_model
     # mine_hard_negatives keys its embedding cache by text only: one folder per teacher revision.
     cache = embeddings_cache(store, spec.name) / f"mining-{encoders.model_fingerprint(teacher)}"

@@ -1,0 +1,89 @@
+"""serving_index: the version users search. A copy of the candidate `embedding_index` folder (index
+files, ids, choice.json) plus the report's verdict, published only once the report says it is safe."""
+
+import json
+import shutil
+
+import dagster as dg
+
+from encoder_pipeline.defs.evaluation.assets import (
+    PROMOTION_FILE,
+    SERVING_ASSET,
+    eval_report,
+    read_report,
+    read_served,
+)
+from encoder_pipeline.defs.indexing.assets import CHOICE_FILE
+from encoder_pipeline.defs.shared import publish
+from encoder_pipeline.domains import domain_partitions
+from encoder_pipeline.lib.index import served_bytes
+from encoder_pipeline.resources import ArtifactStoreResource, PipelineSettings
+
+GROUP = "serving"
+NOT_COPIED = {"manifest.json"}  # the new version writes its own
+
+
+@dg.asset(
+    name=SERVING_ASSET,
+    partitions_def=domain_partitions,
+    group_name=GROUP,
+    kinds={"faiss"},
+    owners=["team:retrieval"],
+    deps=[eval_report],
+)
+def serving_index(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource,
+                  settings: PipelineSettings) -> dg.MaterializeResult:
+    """Promote the candidate index: copy the `embedding_index` version the latest report judged
+    (same layout: index files, ids.json.gz, index.json, choice.json) and record the verdict in
+    promotion.json. In a run with `eval_report`, Dagster skips this asset when the blocking
+    `safe_to_promote` check fails; materialized on its own, it refuses a report that is not safe to
+    promote or that judged another `embedding_index` version. The previous version stays on disk
+    (roll back by moving the asset's LATEST pointer)."""
+    domain = context.partition_key
+    store = artifacts.store()
+    report = read_report(store, domain)
+    candidate_version = store.latest_version(domain, "embedding_index")
+    judged_version = store.manifest(domain, "eval_report")["upstream"]["embedding_index"]
+    if judged_version != candidate_version:
+        raise dg.Failure(f"the latest eval_report judged embedding_index {judged_version}, not the "
+                         f"latest {candidate_version}: materialize eval_report first")
+    if not report["promotion"]["safe"]:
+        raise dg.Failure(f"eval_report says not to promote: {report['promotion']['reason']}")
+
+    source = store.latest(domain, "embedding_index")
+    choice = json.loads((source / CHOICE_FILE).read_text())
+    previous = read_served(store, domain)
+    previous_info = ({"version": previous[0].name, "rung": previous[1]["rung"],
+                      "revision": previous[1]["revision"]} if previous else None)
+    promotion = {
+        "embedding_index_version": candidate_version,
+        "eval_report_version": store.latest_version(domain, "eval_report"),
+        "rung": choice["rung"], "revision": choice["revision"],
+        "dims": choice.get("dims"), "precision": choice.get("precision"),
+        "verdict": report["verdict"], "reason": report["promotion"]["reason"],
+        "ndcg@10": report["after"]["ndcg@10"], "p95_ms": report["after"]["p95_ms"],
+        "index_mb": report["after"]["index_mb"], "previous": previous_info,
+    }
+    fingerprint = store.manifest(domain, "embedding_index")["corpus_fingerprint"]
+    with publish(context, artifacts, settings, {"embedding_index": candidate_version},
+                 ["embedding_index", "eval_report"], corpus_fingerprint=fingerprint) as staging:
+        for item in source.iterdir():
+            if item.name in NOT_COPIED:
+                continue
+            if item.is_dir():
+                shutil.copytree(item, staging / item.name)
+            else:
+                shutil.copy2(item, staging / item.name)
+        (staging / PROMOTION_FILE).write_text(json.dumps(promotion, indent=2))
+    published = store.latest(domain, SERVING_ASSET)
+    return dg.MaterializeResult(metadata={
+        "promoted_revision": choice["revision"],
+        "previous_revision": previous_info["revision"] if previous_info else "none",
+        "promoted_version": candidate_version,
+        "previous_version": previous_info["version"] if previous_info else "none",
+        "rung": choice["rung"],
+        "verdict": report["verdict"],
+        "ndcg_at_10": dg.MetadataValue.float(report["after"]["ndcg@10"]),
+        "index_mb": dg.MetadataValue.float(served_bytes(published) / 1e6),
+        "path": dg.MetadataValue.path(str(published)),
+    })

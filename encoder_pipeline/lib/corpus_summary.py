@@ -1,0 +1,121 @@
+"""What a new corpus looks like before anything is built on it: its fields, size, languages and
+lengths, and whether a judged set points at documents it actually has. `encoder-pipeline domain add`
+prints this so that a wrong field mapping or path shows up in seconds, not after a training run."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import daft
+import numpy as np
+import py3langid
+from daft import col
+
+from encoder_pipeline.lib.sources import CorpusError, read_corpus, read_judged
+
+FORMAT_BY_SUFFIX = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".csv": "csv"}
+
+
+def detect_format(location: str) -> str:
+    """beir (a folder with corpus.jsonl), files (any other folder), or the files' suffix."""
+    if "://" not in location and os.path.isdir(location):
+        return "beir" if (Path(location) / "corpus.jsonl").exists() else "files"
+    suffix = Path(location.rstrip("/").split("?", 1)[0]).suffix.lower()
+    if suffix in FORMAT_BY_SUFFIX:
+        return FORMAT_BY_SUFFIX[suffix]
+    raise CorpusError(f"cannot tell the format of {location}: pass --format "
+                      "(beir, jsonl, parquet, csv or files)")
+
+
+def source_fields(fmt: str, location: str) -> list[str]:
+    """The raw field names of a tabular source (what id/title/text fields can map to)."""
+    if fmt in ("files", "python_stdlib"):
+        return []
+    if fmt == "beir":
+        location = location.rstrip("/") + "/corpus.jsonl"
+    reader = {"jsonl": daft.read_json, "parquet": daft.read_parquet, "csv": daft.read_csv}[
+        "jsonl" if fmt == "beir" else fmt]
+    try:
+        return list(reader(location).column_names)
+    except Exception as error:  # Daft raises several exception types for unreadable input
+        raise CorpusError(f"cannot read {location} as {fmt}: {error}") from error
+
+
+@dataclass
+class CorpusSummary:
+    fields: list[str]
+    documents: int
+    empty_documents: int
+    titled_share: float
+    words: dict[str, float]  # percentiles of words per document (p5, p50, p95, max) over the sample
+    languages: list[tuple[str, float]]  # (ISO code, share of the sample), most frequent first
+    sample_size: int
+    judged_queries: int = 0
+    judged_documents: int = 0
+    judged_documents_missing: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        out = [
+            f"fields: {', '.join(self.fields) if self.fields else '(one document per file)'}",
+            f"documents: {self.documents:,} ({self.empty_documents:,} empty); "
+            f"{self.titled_share:.0%} have a title",
+            "words per document (sample of {}): ".format(self.sample_size)
+            + ", ".join(f"{k} {v:,.0f}" for k, v in self.words.items()),
+            "languages (sample): " + ", ".join(f"{code} {share:.0%}" for code, share in self.languages),
+        ]
+        if self.judged_queries:
+            out.append(f"judged set: {self.judged_queries:,} queries over {self.judged_documents:,} "
+                       f"documents, {self.judged_documents_missing:,} of them missing from the corpus")
+        return out + [f"warning: {w}" for w in self.warnings]
+
+
+def summarize_corpus(fmt: str, location: str, id_field: str = "_id", title_field: str = "title",
+                     text_field: str = "text", judged: str | None = None, sample: int = 500,
+                     seed: int = 0) -> CorpusSummary:
+    """Read the corpus as the pipeline will (same readers, same field mapping) and describe it.
+
+    Counting streams through Daft; only `sample` documents are pulled into memory for lengths and
+    language identification (py3langid).
+    """
+    frame = read_corpus(fmt, location, id_field, title_field, text_field)
+    stats = frame.agg(
+        col("doc_id").count().alias("documents"),
+        (col("text").length() == 0).cast(daft.DataType.int64()).sum().alias("empty"),
+        (col("title").length() > 0).cast(daft.DataType.int64()).sum().alias("titled"),
+    ).to_pydict()
+    documents = int(stats["documents"][0] or 0)
+    if documents == 0:
+        raise CorpusError(f"the corpus at {location} has no documents")
+    rows = frame.limit(max(sample * 4, sample)).to_pandas()
+    if len(rows) > sample:
+        rows = rows.sample(sample, random_state=seed)
+    texts = (rows["title"].fillna("") + " " + rows["text"].fillna("")).str.strip()
+    lengths = texts.str.split().str.len().fillna(0).to_numpy()
+    words = {name: float(np.percentile(lengths, q)) for name, q in (("p5", 5), ("p50", 50), ("p95", 95))}
+    words["max"] = float(lengths.max()) if len(lengths) else 0.0
+    codes = Counter(py3langid.classify(text[:2000])[0] for text in texts if text)
+    total = sum(codes.values()) or 1
+    summary = CorpusSummary(
+        fields=source_fields(fmt, location), documents=documents,
+        empty_documents=int(stats["empty"][0] or 0), titled_share=int(stats["titled"][0] or 0) / documents,
+        words=words, languages=[(code, n / total) for code, n in codes.most_common(3)],
+        sample_size=len(rows),
+    )
+    if summary.empty_documents > documents / 2:
+        summary.warnings.append(f"most documents have empty text: is '{text_field}' the right field?")
+    if words["p50"] > 400:
+        summary.warnings.append("documents are long (median > 400 words): set unit.max_words to chunk them")
+    if judged:
+        queries, qrels = read_judged(judged)
+        wanted = sorted({doc for rels in qrels.values() for doc in rels})
+        found = frame.where(col("doc_id").is_in(wanted)).select("doc_id").distinct().count_rows()
+        summary.judged_queries, summary.judged_documents = len(queries), len(wanted)
+        summary.judged_documents_missing = len(wanted) - found
+        if found < len(wanted):
+            summary.warnings.append(f"{len(wanted) - found} judged documents are not in the corpus "
+                                    f"(id field '{id_field}'?)")
+    return summary

@@ -1,0 +1,246 @@
+"""Index configurations (Matryoshka width x precision), served bytes, encoder binding, the sweep on a
+small real corpus (Gene Ontology terms and their judged queries) and the rule that picks a point."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import SHARED_CORPORA
+
+from encoder_pipeline.lib import encoders
+from encoder_pipeline.lib.index import (
+    IVFPQ_MIN_VECTORS,
+    MATRYOSHKA_DIMS,
+    PRECISIONS,
+    EncoderMismatch,
+    build_quantized,
+    index_configs,
+    ivfpq_params,
+    load_index,
+    read_id_map,
+    save_index,
+    served_bytes,
+    sweep_dims,
+    truncate,
+    vector_bytes,
+)
+from encoder_pipeline.lib.sweep import (
+    QuerySet,
+    choose,
+    latency_queries,
+    points_frame,
+    sweep,
+    time_encoding,
+)
+
+GO = SHARED_CORPORA / "biomedical" / "gene_ontology"
+KNOWN_QUERY = "goq1"  # "(+)-kotanin biosynthesis" -> GO:1900596
+SMALL = [p for p in PRECISIONS if p != "ivfpq"]
+
+
+@pytest.fixture(scope="module")
+def go(base_model):
+    """~300 GO terms (the 60 judged ones plus the file's first terms), embedded by the base model."""
+    if not GO.exists():
+        pytest.skip(f"no Gene Ontology sample at {GO}")
+    qrels: dict[str, dict[str, int]] = {}
+    for line in (GO / "qrels" / "dev.tsv").read_text().splitlines()[1:]:
+        query, doc, score = line.split("\t")
+        qrels.setdefault(query, {})[doc] = int(score)
+    qids = list(qrels)[:60]
+    assert KNOWN_QUERY in qids
+    wanted = {d for q in qids for d in qrels[q]}
+    queries = {}
+    for line in (GO / "queries.jsonl").open():
+        row = json.loads(line)
+        if row["_id"] in qids:
+            queries[row["_id"]] = row["text"]
+    docs = []
+    with (GO / "corpus.jsonl").open() as lines:
+        for number, line in enumerate(lines):
+            row = json.loads(line)
+            if row["_id"] in wanted or number < 240:
+                docs.append(row)
+    ids = [d["_id"] for d in docs]
+    corpus = encoders.encode(base_model, encoders.document_texts([d["title"] for d in docs],
+                                                                 [d["text"] for d in docs]), bf16=False)
+    query_vectors = encoders.encode(base_model, [queries[q] for q in qids], bf16=False)
+    return {"ids": ids, "titles": [d["title"] for d in docs], "corpus": corpus, "qids": qids,
+            "queries": queries, "query_vectors": query_vectors, "qrels": {q: qrels[q] for q in qids}}
+
+
+def test_configurations_offered():
+    assert MATRYOSHKA_DIMS == (384, 192, 96, 48)
+    assert sweep_dims(384) == [384, 192, 96, 48]
+    assert sweep_dims(128) == [128, 96, 48]
+    assert sweep_dims(768)[0] == 768
+    small = index_configs(384, IVFPQ_MIN_VECTORS - 1)
+    assert {c.precision for c in small} == set(SMALL) and len(small) == 4 * len(SMALL)
+    assert {c.precision for c in index_configs(384, IVFPQ_MIN_VECTORS)} == set(PRECISIONS)
+    assert not [c for c in index_configs(100, 10, dims=[100, 50]) if c.precision.startswith("binary")
+                and c.dims % 8]
+    params = ivfpq_params(40_000, 96)
+    assert params["nlist"] == 200 and 96 % params["m"] == 0 and 1 <= params["nprobe"] <= params["nlist"]
+    with pytest.raises(ValueError, match="unknown precision"):
+        index_configs(384, 10, precisions=["int4"])
+
+
+def test_truncation_renormalizes():
+    vectors = np.random.default_rng(0).normal(size=(5, 384)).astype(np.float32)
+    short = truncate(vectors, 48)
+    assert short.shape == (5, 48)
+    np.testing.assert_allclose(np.linalg.norm(short, axis=1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dims", [384, 96])
+@pytest.mark.parametrize("precision", SMALL)
+def test_every_precision_finds_the_known_document(go, tmp_path, dims, precision):
+    index = build_quantized(go["corpus"], dims, precision, go["ids"], go["ids"], go["titles"])
+    save_index(tmp_path, index, go["ids"], go["ids"], go["titles"], "rev-a", precision, 0.0)
+    loaded = load_index(tmp_path, "rev-a")
+    assert loaded.info["dims"] == dims and loaded.info["precision"] == precision
+    # Full-width queries, as the encoder outputs them: truncation happens inside.
+    hits = loaded.search(go["query_vectors"], 10)
+    row, score = hits[go["qids"].index(KNOWN_QUERY)][0]
+    assert go["ids"][row] in go["qrels"][KNOWN_QUERY]
+    assert "kotanin" in loaded.titles[row]
+    assert 0.3 < score <= 1.05 and len(hits[0]) == 10
+    assert [s for _, s in hits[0]] == sorted((s for _, s in hits[0]), reverse=True)
+
+
+def test_served_bytes_count_every_file(go, tmp_path):
+    sizes, vectors = {}, {}
+    for dims, precision in [(384, "fp32"), (384, "fp16"), (384, "int8"), (384, "binary+int8"),
+                            (384, "binary+fp32"), (96, "int8")]:
+        folder = tmp_path / f"{precision}{dims}"
+        index = build_quantized(go["corpus"], dims, precision)
+        sizes[precision, dims] = save_index(folder, index, go["ids"], go["ids"], go["titles"], "r",
+                                            precision)
+        vectors[precision, dims] = vector_bytes(folder)
+        id_map = (folder / "ids.json.gz").stat().st_size + (folder / "index.json").stat().st_size
+        assert sizes[precision, dims] == served_bytes(folder) == vectors[precision, dims] + id_map
+    n = len(go["ids"])
+    fp32 = vectors["fp32", 384]
+    assert fp32 >= n * 384 * 4
+    assert vectors["fp16", 384] == pytest.approx(fp32 / 2, rel=0.05)
+    assert vectors["int8", 384] == pytest.approx(fp32 / 4, rel=0.05)
+    assert vectors["int8", 96] == pytest.approx(fp32 / 16, rel=0.1)
+    # Binary serves its sign bits and the vectors it rescores with: both are counted.
+    assert vectors["binary+int8", 384] == pytest.approx(vectors["int8", 384] + n * 384 // 8, rel=0.05)
+    assert vectors["binary+fp32", 384] > fp32
+    assert (tmp_path / "binary+int8384" / "rescore.faiss").exists()
+
+
+def test_index_refuses_another_encoder(go, tmp_path):
+    index = build_quantized(go["corpus"], 192, "binary+int8")
+    save_index(tmp_path, index, go["ids"], go["ids"], go["titles"], "rev-a", "binary+int8", 0.1)
+    assert load_index(tmp_path, "rev-a").index.ntotal == len(go["ids"])
+    with pytest.raises(EncoderMismatch, match="rev-a"):
+        load_index(tmp_path, "rev-b")
+
+
+def test_id_map_round_trip_stores_each_parent_once(tmp_path):
+    vectors = truncate(np.random.default_rng(1).normal(size=(6, 16)), 16)
+    ids = ["a#0", "a#1", "b", "c#0", "c#1", "c#2"]
+    parents = ["a", "a", "b", "c", "c", "c"]
+    titles = ["A", "A", "B", "C", "C", "C"]
+    for folder, rows in ((tmp_path / "chunked", parents), (tmp_path / "whole", ids)):
+        save_index(folder, build_quantized(vectors, 16, "fp32"), ids, rows, titles, "r")
+        loaded = load_index(folder, "r")
+        assert (loaded.ids, loaded.parents, loaded.titles) == (ids, rows, titles)
+    assert read_id_map(tmp_path / "whole")["parents"] is None
+    assert read_id_map(tmp_path / "chunked")["parent_ids"] == ["a", "b", "c"]
+
+
+def test_ivfpq_on_a_large_clustered_corpus():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(200, 64))
+    n = IVFPQ_MIN_VECTORS
+    vectors = centres[rng.integers(0, 200, n)] + 0.5 * rng.normal(size=(n, 64))
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+    index = build_quantized(vectors, 64, "ivfpq")
+    assert index.info["nlist"] == round(IVFPQ_MIN_VECTORS ** 0.5) and index.index.nprobe > 1
+    hits = index.search(vectors[:200], 10)
+    assert np.mean([any(r == i for r, _ in h) for i, h in enumerate(hits)]) > 0.9
+
+
+def test_sweep_on_a_real_corpus(go, base_model):
+    qids, qv, qrels = go["qids"], go["query_vectors"], go["qrels"]
+    timing = latency_queries([go["queries"][q] for q in qids[:20]], go["titles"], 30, seed=0)
+    assert len(timing) == len(set(timing)) == 30
+    latency_vectors, encode_ms = time_encoding(
+        lambda q: encoders.encode(base_model, [q], batch_size=1, bf16=False), timing)
+    sets = {"dev": QuerySet(qv[:30], qids[:30], {q: qrels[q] for q in qids[:30]}),
+            "eval": QuerySet(qv[30:], qids[30:], {q: qrels[q] for q in qids[30:]})}
+    points = sweep(go["corpus"], sets, go["ids"], latency_vectors, encode_ms, titles=go["titles"])
+    by = {(p["dims"], p["precision"]): p for p in points}
+    assert set(by) == {(d, p) for d in MATRYOSHKA_DIMS for p in SMALL}  # no IVF-PQ below 20k vectors
+    reference = by[384, "fp32"]
+    assert reference["dev_ndcg_retained"] == reference["eval_recall_retained"] == 1.0
+    assert reference["eval"]["ndcg@10"] > 0.5
+    for point in points:
+        assert 0 < point["search_p50_ms"] <= point["search_p95_ms"]
+        assert point["p50_ms"] >= np.percentile(encode_ms, 50) * 0.5 and point["p95_ms"] >= point["p50_ms"]
+        assert point["bytes"] > point["vector_bytes"] > 0 and point["build_seconds"] >= 0
+    # Quantizing the full width loses next to nothing; every binary point is rescored to near int8.
+    assert by[384, "int8"]["eval_ndcg_retained"] > 0.97
+    assert by[384, "binary+int8"]["eval_ndcg_retained"] > 0.95
+    assert by[48, "int8"]["bytes"] < by[384, "int8"]["bytes"] < reference["bytes"]
+    table = points_frame(points)
+    assert len(table) == len(points) and "eval nDCG kept" in table.columns
+    chosen, why = choose(points, {"ndcg_at_10": 0.0, "p95_latency_ms": 1e6, "index_mb": 1e6}, 384)
+    keeping = [p for p in points if p["dev"]["ndcg@10"] >= 0.95 * reference["dev"]["ndcg@10"]]
+    assert chosen["bytes"] == min(p["bytes"] for p in keeping) and "every target" in why
+
+
+def _point(dims, precision, mb, p95, ndcg):
+    return {"dims": dims, "precision": precision, "name": f"{precision}@{dims}", "bytes": int(mb * 1e6),
+            "p95_ms": p95, "dev": {"ndcg@10": ndcg}, "eval": {"ndcg@10": 0.99}}
+
+
+POINTS = [
+    _point(384, "fp32", 4.0, 9.0, 0.70),
+    _point(384, "int8", 1.0, 9.0, 0.69),
+    _point(96, "int8", 0.3, 8.0, 0.60),
+    _point(192, "binary+int8", 0.9, 20.0, 0.69),
+]
+
+
+@pytest.mark.parametrize(("targets", "expected", "why"), [
+    # 1. Every target met: the smallest such point.
+    ({"ndcg_at_10": 0.65, "p95_latency_ms": 15, "index_mb": 5}, ("int8", 384), "every target"),
+    ({"ndcg_at_10": 0.55, "p95_latency_ms": 25, "index_mb": 5}, ("binary+int8", 192), "every target"),
+    # 2. The quality target out of reach: the best dev nDCG within size and latency.
+    ({"ndcg_at_10": 0.9, "p95_latency_ms": 15, "index_mb": 5}, ("fp32", 384), "reaches"),
+    ({"ndcg_at_10": 0.9, "p95_latency_ms": 15, "index_mb": 2}, ("int8", 384), "reaches"),
+    # 3. Latency out of reach within the size: the smallest meeting nDCG, else the best nDCG.
+    ({"ndcg_at_10": 0.65, "p95_latency_ms": 1, "index_mb": 5}, ("binary+int8", 192), "p95"),
+    ({"ndcg_at_10": 0.5, "p95_latency_ms": 1, "index_mb": 5}, ("binary+int8", 192), "p95"),
+    ({"ndcg_at_10": 0.9, "p95_latency_ms": 1, "index_mb": 5}, ("fp32", 384), "none reaches"),
+    # 4. Nothing fits the size: the exact reference.
+    ({"ndcg_at_10": 0.5, "p95_latency_ms": 15, "index_mb": 0.1}, ("fp32", 384), "no configuration fits"),
+])
+def test_choose(targets, expected, why):
+    chosen, reason = choose(POINTS, targets, full_dim=384)
+    assert (chosen["precision"], chosen["dims"]) == expected and why in reason
+
+
+def test_choose_keeps_95_percent_of_the_uncompressed_quality():
+    # int8@96 meets every target but keeps 0.60 / 0.70 = 86% of fp32: not a candidate
+    targets = {"ndcg_at_10": 0.55, "p95_latency_ms": 15, "index_mb": 5}
+    assert choose(POINTS, targets, 384)[0]["name"] == "int8@384"
+    assert choose(POINTS, targets, 384, min_retained=0.8)[0]["name"] == "int8@96"
+
+
+def test_choose_reads_dev_never_eval():
+    points = [_point(384, "fp32", 4.0, 9.0, 0.50), {**_point(96, "int8", 0.3, 8.0, 0.40),
+                                                   "eval": {"ndcg@10": 0.95}}]
+    chosen, _ = choose(points, {"ndcg_at_10": 0.45, "p95_latency_ms": 15, "index_mb": 5}, 384)
+    assert chosen["precision"] == "fp32"
+
+
+def test_choose_accepts_a_domain_spec_targets():
+    from encoder_pipeline.domains import Targets
+
+    targets = Targets(ndcg_at_10=0.65, p95_latency_ms=15, index_mb=5, usd_per_1k_queries=0.001)
+    assert choose(POINTS, targets, 384)[0]["name"] == "int8@384"

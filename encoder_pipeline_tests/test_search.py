@@ -1,0 +1,153 @@
+"""Serving, on a real tiny `code` build: the search CLI and Python API, export with a model card, and
+the ONNX int8 query encoder (skipped when onnx / onnxruntime are not installed)."""
+
+import json
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import pytest
+
+from encoder_pipeline import cli
+from encoder_pipeline.definitions import defs
+from encoder_pipeline.domains import domain_partitions
+from encoder_pipeline.lib import encoders
+from encoder_pipeline.lib.artifacts import ArtifactStore
+from encoder_pipeline.lib.index import load_index
+from encoder_pipeline.lib.search import DomainNotBuilt, Hit, Searcher, served_index
+from encoder_pipeline.resources import ArtifactStoreResource, LLMResource, PipelineSettings
+
+
+@pytest.fixture(scope="module")
+def built(tiny_code_run) -> ArtifactStore:
+    """The session's tiny `code` build (conftest)."""
+    result, store = tiny_code_run
+    assert result.success
+    return store
+
+
+@pytest.fixture
+def home(built, monkeypatch) -> ArtifactStore:
+    """The CLI reads the artifact root from ENCODER_PIPELINE_HOME."""
+    monkeypatch.setenv("ENCODER_PIPELINE_HOME", str(built.root))
+    return built
+
+
+@pytest.fixture(scope="module")
+def known(built) -> tuple[str, str]:
+    """A query with a known answer: a function's docstring summary (a structural training pair) and
+    the function's id."""
+    pairs = pd.read_parquet(built.latest("code", "heuristic_pairs") / "pairs.parquet")
+    row = pairs.sort_values("doc_id").iloc[0]
+    return str(row["query"]), str(row["doc_id"])
+
+
+def test_search_cli_returns_the_known_document(home, known, capsys):
+    query, doc_id = known
+    assert cli.main(["search", "--domain", "code", query, "-k", "3", "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert [h["rank"] for h in payload["hits"]] == [1, 2, 3]
+    assert doc_id in [h["id"] for h in payload["hits"]]
+    scores = [h["score"] for h in payload["hits"]]
+    assert scores == sorted(scores, reverse=True)
+    assert payload["served"]["revision"] == served_index("code", home).revision
+
+    assert cli.main(["search", "--domain", "code", *query.split(), "-k", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["rank", "score", "id", "title"]
+    assert len(lines) == 5 and any(line.split()[2] == doc_id for line in lines[2:])
+
+
+def test_search_api_agrees_with_the_report(built, known):
+    searcher = Searcher.for_domain("code", built)
+    query, doc_id = known
+    hits = searcher.search(query, k=5)
+    assert len(hits) == 5 and all(isinstance(h, Hit) for h in hits)
+    assert doc_id in [h.id for h in hits[:3]]
+    assert hits[0].title and hits[0].parent_id
+    # Held-out eval queries: the hit rate at 10 is the report's Recall@10 for the served index (one
+    # relevant function per query), up to bf16-vs-fp32 query encoding flipping a near tie or two.
+    split = json.loads((built.latest("code", "eval_set") / "eval_set.json").read_text())
+    qids = list(split["queries"])
+    results = searcher.search_many([split["queries"][q] for q in qids], k=10)
+    found = np.mean([bool(set(split["qrels"][q]) & {h.parent_id for h in hits})
+                     for q, hits in zip(qids, results, strict=True)])
+    report = json.loads((built.latest("code", "eval_report") / "report.json").read_text())
+    assert found == pytest.approx(report["after"]["recall@10"], abs=0.1)
+
+
+def test_search_names_the_command_for_an_unbuilt_domain(home, capsys):
+    assert cli.main(["search", "--domain", "web_qa", "what is a decorator"]) == 2
+    assert "encoder-pipeline materialize --domain web_qa" in capsys.readouterr().err
+    with pytest.raises(DomainNotBuilt, match="built here: code"):
+        Searcher.for_domain("web_qa", home)
+
+
+def test_serving_index_is_preferred_and_a_moved_root_still_loads(built, known, tmp_path):
+    """`serving_index` wins over `embedding_index` when published; a model path recorded under an
+    old artifact root is found again under the store's root."""
+    import shutil
+
+    served = served_index("code", built)
+    rung_dir = served.model_path.parent
+    store = ArtifactStore(tmp_path / "moved")
+    moved_model = store.root / "code" / rung_dir.parent.name / rung_dir.name / "model"
+    moved_model.parent.mkdir(parents=True)
+    moved_model.symlink_to(served.model_path, target_is_directory=True)
+    for asset, model_path in (("embedding_index", "/nowhere/model"),
+                              ("serving_index", f"/old/root/{moved_model.relative_to(store.root)}")):
+        folder = store.asset_dir("code", asset) / "v1"
+        shutil.copytree(served.index_dir, folder)
+        (folder / "choice.json").write_text(json.dumps({**served.choice, "model_path": model_path}))
+        (store.asset_dir("code", asset) / "LATEST").write_text("v1")
+    searcher = Searcher.for_domain("code", store)
+    assert searcher.served.asset == "serving_index" and searcher.served.model_path == moved_model
+    assert known[1] in [h.id for h in searcher.search(known[0], k=3)]
+
+
+def test_export_writes_a_loadable_model_with_a_card(home, known, tmp_path, capsys):
+    from sentence_transformers import SentenceTransformer
+
+    out = tmp_path / "code-encoder"
+    assert cli.main(["export", "--domain", "code", "--out", str(out)]) == 0
+    assert str(out) in capsys.readouterr().out
+    card = (out / "README.md").read_text()
+    assert "all-MiniLM-L6-v2" in card and "nDCG@10" in card and "PSF" in card
+    report = json.loads((home.latest("code", "eval_report") / "report.json").read_text())
+    assert f"{report['after']['ndcg@10']:.4f}" in card and report["verdict"] in card
+
+    served = served_index("code", home)
+    exported = SentenceTransformer(str(out), device="cpu")
+    query, _ = known
+    original = encoders.encode(encoders.load_encoder(str(served.model_path)), [query], bf16=False)
+    assert np.allclose(encoders.encode(exported, [query], bf16=False), original, atol=1e-5)
+    # The same revision as the served index: the index accepts the exported folder.
+    assert load_index(served.index_dir, encoders.model_fingerprint(str(out))).index.ntotal > 0
+    assert cli.main(["export", "--domain", "code", "--out", str(out)]) == 2  # no silent overwrite
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_onnx_int8_query_encoder_matches_torch(built, known, tmp_path):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    served = served_index("code", built)
+    split = json.loads((built.latest("code", "eval_set") / "eval_set.json").read_text())
+    queries = list(split["queries"].values())[:20] + [known[0]]
+    torch_model = encoders.load_encoder(str(served.model_path))
+    onnx_model = encoders.load_encoder(str(served.model_path), backend="onnx-int8", onnx_cache=tmp_path)
+    reference = encoders.encode(torch_model, queries, bf16=False)
+    quantized = encoders.encode(onnx_model, queries, bf16=False)
+    one_by_one = np.vstack([encoders.encode(onnx_model, [q], batch_size=1) for q in queries])
+    assert quantized.shape == one_by_one.shape == reference.shape
+    # One query at a time (as served) and batched: dynamic quantization scales activations per
+    # batch, so the two differ slightly, and both stay close to the torch embedding.
+    for vectors in (one_by_one, quantized):
+        cosine = np.sum(vectors * reference, axis=1)
+        assert cosine.mean() > 0.98 and cosine.min() > 0.97
+    # Exported once, into the cache folder keyed by the model's revision; loaded from there after.
+    exported = sorted(tmp_path.rglob("*.onnx"))
+    assert {p.name for p in exported} == {encoders.ONNX_FILE, encoders.ONNX_INT8_FILE}
+    assert exported[0].parent.parent.name == served.revision
+    searcher = Searcher.for_domain("code", built, backend="onnx-int8", onnx_cache=tmp_path)
+    assert known[1] in [h.id for h in searcher.search(known[0], k=3)]
+    assert sorted(tmp_path.rglob("*.onnx")) == exported and searcher.encoder is onnx_model
