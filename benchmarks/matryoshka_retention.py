@@ -30,7 +30,7 @@ def main() -> None:
     full = encoders.load_encoder(encoders.DEFAULT_BASE_MODEL).get_sentence_embedding_dimension()
     dims = [full, full // 2, full // 4]
     rows = [("off-the-shelf", encoders.DEFAULT_BASE_MODEL)]
-    print(f"| model | " + " | ".join(f"nDCG@10 @{d}" for d in dims) + " | kept at 1/4 |")
+    print("| model | " + " | ".join(f"nDCG@10 @{d}" for d in dims) + " | kept at 1/4 |")
     print("|---|" + "---|" * (len(dims) + 1))
     with tempfile.TemporaryDirectory() as work:
         for weight in args.gor:

@@ -8,9 +8,9 @@ import pytest
 
 from encoder_pipeline.definitions import defs
 from encoder_pipeline.domains import domain_partitions
-from encoder_pipeline.lib.artifacts import ArtifactStore
 from encoder_pipeline.lib.index import EncoderMismatch, load_index
 from encoder_pipeline.resources import ArtifactStoreResource, LLMResource, PipelineSettings
+from encoder_pipeline_tests.conftest import TINY_RUN_CONFIG
 
 ALL_ASSETS = {
     "clean_corpus", "eval_set", "heuristic_pairs", "synthetic_queries", "mined_negatives",
@@ -42,7 +42,7 @@ def test_no_training_row_touches_the_eval_set(tiny_code_run):
 
 
 def test_synthetic_queries_are_real_generations(tiny_code_run):
-    result, store = tiny_code_run
+    result, _ = tiny_code_run
     event = next(e for e in result.get_asset_materialization_events()
                  if e.asset_key.to_user_string() == "synthetic_queries")
     metadata = event.materialization.metadata
@@ -156,7 +156,8 @@ def test_a_second_promotion_compares_with_what_is_served(tiny_code_run):
     instance.add_dynamic_partitions(domain_partitions.name, ["code"])
     assets = [a for a in defs.assets if isinstance(a, dg.AssetsDefinition)
               and {k.to_user_string() for k in a.keys} & {"eval_report", "serving_index"}]
-    again = dg.materialize(assets, instance=instance, partition_key="code", resources={
+    again = dg.materialize(assets, instance=instance, partition_key="code", run_config=TINY_RUN_CONFIG,
+                           resources={
         "artifacts": ArtifactStoreResource(root=str(store.root)),
         "settings": PipelineSettings(profile="tiny"),
         "llm": LLMResource(),

@@ -4,7 +4,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from encoder_pipeline.definitions import defs
 
 ROOT = Path(__file__).resolve().parents[1]

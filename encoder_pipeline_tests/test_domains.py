@@ -2,10 +2,10 @@
 
 import dagster as dg
 import pytest
+from spec_files import write_spec
 
 from encoder_pipeline.domains import SpecError, domain_names, load_domain, load_spec
 from encoder_pipeline.lib.sources import CorpusError, read_corpus
-from spec_files import write_spec
 
 BUILT_INS = ("code", "web_qa", "legal", "biomedical")
 

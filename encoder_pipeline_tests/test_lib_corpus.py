@@ -118,6 +118,7 @@ def test_sample_keeps_protected_ids():
 
 def test_beir_corpus_reads_with_judged_docs(tmp_path):
     from conftest import SHARED_CORPORA
+
     from encoder_pipeline.lib.sources import read_judged
 
     location = SHARED_CORPORA / "web_qa" / "python_docs"

@@ -3,15 +3,15 @@
 import pytest
 
 from encoder_pipeline.lib.queries import (
-    RelabelConfig,
-    judge_prompt,
-    parse_choice,
-    relabel,
     PromptSpec,
+    RelabelConfig,
     build_prompts,
     copies_passage,
     dedupe_queries,
+    judge_prompt,
+    parse_choice,
     parse_query,
+    relabel,
 )
 
 PASSAGE = ("def parse_date(text):\n    year, month, day = text.split('-')\n"

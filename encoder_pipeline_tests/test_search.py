@@ -3,19 +3,15 @@ the ONNX int8 query encoder (skipped when onnx / onnxruntime are not installed).
 
 import json
 
-import dagster as dg
 import numpy as np
 import pandas as pd
 import pytest
 
 from encoder_pipeline import cli
-from encoder_pipeline.definitions import defs
-from encoder_pipeline.domains import domain_partitions
 from encoder_pipeline.lib import encoders
 from encoder_pipeline.lib.artifacts import ArtifactStore
 from encoder_pipeline.lib.index import load_index
 from encoder_pipeline.lib.search import DomainNotBuilt, Hit, Searcher, served_index
-from encoder_pipeline.resources import ArtifactStoreResource, LLMResource, PipelineSettings
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import json
 
 import dagster as dg
 import pytest
+from spec_files import write_spec
 
 from encoder_pipeline.defs.domains.sensors import (
     corpus_change_sensor,
@@ -13,7 +14,7 @@ from encoder_pipeline.defs.domains.sensors import (
     weekly_retrain_schedule,
 )
 from encoder_pipeline.domains import domain_partitions
-from spec_files import write_spec
+
 
 @pytest.fixture
 def domains(tmp_path, monkeypatch):

@@ -6,12 +6,12 @@ import threading
 
 import dagster as dg
 import pytest
+from test_lib_llm import FAKE_KEY, FakeOpenAIServer
 
 from encoder_pipeline.definitions import defs
 from encoder_pipeline.domains import domain_partitions
 from encoder_pipeline.paths import project_root
 from encoder_pipeline.resources import ArtifactStoreResource, LLMResource, PipelineSettings
-from test_lib_llm import FAKE_KEY, FakeOpenAIServer
 
 UPSTREAM = ["clean_corpus", "eval_set", "heuristic_pairs", "synthetic_queries"]
 

@@ -61,9 +61,9 @@ class CorpusSummary:
     def lines(self) -> list[str]:
         out = [
             f"fields: {', '.join(self.fields) if self.fields else '(one document per file)'}",
-            f"documents: {self.documents:,} ({self.empty_documents:,} empty); "
-            f"{self.titled_share:.0%} have a title",
-            "words per document (sample of {}): ".format(self.sample_size)
+            (f"documents: {self.documents:,} ({self.empty_documents:,} empty); "
+             f"{self.titled_share:.0%} have a title"),
+            f"words per document (sample of {self.sample_size}): "
             + ", ".join(f"{k} {v:,.0f}" for k, v in self.words.items()),
             "languages (sample): " + ", ".join(f"{code} {share:.0%}" for code, share in self.languages),
         ]

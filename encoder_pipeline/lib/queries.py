@@ -142,7 +142,9 @@ class CachedGenerator:
         self.cache = ResponseCache(cache_dir)
         self.params = params
 
-    @daft.method.batch(return_dtype=COMPLETION_DTYPE, batch_size=16, unnest=True)
+    # 64 prompts per call: the local backend sorts them by length into its generate batches (less
+    # padding); the cache is written per call, so a crash loses at most one call's generations.
+    @daft.method.batch(return_dtype=COMPLETION_DTYPE, batch_size=64, unnest=True)
     def generate(self, prompts: daft.Series) -> list[dict | None]:
         report = generate_cached(self.backend, self.cache, prompts.to_pylist(), self.params)
         return [None if c is None else {"text": c.text, "prompt_tokens": c.prompt_tokens,

@@ -118,8 +118,8 @@ def read_python_stdlib(exclude: list[str]) -> list[dict]:
 class _HTMLText(html.parser.HTMLParser):
     """Visible text of an HTML page, one line per block; headings kept as their own lines."""
 
-    SKIPPED = {"script", "style", "noscript", "template"}
-    BLOCKS = {"p", "div", "li", "br", "tr", "section", "article", "h1", "h2", "h3", "h4", "h5", "h6"}
+    SKIPPED = frozenset({"script", "style", "noscript", "template"})
+    BLOCKS = frozenset({"p", "div", "li", "br", "tr", "section", "article", "h1", "h2", "h3", "h4", "h5", "h6"})
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)

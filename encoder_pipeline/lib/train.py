@@ -41,11 +41,11 @@ from sentence_transformers import (
     SentenceTransformerTrainer,
     SentenceTransformerTrainingArguments,
 )
-from sentence_transformers.sentence_transformer.modules import Dense, Normalize
-from torch import nn
 from sentence_transformers.evaluation import InformationRetrievalEvaluator
+from sentence_transformers.sentence_transformer.modules import Dense, Normalize
 from sentence_transformers.training_args import BatchSamplers
 from sentence_transformers.util import cos_sim
+from torch import nn
 from transformers import TrainerCallback
 
 from encoder_pipeline.lib.encoders import load_encoder, model_fingerprint

@@ -16,7 +16,8 @@ from encoder_pipeline.defs.shared import (
     write_eval_split,
 )
 from encoder_pipeline.domains import DomainSpec, domain_partitions
-from encoder_pipeline.lib.corpus import CleaningConfig, clean_corpus as clean
+from encoder_pipeline.lib.corpus import CleaningConfig
+from encoder_pipeline.lib.corpus import clean_corpus as clean
 from encoder_pipeline.lib.pairs import held_out_split, judged_split, sample_judged
 from encoder_pipeline.lib.sources import CorpusError, read_corpus, read_judged
 from encoder_pipeline.resources import ArtifactStoreResource, PipelineSettings

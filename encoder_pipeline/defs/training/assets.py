@@ -17,7 +17,13 @@ from encoder_pipeline.defs.pairs.assets import (
     read_synthetic,
     synthetic_queries,
 )
-from encoder_pipeline.defs.shared import corpus_texts, domain_spec, publish, read_corpus_units, read_eval_split
+from encoder_pipeline.defs.shared import (
+    corpus_texts,
+    domain_spec,
+    publish,
+    read_corpus_units,
+    read_eval_split,
+)
 from encoder_pipeline.domains import domain_partitions
 from encoder_pipeline.lib.artifacts import ArtifactStore
 from encoder_pipeline.lib.encoders import model_fingerprint
