@@ -52,9 +52,17 @@ def test_sibling_paragraphs_under_one_heading_are_judged_together():
         "title": ["Article 17 right to erasure", "Article 17 right to erasure",
                   "Article 20 data portability", "Article 21 right to object"],
         "text": ["p. 1 erase", "p. 2 exceptions", "p. 1 port", "p. 1 object"], "anchor": ""})
-    split = held_out_split(units, "title", num_queries=3, seed=0)
+    split = held_out_split(units, "title", num_queries=3, seed=0, max_fraction=1.0)
     assert len(split.queries) == 3
     erasure = next(q for q, text in split.queries.items() if "erasure" in text)
     assert split.qrels[erasure] == {"a1": 1, "a2": 1}
     assert split.eval_doc_ids == {"a1", "a2", "b1", "c1"}
     assert extract_pairs(units, "title", split.eval_doc_ids).empty
+
+
+def test_held_out_queries_leave_most_structure_for_training():
+    units = pd.DataFrame({"doc_id": [f"d{i}" for i in range(20)], "parent_id": [f"d{i}" for i in range(20)],
+                          "title": [f"Article {i} on topic number {i}" for i in range(20)],
+                          "text": "body", "anchor": ""})
+    split = held_out_split(units, "title", num_queries=300, seed=0)
+    assert len(split.queries) == 6  # 30% of 20 distinct headings, however many were asked for
