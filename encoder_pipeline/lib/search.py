@@ -125,7 +125,8 @@ class Searcher:
     def embed(self, queries: list[str]):
         from encoder_pipeline.lib import encoders
 
-        return encoders.encode(self.encoder, queries, batch_size=32, bf16=False)
+        # bf16 autocast only where the CPU computes it natively (see encoders.inference_precision)
+        return encoders.encode(self.encoder, queries, batch_size=32, bf16=True)
 
     def search_many(self, queries: list[str], k: int = 10) -> list[list[Hit]]:
         if k < 1:

@@ -105,11 +105,12 @@ def index_sweep(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResou
     split = read_eval_split(store, spec.name)
     query_sets = {"dev": query_set(dev.queries, dev_qrels), "eval": query_set(split.queries, split.qrels)}
 
-    # Timing: distinct queries encoded one at a time with the shipped default backend (fp32, no cache).
+    # Timing: distinct queries encoded one at a time as `search` serves them (torch, bf16 autocast
+    # where the CPU has it natively, no cache).
     timing = latency_queries([*dev.queries.values(), *split.queries.values()], titles,
                              settings.sizes().latency_queries, settings.seed)
     latency_vectors, encode_ms = time_encoding(
-        lambda q: encoders.encode(model, [q], batch_size=1, bf16=False), timing)
+        lambda q: encoders.encode(model, [q], batch_size=1, bf16=settings.bf16_inference), timing)
     context.log.info(f"sweeping {rung} over {len(units)} units; {len(timing)} timed queries")
     points = sweep(corpus_vectors, query_sets, parents, latency_vectors, encode_ms, ids=ids,
                    titles=titles, k=TOP_K, latency_k=SERVED_K)
