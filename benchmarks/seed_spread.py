@@ -22,7 +22,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import dagster as dg
-import numpy as np
 import pandas as pd
 
 from encoder_pipeline.definitions import defs
@@ -32,6 +31,7 @@ from encoder_pipeline.defs.training.assets import LADDER, dev_set
 from encoder_pipeline.domains import domain_partitions
 from encoder_pipeline.lib import encoders
 from encoder_pipeline.lib.artifacts import ArtifactStore, MissingArtifact
+from encoder_pipeline.lib.index import truncate
 from encoder_pipeline.lib.metrics import dense_run, evaluate
 from encoder_pipeline.lib.train import TrainingConfig, train_encoder
 from encoder_pipeline.profiles import get_profile
@@ -72,21 +72,15 @@ def materialize(domain: str, assets: list[str], profile: str) -> None:
     assert result.success
 
 
-def _truncate(vectors, dims: int | None):
-    if not dims:
-        return vectors
-    cut = vectors[:, :dims]
-    return cut / np.linalg.norm(cut, axis=1, keepdims=True)
-
-
 def ndcg(model: str, store: ArtifactStore, domain: str, dims: int | None = None) -> float:
     """Eval-set nDCG@10, optionally with embeddings truncated to their first `dims` (Matryoshka)."""
     units = read_corpus_units(store, domain)
     split = read_eval_split(store, domain)
     qids = list(split.queries)
-    corpus = _truncate(encoders.cached_embeddings(model, corpus_texts(units), embeddings_cache(store, domain)),
-                       dims)
-    queries = _truncate(encoders.encode(encoders.load_encoder(model), [split.queries[q] for q in qids]), dims)
+    corpus = encoders.cached_embeddings(model, corpus_texts(units), embeddings_cache(store, domain))
+    queries = encoders.encode(encoders.load_encoder(model), [split.queries[q] for q in qids])
+    width = dims or corpus.shape[1]
+    corpus, queries = truncate(corpus, width), truncate(queries, width)
     return evaluate(dense_run(queries, corpus, qids, list(units["parent_id"])), split.qrels)[0]["ndcg@10"]
 
 
