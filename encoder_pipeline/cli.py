@@ -6,6 +6,10 @@
     encoder-pipeline domain add mine --corpus ./docs      # a spec for your own corpus
     encoder-pipeline search --domain code "parse a date"  # query the served index (-k 10, --json)
     encoder-pipeline export --domain code --out DIR       # the served encoder + a model card
+    encoder-pipeline rollback --domain code               # serve the previously promoted index again
+    encoder-pipeline promote --domain code [--version V]  # promote the candidate, or serve V again
+    encoder-pipeline gc --domain code --keep 3 --dry-run  # what older artifacts would be deleted
+    encoder-pipeline backfill --domains all               # a Dagster backfill, run by the daemon
 
 Runs go through the project's Dagster instance (DAGSTER_HOME defaults to the project root), so
 they show in the UI with their lineage and metadata.
@@ -168,6 +172,156 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _record_serving_change(domain: str, before: str, after: str, action: str) -> None:
+    """Note a pointer move on serving_index's timeline in the UI (no run materializes it)."""
+    import dagster as dg
+
+    _instance().report_runless_asset_event(dg.AssetObservation(
+        asset_key="serving_index", partition=domain,
+        metadata={"action": action, "served_version": after, "previous_version": before}))
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from encoder_pipeline.lib.promotion import PromotionError, rollback
+    from encoder_pipeline.resources import ArtifactStoreResource
+
+    try:
+        before, after = rollback(ArtifactStoreResource().store(), args.domain)
+    except PromotionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    _record_serving_change(args.domain, before, after, "rollback")
+    print(f"{args.domain}: now serving serving_index {after} (was {before})")
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    import dagster as dg
+
+    from encoder_pipeline.lib.promotion import PromotionError, promote
+    from encoder_pipeline.resources import ArtifactStoreResource
+
+    if args.version:
+        try:
+            before, after = promote(ArtifactStoreResource().store(), args.domain, args.version)
+        except PromotionError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        if before != after:
+            _record_serving_change(args.domain, before, after, "promote")
+        print(f"{args.domain}: now serving serving_index {after} (was {before})")
+        return 0
+    # A new candidate goes through the serving_index asset itself: the same gate, lineage in the UI.
+    from encoder_pipeline.definitions import defs
+
+    store = ArtifactStoreResource().store()  # the root rollback and gc act on, read now
+    instance = _instance()
+    register_domains(instance)
+    result = defs.resolve_job_def("train_encoder_job").execute_in_process(
+        instance=instance, partition_key=args.domain, asset_selection=[dg.AssetKey("serving_index")],
+        run_config={"resources": {"artifacts": {"config": {"root": str(store.root)}}}},
+        raise_on_error=False)
+    if not result.success:
+        errors = [e.step_failure_data.error for e in result.get_step_failure_events()]
+        # a dg.Failure carries its reason; any other exception is wrapped, its reason in `cause`
+        reasons = [(error.cause or error).message.strip() for error in errors if error]
+        print(f"not promoted (run {result.run_id}): {'; '.join(reasons) or 'see the run in the UI'}",
+              file=sys.stderr)
+        return 3
+    event = next(e for e in result.get_asset_materialization_events())
+    metadata = event.materialization.metadata
+    print(f"{args.domain}: promoted embedding_index {metadata['promoted_version'].value} "
+          f"(previously served: {metadata['previous_version'].value}); "
+          f"{metadata['gc_deleted_versions'].value} old versions collected")
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from encoder_pipeline.lib.promotion import garbage_collect
+    from encoder_pipeline.resources import ArtifactStoreResource, PipelineSettings
+
+    store = ArtifactStoreResource().store()
+    if not store.domain_dir(args.domain).is_dir():
+        print(f"error: no artifacts for domain '{args.domain}' under {store.root}", file=sys.stderr)
+        return 2
+    keep = args.keep if args.keep is not None else PipelineSettings().keep_promoted_versions
+    if keep < 1:
+        print("error: --keep must be at least 1", file=sys.stderr)
+        return 2
+    result = garbage_collect(store, args.domain, keep, dry_run=args.dry_run)
+    verb = "would delete" if args.dry_run else "deleted"
+    for asset, version in result.deleted:
+        print(f"{verb} {asset}/{version}")
+    print(f"{args.domain}: {verb} {len(result.deleted)} versions ({result.freed_bytes / 1e6:.1f} MB), "
+          f"kept {result.kept} (the last {keep} promotions, what they need, every LATEST)")
+    return 0
+
+
+def submit_backfill(instance, domains: list[str], run_config: dict, title: str):
+    """Add a job backfill of train_encoder_job over these domain partitions to the instance, the
+    same record the UI's "Launch backfill" creates; the daemon (`dagster dev` runs one) launches one
+    run per partition. Dagster has no public API for this, hence the internal imports (1.13)."""
+    import time
+
+    from dagster._core.execution.backfill import BulkActionStatus, PartitionBackfill
+    from dagster._core.remote_origin import RemotePartitionSetOrigin, RemoteRepositoryOrigin
+    from dagster._core.remote_representation.external_data import partition_set_snap_name_for_job_name
+    from dagster._core.utils import make_new_backfill_id
+    from dagster._core.workspace.load_target import PyProjectFileTarget
+
+    from encoder_pipeline.definitions import defs
+
+    job = defs.resolve_job_def("train_encoder_job")
+    # The code location as `dagster dev` loads it from pyproject.toml: the daemon finds it by name.
+    [location] = PyProjectFileTarget(str(project_root() / "pyproject.toml")).create_origins()
+    backfill = PartitionBackfill(
+        backfill_id=make_new_backfill_id(),
+        partition_set_origin=RemotePartitionSetOrigin(
+            repository_origin=RemoteRepositoryOrigin(location, defs.get_repository_def().name),
+            partition_set_name=partition_set_snap_name_for_job_name(job.name)),
+        status=BulkActionStatus.REQUESTED,
+        partition_names=domains,
+        from_failure=False,
+        tags={"encoder_pipeline/reason": "encoder-pipeline backfill"},
+        backfill_timestamp=time.time(),
+        title=title,
+        run_config=run_config,
+    )
+    instance.add_backfill(backfill)
+    return backfill
+
+
+def cmd_backfill(args: argparse.Namespace) -> int:
+    from encoder_pipeline.domains import SpecError, domain_names, load_domain
+
+    known = domain_names()
+    wanted = known if args.domains == "all" else list(dict.fromkeys(
+        name.strip() for name in args.domains.split(",") if name.strip()))
+    unknown = [name for name in wanted if name not in known]
+    if unknown or not wanted:
+        print(f"error: unknown domain(s) {', '.join(unknown) or '(none given)'}; known: "
+              f"{', '.join(known)} (or `all`)", file=sys.stderr)
+        return 2
+    try:
+        for name in wanted:
+            load_domain(name)
+    except SpecError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    instance = _instance()
+    register_domains(instance)
+    run_config = ({"resources": {"settings": {"config": {"profile": args.profile}}}}
+                  if args.profile else {})
+    backfill = submit_backfill(instance, wanted, run_config, title=f"encoder-pipeline backfill "
+                                                                   f"{','.join(wanted)}")
+    print(f"backfill {backfill.backfill_id}: train_encoder_job over {', '.join(wanted)}"
+          f"{f' (profile {args.profile})' if args.profile else ''}")
+    print(f"the Dagster daemon launches its runs: `DAGSTER_HOME={os.environ['DAGSTER_HOME']} dagster dev "
+          f"-h 127.0.0.1` from {project_root()} runs one; watch it at "
+          f"http://127.0.0.1:3000/runs/b/{backfill.backfill_id}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="encoder-pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -207,6 +361,26 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--out", required=True, help="the folder to write (a sentence-transformers model)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     export.set_defaults(handler=cmd_export)
+    rollback = commands.add_parser("rollback", help="serve the previously promoted index again")
+    rollback.add_argument("--domain", required=True)
+    rollback.set_defaults(handler=cmd_rollback)
+    promote = commands.add_parser("promote", help="promote the latest candidate (if the report says "
+                                                  "it is safe), or serve an earlier promoted version")
+    promote.add_argument("--domain", required=True)
+    promote.add_argument("--version", help="an earlier serving_index version to serve again (an "
+                                           "unknown one is refused with the list of promoted versions)")
+    promote.set_defaults(handler=cmd_promote)
+    gc = commands.add_parser("gc", help="delete artifacts older than the last N promoted versions")
+    gc.add_argument("--domain", required=True)
+    gc.add_argument("--keep", type=int, help="promoted versions to keep (default: the "
+                                             "keep_promoted_versions setting, 3)")
+    gc.add_argument("--dry-run", action="store_true", help="list what would be deleted")
+    gc.set_defaults(handler=cmd_gc)
+    backfill = commands.add_parser("backfill", help="launch a Dagster backfill of train_encoder_job")
+    backfill.add_argument("--domains", required=True, help="`all` or a comma-separated list")
+    backfill.add_argument("--profile", choices=["tiny", "default", "full"],
+                          help="size profile of every run (default: the code location's)")
+    backfill.set_defaults(handler=cmd_backfill)
     args = parser.parse_args(argv)
     return args.handler(args)
 

@@ -7,8 +7,9 @@ import dagster as dg
 
 from encoder_pipeline import defs as stages
 from encoder_pipeline.defs.domains.sensors import (
-    corpus_change_sensor,
+    corpus_drift_sensor,
     domain_specs_sensor,
+    index_refresh_job,
     train_encoder_job,
     weekly_retrain_schedule,
 )
@@ -28,11 +29,20 @@ def llm_resource() -> LLMResource:
     return LLMResource()
 
 
+# Evaluates the assets' automation conditions (a new clean_corpus flows to the index, the report and,
+# when its blocking checks pass, serving). Declaring it keeps Dagster from adding its default one,
+# which would be on; this one is off until turned on in the UI.
+automation_sensor = dg.AutomationConditionSensorDefinition(
+    "automation_condition_sensor", target=dg.AssetSelection.all(),
+    default_status=dg.DefaultSensorStatus.STOPPED, minimum_interval_seconds=60,
+)
+
+
 defs = dg.Definitions(
-    assets=dg.load_assets_from_package_module(stages),
+    assets=dg.load_assets_from_package_module(stages, include_specs=True),
     asset_checks=dg.load_asset_checks_from_package_module(stages),
-    jobs=[train_encoder_job],
-    sensors=[domain_specs_sensor, corpus_change_sensor],
+    jobs=[train_encoder_job, index_refresh_job],
+    sensors=[domain_specs_sensor, corpus_drift_sensor, automation_sensor],
     schedules=[weekly_retrain_schedule],
     resources={
         "artifacts": ArtifactStoreResource(),

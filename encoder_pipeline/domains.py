@@ -104,6 +104,23 @@ class Targets(_Strict):
     usd_per_1k_queries: float = Field(gt=0)
 
 
+class DriftSpec(_Strict):
+    """When `corpus_drift_sensor` asks for a retrain rather than an incremental index refresh;
+    every figure is measured against the corpus snapshot the served encoder was trained on."""
+
+    retrain_changed_fraction: float = Field(
+        0.10, gt=0, le=1, description="Retrain when documents added + changed + removed since "
+        "training reach this share of the training corpus.")
+    retrain_new_token_share: float = Field(
+        0.02, gt=0, le=1, description="Retrain when this share of the corpus's tokens are terms the "
+        "training corpus never had (vocabulary shift).")
+    canary_recall_drop: float = Field(
+        0.05, gt=0, le=1, description="Retrain when the served encoder's eval Recall@10 over the new "
+        "corpus falls this much below its Recall@10 over the indexed one (the canary).")
+    min_hours_between_retrains: float = Field(
+        24.0, ge=0, description="Never request a retrain sooner than this after the last one.")
+
+
 class DomainSpec(_Strict):
     name: str
     description: str = ""
@@ -113,6 +130,7 @@ class DomainSpec(_Strict):
     dedupe: DedupeSpec = DedupeSpec()
     judged: JudgedSet | None = None
     targets: Targets
+    drift: DriftSpec = DriftSpec()
     extra_models: list[str] = Field(
         default_factory=list,
         description="More baselines for the report: sentence-transformers folders (or hub names), "

@@ -56,6 +56,9 @@ class PipelineSettings(dg.ConfigurableResource):
     build_usd_per_hour: float = Field(
         0.10, description="Price of the machine that trains and generates, for the one-off build cost."
     )
+    keep_promoted_versions: int = Field(
+        3, ge=1, description="After a promotion, keep the last N promoted versions (and what they were "
+                             "built from) and delete older artifacts of the domain.")
 
     def sizes(self) -> Profile:
         return get_profile(self.profile)

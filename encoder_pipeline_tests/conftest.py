@@ -7,7 +7,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-SHARED_CORPORA = Path(__file__).resolve().parents[1].parent / "shared" / "corpora"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHARED_CORPORA = PROJECT_ROOT.parent / "shared" / "corpora"
 os.environ.setdefault("ENCODER_PIPELINE_CORPUS_ROOT", str(SHARED_CORPORA))
 
 
@@ -44,9 +45,29 @@ TINY_RUN_CONFIG = {"ops": {"eval_report": {"config": {"promotion_tolerance": 0.2
 
 
 @pytest.fixture(scope="session")
-def tiny_code_run(tmp_path_factory):
+def tiny_dagster_home(tmp_path_factory) -> Path:
+    """A DAGSTER_HOME whose dagster.yaml is the project's, its storage folders moved into the home
+    (the project keeps them under `data/`): a persistent instance a `dagster dev` can open."""
+    import yaml
+
+    home = tmp_path_factory.mktemp("dagster_home")
+
+    def rebased(node):
+        if not isinstance(node, dict):
+            return node
+        return {key: str(home / Path(value).relative_to("data")) if key == "base_dir" else rebased(value)
+                for key, value in node.items()}
+
+    config = rebased(yaml.safe_load((PROJECT_ROOT / "dagster.yaml").read_text()))
+    (home / "dagster.yaml").write_text(yaml.safe_dump(config))
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny_code_run(tmp_path_factory, tiny_dagster_home):
     """The whole graph for the `code` partition, tiny profile, real components, in a throwaway
-    artifact root: built once per session and shared by the graph, report and serving tests."""
+    artifact root and a persistent instance in `tiny_dagster_home` (so the UI test can show its
+    materializations): built once per session and shared by the graph, report, serving and UI tests."""
     import dagster as dg
 
     from encoder_pipeline.definitions import defs
@@ -55,7 +76,7 @@ def tiny_code_run(tmp_path_factory):
     from encoder_pipeline.resources import ArtifactStoreResource, LLMResource, PipelineSettings
 
     root = tmp_path_factory.mktemp("artifacts")
-    instance = dg.DagsterInstance.ephemeral()
+    instance = dg.DagsterInstance.from_config(str(tiny_dagster_home))
     instance.add_dynamic_partitions(domain_partitions.name, ["code"])
     result = dg.materialize(
         [a for a in defs.assets if isinstance(a, dg.AssetsDefinition)],

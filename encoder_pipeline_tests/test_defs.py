@@ -13,10 +13,11 @@ def test_graph_shape_and_lineage():
     graph = defs.resolve_asset_graph()
     parents = {key.to_user_string(): {p.to_user_string() for p in graph.get(key).parent_keys}
                for key in graph.get_all_asset_keys()}
+    assert parents["clean_corpus"] == {"corpus_source"}
     assert parents["eval_set"] == {"clean_corpus"}
     assert parents["encoder_hard_negatives"] == {"mined_negatives"}
     assert parents["index_sweep"] == {"encoder_heuristic", "encoder_synthetic", "encoder_hard_negatives"}
-    assert parents["embedding_index"] == {"index_sweep"}
+    assert parents["embedding_index"] == {"index_sweep", "clean_corpus"}  # an index refresh reads it
     assert parents["eval_report"] == {"embedding_index", "index_sweep"}
     assert parents["serving_index"] == {"eval_report"}
     for key in graph.get_all_asset_keys():
@@ -27,7 +28,9 @@ def test_graph_shape_and_lineage():
 
 def test_job_sensors_schedule_resources():
     assert defs.resolve_job_def("train_encoder_job").partitions_def.name == "domain"
-    assert {s.name for s in defs.sensors} == {"domain_specs_sensor", "corpus_change_sensor"}
+    assert defs.resolve_job_def("index_refresh_job").partitions_def.name == "domain"
+    assert {s.name for s in defs.sensors} == {"domain_specs_sensor", "corpus_drift_sensor",
+                                              "automation_condition_sensor"}
     assert {s.name for s in defs.schedules} == {"weekly_retrain_schedule"}
     assert set(defs.resources) == {"artifacts", "settings", "llm"}
 

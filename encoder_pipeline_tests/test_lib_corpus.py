@@ -129,3 +129,34 @@ def test_beir_corpus_reads_with_judged_docs(tmp_path):
                             CleaningConfig(max_documents=600, min_words=20, max_words=300),
                             protected=judged)
     assert judged <= set(units["parent_id"])
+
+
+def test_streaming_clean_writes_one_ordered_file_and_a_content_fingerprint(tmp_path):
+    """The asset's path: units stream to one Parquet file in source order, the scratch file is
+    gone, and the fingerprint follows the content (same input, same print; one edit, a new one)."""
+    import pyarrow.parquet as pq
+
+    from encoder_pipeline.lib.corpus import UNIT_COLUMNS, clean_corpus_to_parquet
+
+    docs = [{"_id": f"d{i:05d}", "title": f"T{i}", "text": f"unit {i} " + " ".join(f"w{i * 7 + j}" for j in range(12))}
+            for i in range(5000)]
+    docs[10]["text"] = docs[9]["text"]  # an exact duplicate of its neighbour once titles are equal
+    docs[10]["title"] = docs[9]["title"]
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("\n".join(json.dumps(d) for d in docs))
+    out = tmp_path / "out" / "units.parquet"
+    out.parent.mkdir()
+    report = clean_corpus_to_parquet(read_corpus("jsonl", str(path)), CleaningConfig(), out)
+
+    assert sorted(p.name for p in out.parent.iterdir()) == ["units.parquet"]
+    table = pq.read_table(out)
+    assert table.column_names == UNIT_COLUMNS
+    ids = table.column("doc_id").to_pylist()
+    assert ids == sorted(ids) and "d00010" not in ids and len(ids) == 4999 == report.counts["kept"]
+
+    again = clean_corpus_to_parquet(read_corpus("jsonl", str(path)), CleaningConfig(), tmp_path / "b.parquet")
+    assert again.fingerprint == report.fingerprint
+    docs[4000]["text"] += " edited"
+    path.write_text("\n".join(json.dumps(d) for d in docs))
+    edited = clean_corpus_to_parquet(read_corpus("jsonl", str(path)), CleaningConfig(), tmp_path / "c.parquet")
+    assert edited.fingerprint != report.fingerprint

@@ -1,5 +1,6 @@
-"""The spec sensor registers partitions; the corpus-change sensor and the weekly schedule request
-retrains; both retrain triggers are off by default."""
+"""The spec sensor registers partitions; the drift sensor observes corpora (its decisions are in
+test_drift.py) and, with the weekly schedule, requests retrains; the retrain triggers and the
+automation-condition sensor are off by default."""
 
 import datetime
 import json
@@ -8,12 +9,14 @@ import dagster as dg
 import pytest
 from spec_files import write_spec
 
+from encoder_pipeline.definitions import defs
 from encoder_pipeline.defs.domains.sensors import (
-    corpus_change_sensor,
+    corpus_drift_sensor,
     domain_specs_sensor,
     weekly_retrain_schedule,
 )
 from encoder_pipeline.domains import domain_partitions
+from encoder_pipeline.resources import ArtifactStoreResource, PipelineSettings
 
 
 @pytest.fixture
@@ -35,26 +38,26 @@ def test_new_spec_file_becomes_a_partition(domains, tmp_path):
     assert isinstance(domain_specs_sensor(dg.build_sensor_context(instance=instance)), dg.SkipReason)
 
 
-def test_corpus_change_requests_one_retrain(domains, tmp_path):
+def test_a_domain_never_built_is_observed_not_retrained(domains, tmp_path):
     corpus = tmp_path / "notes.jsonl"
     corpus.write_text('{"_id": "1", "title": "a", "text": "first version"}\n')
     write_spec(domains, name="notes", path=corpus)
+    write_spec(domains, name="elsewhere", path=tmp_path / "missing.jsonl")  # no corpus: not observable
     instance = dg.DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions(domain_partitions.name, ["notes"])
+    instance.add_dynamic_partitions(domain_partitions.name, ["notes", "elsewhere"])
+    resources = {"artifacts": ArtifactStoreResource(root=str(tmp_path / "artifacts")),
+                 "settings": PipelineSettings(profile="tiny")}
 
-    first = corpus_change_sensor(dg.build_sensor_context(instance=instance))
-    assert first.run_requests == [] and "notes" in json.loads(first.cursor)
-    unchanged = corpus_change_sensor(dg.build_sensor_context(instance=instance, cursor=first.cursor))
-    assert isinstance(unchanged, dg.SkipReason)
-
+    first = corpus_drift_sensor(dg.build_sensor_context(instance=instance, resources=resources))
+    [event] = first.asset_events
+    assert first.run_requests == [] and event.partition == "notes"
+    assert event.metadata["decision"].value == "none"
+    assert "no training snapshot" in event.metadata["reason"].value
+    assert set(json.loads(first.cursor)) == {"notes"}
     corpus.write_text('{"_id": "1", "title": "a", "text": "second, longer version"}\n')
-    changed = corpus_change_sensor(dg.build_sensor_context(instance=instance, cursor=first.cursor))
-    [request] = changed.run_requests
-    assert request.partition_key == "notes"
-    assert request.run_key.startswith("notes:")
-    assert "corpus changed" in request.tags["encoder_pipeline/reason"]
-    again = corpus_change_sensor(dg.build_sensor_context(instance=instance, cursor=changed.cursor))
-    assert isinstance(again, dg.SkipReason)
+    changed = corpus_drift_sensor(dg.build_sensor_context(instance=instance, cursor=first.cursor,
+                                                          resources=resources))
+    assert changed.run_requests == [] and len(changed.asset_events) == 1
 
 
 def test_weekly_schedule_requests_every_domain(tmp_path):
@@ -69,6 +72,9 @@ def test_weekly_schedule_requests_every_domain(tmp_path):
 
 
 def test_retrain_triggers_are_off_by_default():
-    assert corpus_change_sensor.default_status == dg.DefaultSensorStatus.STOPPED
+    assert corpus_drift_sensor.default_status == dg.DefaultSensorStatus.STOPPED
     assert weekly_retrain_schedule.default_status == dg.DefaultScheduleStatus.STOPPED
     assert domain_specs_sensor.default_status == dg.DefaultSensorStatus.RUNNING
+    # Declaring the automation-condition sensor keeps Dagster from adding its default one, which is on.
+    [automation] = [s for s in defs.sensors if isinstance(s, dg.AutomationConditionSensorDefinition)]
+    assert automation.default_status == dg.DefaultSensorStatus.STOPPED

@@ -4,6 +4,8 @@ A stage writes into a hidden staging folder and publishes it with one `rename`, 
 asset's `LATEST` pointer (also by rename). A downstream stage only ever reads a published version,
 so a run killed halfway leaves nothing half-written where anyone looks. Each version carries a
 `manifest.json`: library versions, seed, config hash, corpus fingerprint, upstream versions.
+`history.jsonl` beside LATEST records every publish and every pointer move in order (folder mtimes
+do not survive a copy or a restore, so they cannot tell which version came first).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -30,6 +33,10 @@ TRACKED_LIBRARIES = (
     "bm25s",
     "pytrec-eval-terrier",
 )
+
+
+HISTORY_FILE = "history.jsonl"
+LATEST_FILE = "LATEST"
 
 
 class MissingArtifact(FileNotFoundError):
@@ -95,7 +102,7 @@ class ArtifactStore:
         return self.root / domain
 
     def latest_version(self, domain: str, asset: str) -> str:
-        pointer = self.asset_dir(domain, asset) / "LATEST"
+        pointer = self.asset_dir(domain, asset) / LATEST_FILE
         if not pointer.exists():
             raise MissingArtifact(
                 f"'{asset}' has not been materialized for domain '{domain}' "
@@ -108,6 +115,60 @@ class ArtifactStore:
 
     def manifest(self, domain: str, asset: str) -> dict[str, Any]:
         return json.loads((self.latest(domain, asset) / "manifest.json").read_text())
+
+    def history(self, domain: str, asset: str) -> list[dict[str, Any]]:
+        """Every publish and pointer move of the asset, oldest first."""
+        path = self.asset_dir(domain, asset) / HISTORY_FILE
+        if not path.exists():
+            return []
+        events = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            with contextlib.suppress(json.JSONDecodeError):  # a line torn by a crash mid-append
+                events.append(json.loads(line))
+        return events
+
+    def versions(self, domain: str, asset: str) -> list[str]:
+        """Published versions still on disk, oldest first. Versions published before the history
+        file existed come first, ordered by their manifest's mtime."""
+        asset_dir = self.asset_dir(domain, asset)
+        if not asset_dir.is_dir():
+            return []
+        on_disk = {p.name for p in asset_dir.iterdir() if p.is_dir() and not p.name.startswith(".")}
+        recorded = list(dict.fromkeys(e["version"] for e in reversed(self.history(domain, asset))
+                                      if e.get("event") == "publish" and e["version"] in on_disk))
+        recorded.reverse()  # each version at its last publish
+
+        def mtime(version: str) -> float:
+            manifest = asset_dir / version / "manifest.json"
+            return manifest.stat().st_mtime if manifest.exists() else 0.0
+
+        legacy = sorted(on_disk - set(recorded), key=mtime)
+        return legacy + recorded
+
+    def set_latest(self, domain: str, asset: str, version: str, reason: str) -> None:
+        """Point LATEST at an existing published version (a rollback or a re-promotion)."""
+        if not (self.asset_dir(domain, asset) / version).is_dir():
+            raise MissingArtifact(f"'{asset}' has no version '{version}' for domain '{domain}'")
+        previous = self.latest_version(domain, asset)
+        self._record(domain, asset, {"event": "set_latest", "version": version, "from": previous,
+                                     "reason": reason})
+        self._point_latest(domain, asset, version)
+
+    def _record(self, domain: str, asset: str, event: dict[str, Any]) -> None:
+        # One O_APPEND write per line: concurrent appends never interleave and a crash loses at
+        # most the line being written, which `history` skips.
+        line = json.dumps({**event, "at": time.time()}, sort_keys=True) + "\n"
+        fd = os.open(self.asset_dir(domain, asset) / HISTORY_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+
+    def _point_latest(self, domain: str, asset: str, version: str) -> None:
+        asset_dir = self.asset_dir(domain, asset)
+        pointer_tmp = asset_dir / f".{LATEST_FILE}.{version}"
+        pointer_tmp.write_text(version)
+        os.replace(pointer_tmp, asset_dir / LATEST_FILE)
 
     @contextlib.contextmanager
     def publish(self, manifest: Manifest) -> Iterator[Path]:
@@ -125,6 +186,5 @@ class ArtifactStore:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        pointer_tmp = asset_dir / f".LATEST.{manifest.version}"
-        pointer_tmp.write_text(manifest.version)
-        os.replace(pointer_tmp, asset_dir / "LATEST")
+        self._record(manifest.domain, manifest.asset, {"event": "publish", "version": manifest.version})
+        self._point_latest(manifest.domain, manifest.asset, manifest.version)

@@ -4,21 +4,26 @@ Columns in: `doc_id, title, text, anchor` (see `sources.py`). Columns out: `doc_
 `parent_id` (the source document: judgments and metrics are at this level, best chunk wins),
 `title`, `text`, `anchor`.
 
-Per-row work runs as Daft expressions and UDFs; the MinHash step follows Daft's dedupe recipe
-(normalize -> minhash -> LSH bands -> connected components), see `near_duplicate_groups`.
+Per-row work runs as Daft expressions and batch UDFs and streams to Parquet, so a corpus larger than
+memory cleans on one machine (`clean_corpus_to_parquet`); the MinHash step follows Daft's dedupe
+recipe (normalize -> minhash -> LSH bands -> connected components), see `near_duplicate_groups`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+import tempfile
 import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import daft
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 from daft import col
 from daft.functions import minhash, normalize
 
@@ -44,16 +49,7 @@ class CleaningReport:
     counts: dict[str, int] = field(default_factory=dict)
     word_percentiles: dict[str, float] = field(default_factory=dict)
     duplicate_examples: list[tuple[str, str]] = field(default_factory=list)
-
-
-@daft.func
-def _normalize_unicode(text: str) -> str:
-    return unicodedata.normalize("NFC", text or "")
-
-
-@daft.func
-def _collapse_whitespace(text: str) -> str:
-    return " ".join(text.split())
+    fingerprint: str = ""  # sha256 over the kept units' (doc_id, title, text), in order
 
 
 def chunk_words(text: str, max_words: int) -> list[str]:
@@ -80,138 +76,237 @@ def sample_ids(doc_ids: Iterable[str], limit: int, protected: set[str], seed: in
     return chosen
 
 
-def _find(parent: dict[str, str], node: str) -> str:
-    while parent[node] != node:
-        parent[node] = parent[parent[node]]
+def _find(parent: dict[int, int], node: int) -> int:
+    """Union-find root; rows never merged are absent from `parent` (their own root)."""
+    while parent.get(node, node) != node:
+        parent[node] = parent.get(parent[node], parent[node])
         node = parent[node]
     return node
 
 
-def near_duplicate_groups(ids: list[str], signatures: np.ndarray, bands: int,
-                          threshold: float) -> list[list[str]]:
-    """Connected components of documents whose MinHash Jaccard estimate is >= threshold.
+_BAND_MULTIPLIERS = np.random.default_rng(0).integers(1, 2**63, size=256, dtype=np.uint64) | np.uint64(1)
 
-    LSH banding proposes candidate pairs (documents sharing any whole band); each candidate pair is
+
+def near_duplicate_components(signatures: np.ndarray, bands: int, threshold: float) -> list[list[int]]:
+    """Row groups (connected components, sorted row numbers) whose MinHash Jaccard estimate is
+    >= threshold.
+
+    LSH banding proposes candidate pairs (rows sharing any whole band); each candidate pair is
     verified on the full signature before it joins a component. Components are found with an
-    in-memory union-find rather than Daft's star-join recipe: only candidate ids are held, which fits
-    in memory far past the corpus sizes one machine trains on.
+    in-memory union-find over row numbers rather than Daft's star-join recipe: only rows that share a
+    band are held, which fits in memory far past the corpus sizes one machine trains on.
     """
     rows = signatures.shape[1] // bands
-    parent = {doc_id: doc_id for doc_id in ids}
+    parent: dict[int, int] = {}
     for band in range(bands):
-        buckets: dict[bytes, list[int]] = {}
         block = np.ascontiguousarray(signatures[:, band * rows : (band + 1) * rows])
-        for index, key in enumerate(block):
-            buckets.setdefault(key.tobytes(), []).append(index)
+        # A wrapping polynomial hash of the band: equal bands always share a key, and a rare
+        # collision of unequal ones is harmless since every candidate pair is verified below.
+        keys = block.astype(np.uint64) @ _BAND_MULTIPLIERS[:rows]
+        # Only buckets with several members need Python: on a real corpus almost all are singletons.
+        codes, _ = pd.factorize(keys)
+        shared = np.flatnonzero(np.bincount(codes)[codes] > 1)
+        buckets: dict[int, list[int]] = {}
+        for index in shared.tolist():
+            buckets.setdefault(codes[index], []).append(index)
         for members in buckets.values():
             head = members[0]
             for other in members[1:]:
                 if np.mean(signatures[head] == signatures[other]) >= threshold:
-                    root_a, root_b = _find(parent, ids[head]), _find(parent, ids[other])
+                    root_a, root_b = _find(parent, head), _find(parent, other)
                     if root_a != root_b:
                         parent[root_b] = root_a
-    groups: dict[str, list[str]] = {}
-    for doc_id in ids:
-        groups.setdefault(_find(parent, doc_id), []).append(doc_id)
-    return [sorted(g) for g in groups.values() if len(g) > 1]
+    groups: dict[int, set[int]] = {}
+    for node in list(parent):
+        groups.setdefault(_find(parent, node), set()).add(node)
+    return [sorted(members | {root}) for root, members in groups.items()]
+
+
+def near_duplicate_groups(ids: list[str], signatures: np.ndarray, bands: int,
+                          threshold: float) -> list[list[str]]:
+    """`near_duplicate_components` as groups of ids."""
+    return [sorted(ids[i] for i in group)
+            for group in near_duplicate_components(signatures, bands, threshold)]
 
 
 def _keep_order(doc_id: str, protected: set[str]) -> tuple[int, str]:
     return (0 if doc_id in protected else 1, doc_id)
 
 
+UNIT_COLUMNS = ["doc_id", "parent_id", "title", "text", "anchor"]
+_BOOKKEEPING = ["doc_id", "parent_id", "words", "short", "boilerplate", "exact_key", "signature"]
+
+
 def clean_corpus(raw: daft.DataFrame, config: CleaningConfig,
                  protected: set[str] = frozenset()) -> tuple[pd.DataFrame, CleaningReport]:
-    """Clean a raw corpus; documents in `protected` (judged ones) are never dropped or merged."""
+    """`clean_corpus_to_parquet` for corpora that fit in memory: the units as a DataFrame."""
+    with tempfile.TemporaryDirectory(prefix="clean-corpus-") as scratch:
+        out = Path(scratch) / "units.parquet"
+        report = clean_corpus_to_parquet(raw, config, out, protected)
+        return pd.read_parquet(out), report
+
+
+def clean_corpus_to_parquet(raw: daft.DataFrame, config: CleaningConfig, out_path: Path,
+                            protected: set[str] = frozenset()) -> CleaningReport:
+    """Clean a raw corpus into `out_path` (one Parquet file, columns UNIT_COLUMNS, source order).
+
+    Streams: no pass holds the corpus's text in memory. Pass 1 runs the per-row work in Daft
+    (normalize, chunk, flag short and boilerplate units, exact-dedupe key, MinHash signature) and
+    writes every unit to a scratch file batch by batch; pass 2 reads back only ids, flags and
+    signatures to decide what is dropped; pass 3 copies the kept rows batch by batch into `out_path`.
+    Peak memory grows with the number of units (ids and 4-byte hashes), not with their text.
+    Documents in `protected` (judged ones) are never dropped or merged.
+    """
     report = CleaningReport()
-    ids = raw.select("doc_id").to_pydict()["doc_id"]
+    ids = raw.select("doc_id").to_arrow().column("doc_id").to_pandas()
     report.counts["read"] = len(ids)
-    if not ids:
+    if ids.empty:
         raise CorpusError("the corpus is empty: no documents were read")
-    duplicate_ids = len(ids) - len(set(ids))
-    if duplicate_ids:
-        raise CorpusError(f"the corpus has {duplicate_ids} duplicate document ids, "
-                          f"e.g. {pd.Series(ids)[pd.Series(ids).duplicated()].iloc[0]!r}")
-    missing = protected - set(ids)
+    duplicated = ids[ids.duplicated()]
+    if len(duplicated):
+        raise CorpusError(f"the corpus has {len(duplicated)} duplicate document ids, "
+                          f"e.g. {duplicated.iloc[0]!r}")
+    missing = protected - set(ids[ids.isin(protected)])
     if missing:
         raise CorpusError(f"{len(missing)} judged documents are not in the corpus, "
                           f"e.g. {sorted(missing)[:3]}")
     chosen = sample_ids(ids, config.max_documents, protected, config.seed)
-    df = raw if len(chosen) == len(ids) else raw.where(col("doc_id").is_in(list(chosen)))
     report.counts["sampled"] = len(chosen)
+    frame = raw if len(chosen) == len(ids) else raw.where(col("doc_id").is_in(list(chosen)))
+    del ids, chosen
 
-    df = df.with_columns({"title": _normalize_unicode(col("title")),
-                          "text": _normalize_unicode(col("text"))})
-    if config.normalize_whitespace:
-        df = df.with_columns({"title": _collapse_whitespace(col("title")),
-                              "text": _collapse_whitespace(col("text"))})
+    out_path = Path(out_path)
+    scratch = out_path.with_name(f".{out_path.name}.units")
+    try:
+        _write_batches(_annotated_units(frame, config, protected).to_arrow_iter(), scratch)
+        keep, words = _units_to_keep(scratch, config, protected, report)
+        if not keep.any():
+            raise CorpusError("no documents left after cleaning; check unit.min_words and the corpus")
+        report.fingerprint = _copy_kept(scratch, keep, out_path)
+    finally:
+        scratch.unlink(missing_ok=True)
+    report.counts["kept"] = int(keep.sum())
+    report.word_percentiles = {f"p{q}": float(np.percentile(words[keep], q)) for q in (5, 50, 95)}
+    return report
+
+
+def _annotated_units(frame: daft.DataFrame, config: CleaningConfig,
+                     protected: set[str]) -> daft.DataFrame:
+    """Pass 1 as one lazy Daft plan: every unit with its drop flags, exact key and signature."""
+    collapse = config.normalize_whitespace
     max_words = config.max_words
+    patterns = [re.compile(p, flags=re.DOTALL) for p in config.boilerplate_patterns]
 
-    @daft.func
-    def pieces(text: str) -> list[str]:
-        return chunk_words(text, max_words)
+    # Batch UDFs: one Python call per batch rather than per row keeps a 1M-document pass cheap.
+    @daft.func.batch(return_dtype=daft.DataType.string())
+    def normalized(texts: daft.Series) -> list[str]:
+        clean = [unicodedata.normalize("NFC", t or "") for t in texts.to_pylist()]
+        return [" ".join(t.split()) for t in clean] if collapse else clean
 
-    df = df.with_column("parent_id", col("doc_id")).with_column("text", pieces(col("text")))
-    df = df.explode("text")
-    units = df.to_pandas()
-    units["text"] = units["text"].fillna("")
-    chunk_number = units.groupby("parent_id").cumcount()
-    chunked = units.groupby("parent_id")["parent_id"].transform("size") > 1
-    units["doc_id"] = np.where(chunked, units["parent_id"] + "#" + chunk_number.astype(str),
-                               units["parent_id"])
-    report.counts["units_after_chunking"] = len(units)
+    @daft.func.batch(return_dtype=daft.DataType.list(daft.DataType.string()))
+    def pieces(texts: daft.Series) -> list[list[str]]:
+        return [chunk_words(t, max_words) for t in texts.to_pylist()]
 
-    words = (units["title"] + " " + units["text"]).str.split().str.len()
-    is_protected = units["parent_id"].isin(protected)
-    short = (words < config.min_words) & ~is_protected
-    boiler = pd.Series(False, index=units.index)
-    for pattern in config.boilerplate_patterns:
-        boiler |= units["text"].str.fullmatch(pattern, flags=re.DOTALL)
-    boiler &= ~is_protected & ~short
-    report.counts["dropped_short_or_empty"] = int(short.sum())
-    report.counts["dropped_boilerplate"] = int(boiler.sum())
-    units = units[~short & ~boiler].reset_index(drop=True)
+    @daft.func.batch(return_dtype=daft.DataType.list(daft.DataType.string()))
+    def unit_ids(doc_ids: daft.Series, chunks: daft.Series) -> list[list[str]]:
+        return [[doc_id] if len(parts) == 1 else [f"{doc_id}#{i}" for i in range(len(parts))]
+                for doc_id, parts in zip(doc_ids.to_pylist(), chunks.to_pylist())]
 
-    units, dropped_exact, dropped_near = _dedupe(units, config, protected, report)
-    report.counts["dropped_exact_duplicates"] = dropped_exact
-    report.counts["dropped_near_duplicates"] = dropped_near
-    report.counts["kept"] = len(units)
-    if units.empty:
-        raise CorpusError("no documents left after cleaning; check unit.min_words and the corpus")
-    final_words = (units["title"] + " " + units["text"]).str.split().str.len()
-    report.word_percentiles = {f"p{q}": float(np.percentile(final_words, q)) for q in (5, 50, 95)}
-    return units[["doc_id", "parent_id", "title", "text", "anchor"]], report
+    @daft.func.batch(return_dtype=daft.DataType.int64())
+    def word_count(titles: daft.Series, texts: daft.Series) -> list[int]:
+        return [len(f"{a} {b}".split()) for a, b in zip(titles.to_pylist(), texts.to_pylist())]
 
+    @daft.func.batch(return_dtype=daft.DataType.bool())
+    def is_boilerplate(texts: daft.Series) -> list[bool]:
+        return [any(p.fullmatch(t or "") for p in patterns) for t in texts.to_pylist()]
 
-def _dedupe(units: pd.DataFrame, config: CleaningConfig, protected: set[str],
-            report: CleaningReport) -> tuple[pd.DataFrame, int, int]:
-    frame = daft.from_pandas(units[["doc_id", "title", "text"]])
+    is_protected = col("parent_id").is_in(list(protected)) if protected else daft.lit(False)
+    frame = frame.with_columns({"title": normalized(col("title")), "text": normalized(col("text")),
+                                "parent_id": col("doc_id")})
+    frame = frame.with_column("text", pieces(col("text")))
+    frame = frame.with_column("doc_id", unit_ids(col("parent_id"), col("text")))
+    frame = frame.explode(col("text"), col("doc_id")).with_column("text", col("text").fill_null(""))
+    frame = frame.with_columns({"words": word_count(col("title"), col("text")),
+                                "protected": is_protected})
+    frame = frame.with_columns({
+        "short": (col("words") < config.min_words) & ~col("protected"),
+        "boilerplate": (is_boilerplate(col("text")) if patterns else daft.lit(False))
+        & ~col("protected"),
+    })
     key = normalize(col("title") + daft.lit(" ") + col("text"), remove_punct=True, lowercase=True,
                     white_space=True)
-    frame = frame.select(
-        col("doc_id"),
+    return frame.select(
+        *UNIT_COLUMNS, "words", "short", "boilerplate",
         key.hash().alias("exact_key"),
         minhash(key, num_hashes=config.num_hashes, ngram_size=config.ngram_size,
                 seed=config.seed + 1).alias("signature"),
-    ).to_pandas()
-    by_id = units.set_index("doc_id")
-    parent_of = by_id["parent_id"].to_dict()
-    order = sorted(frame.index, key=lambda i: _keep_order(parent_of[frame.at[i, "doc_id"]], protected))
-    frame = frame.loc[order]
-    exact_dup = frame.duplicated("exact_key") & ~frame["doc_id"].map(parent_of).isin(protected)
-    dropped = set(frame.loc[exact_dup, "doc_id"])
-    survivors = frame[~exact_dup]
-    signatures = np.stack(survivors["signature"].to_numpy()).astype(np.uint32)
-    groups = near_duplicate_groups(list(survivors["doc_id"]), signatures, config.bands,
-                                   config.jaccard_threshold)
-    near = set()
-    for group in groups:
-        ranked = sorted(group, key=lambda d: _keep_order(parent_of[d], protected))
-        keeper = ranked[0]
+    )
+
+
+def _write_batches(batches: Iterable[pa.RecordBatch], path: Path) -> None:
+    writer = None
+    try:
+        for batch in batches:
+            if writer is None:
+                writer = pq.ParquetWriter(path, batch.schema)
+            writer.write_batch(batch)
+    finally:
+        if writer is not None:
+            writer.close()
+    if writer is None:
+        raise CorpusError("the corpus is empty: no documents were read")
+
+
+def _units_to_keep(scratch: Path, config: CleaningConfig, protected: set[str],
+                   report: CleaningReport) -> tuple[np.ndarray, np.ndarray]:
+    """Pass 2: which units survive (a mask in file order), from ids, flags and signatures only."""
+    table = pq.read_table(scratch, columns=_BOOKKEEPING)
+    signatures = table.column("signature").combine_chunks()
+    signatures = signatures.flatten().to_numpy().astype(np.uint32).reshape(len(table), -1)
+    units = table.drop(["signature"]).to_pandas()
+    del table
+    report.counts["units_after_chunking"] = len(units)
+    report.counts["dropped_short_or_empty"] = int(units["short"].sum())
+    boilerplate = units["boilerplate"] & ~units["short"]
+    report.counts["dropped_boilerplate"] = int(boilerplate.sum())
+    keep = ~(units["short"] | boilerplate).to_numpy()
+
+    # Exact duplicates: keep the first unit per key in (judged first, then id) order.
+    candidates = units[keep].assign(is_protected=lambda u: u["parent_id"].isin(protected))
+    candidates = candidates.sort_values(["is_protected", "doc_id"], ascending=[False, True])
+    exact = candidates.duplicated("exact_key") & ~candidates["is_protected"]
+    report.counts["dropped_exact_duplicates"] = int(exact.sum())
+    keep[candidates.index[exact]] = False
+
+    survivors = np.flatnonzero(keep)
+    doc_ids, parent_ids = units["doc_id"].to_numpy(), units["parent_id"].to_numpy()
+    dropped_near = 0
+    for group in near_duplicate_components(signatures[survivors], config.bands, config.jaccard_threshold):
+        rows = survivors[group]
+        ranked = sorted(rows, key=lambda r: _keep_order(parent_ids[r], protected) + (doc_ids[r],))
         for other in ranked[1:]:
-            if parent_of[other] not in protected:
-                near.add(other)
+            if parent_ids[other] not in protected:
+                keep[other] = False
+                dropped_near += 1
                 if len(report.duplicate_examples) < 10:
-                    report.duplicate_examples.append((keeper, other))
-    kept = units[~units["doc_id"].isin(dropped | near)].reset_index(drop=True)
-    return kept, len(dropped), len(near)
+                    report.duplicate_examples.append((doc_ids[ranked[0]], doc_ids[other]))
+    report.counts["dropped_near_duplicates"] = dropped_near
+    return keep, units["words"].to_numpy()
+
+
+def _copy_kept(scratch: Path, keep: np.ndarray, out_path: Path) -> str:
+    """Pass 3: stream the kept units into `out_path`; returns the content fingerprint."""
+    digest = hashlib.sha256()
+    source = pq.ParquetFile(scratch)
+    offset = 0
+    schema = pa.schema([source.schema_arrow.field(name) for name in UNIT_COLUMNS])
+    with pq.ParquetWriter(out_path, schema) as writer:
+        for batch in source.iter_batches(columns=UNIT_COLUMNS):
+            mask = keep[offset: offset + batch.num_rows]
+            offset += batch.num_rows
+            kept = batch.filter(pa.array(mask))
+            if kept.num_rows:
+                writer.write_batch(kept)
+                rows = kept.select(["doc_id", "title", "text"]).to_pandas()
+                digest.update(pd.util.hash_pandas_object(rows, index=False).to_numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -253,6 +253,47 @@ def build_quantized(embeddings: np.ndarray, dims: int, precision: str,
                        list(titles) if titles is not None else [""] * n, info, rescore)
 
 
+# IVF lists keep the ids given at add time, so after remove_ids a row number is no longer a position
+# in the id map; the flat structures compact in order, so positions stay aligned with it.
+UPDATABLE_PRECISIONS = ("fp32", "fp16", "int8", "binary+int8", "binary+fp32")
+
+
+def update_index(loaded: LoadedIndex, remove_rows: Sequence[int], embeddings: np.ndarray,
+                 ids: Sequence[str], parents: Sequence[str], titles: Sequence[str]) -> LoadedIndex:
+    """Drop `remove_rows`, then append `embeddings` (full-dimension, normalized, from the encoder
+    that built the index) with their ids; changes `loaded` in place and returns it.
+
+    Kept vectors keep their relative order, so the id map stays aligned with the rows. The int8
+    scalar quantizer keeps the per-dimension ranges it was trained on: a new vector outside them is
+    clipped, which is why a refresh that replaces a large share of the corpus should rebuild.
+    """
+    if loaded.precision not in UPDATABLE_PRECISIONS:
+        raise ValueError(f"{loaded.precision} indexes cannot be updated in place; rebuild them")
+    rows = np.unique(np.asarray(remove_rows, dtype=np.int64))
+    if len(rows):
+        for structure in (loaded.index, loaded.rescore):
+            if structure is not None:
+                structure.remove_ids(rows)
+    kept = np.ones(len(loaded.ids), dtype=bool)
+    kept[rows] = False
+    if len(embeddings):
+        vectors = truncate(embeddings, loaded.dims)
+        if loaded.precision in BINARY_PRECISIONS:
+            loaded.index.add(quantize_embeddings(vectors, precision="ubinary"))
+            loaded.rescore.add(vectors)
+        else:
+            loaded.index.add(vectors)
+
+    def merged(old: Sequence[str], new: Sequence[str]) -> list[str]:
+        return [value for value, keep in zip(old, kept, strict=True) if keep] + list(new)
+
+    loaded.ids, loaded.parents, loaded.titles = (merged(loaded.ids, ids), merged(loaded.parents, parents),
+                                                 merged(loaded.titles, titles))
+    loaded.info = {**loaded.info, "count": int(loaded.index.ntotal)}
+    loaded._gpu = None  # a GPU copy made before the update is stale
+    return loaded
+
+
 def save_index(directory: str | Path, index: faiss.Index | LoadedIndex, ids: Sequence[str],
                parents: Sequence[str], titles: Sequence[str], encoder_revision: str, kind: str = "",
                build_seconds: float = 0.0) -> int:

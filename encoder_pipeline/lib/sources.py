@@ -249,6 +249,9 @@ def read_corpus(fmt: str, location: str, id_field: str = "_id", title_field: str
     reader = {"jsonl": daft.read_json, "parquet": daft.read_parquet, "csv": daft.read_csv}[fmt]
     try:
         frame = reader(location)  # reads the schema now, so unreadable files fail here
+    except FileNotFoundError as error:  # a remote URI: local paths were checked above
+        raise CorpusError(f"corpus not found at {location} (check corpus.path in the domain spec "
+                          "and the storage credentials in the environment)") from error
     except daft.exceptions.DaftCoreException as error:
         if "empty" in str(error).lower():
             raise CorpusError(f"the corpus at {location} is empty") from error

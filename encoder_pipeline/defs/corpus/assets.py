@@ -1,10 +1,12 @@
 """clean_corpus and eval_set: the retrievable units, and the queries the report is judged on."""
 
-import hashlib
 import os
+import tempfile
+from pathlib import Path
 
 import dagster as dg
 import pandas as pd
+import pyarrow.parquet as pq
 
 from encoder_pipeline.defs.shared import (
     CORPUS_FILE,
@@ -16,8 +18,8 @@ from encoder_pipeline.defs.shared import (
     write_eval_split,
 )
 from encoder_pipeline.domains import DomainSpec, domain_partitions
-from encoder_pipeline.lib.corpus import CleaningConfig
-from encoder_pipeline.lib.corpus import clean_corpus as clean
+from encoder_pipeline.lib.corpus import CleaningConfig, clean_corpus_to_parquet as clean_to_parquet
+from encoder_pipeline.lib.drift import write_snapshot
 from encoder_pipeline.lib.pairs import held_out_split, judged_split, sample_judged
 from encoder_pipeline.lib.sources import CorpusError, read_corpus, read_judged
 from encoder_pipeline.resources import ArtifactStoreResource, PipelineSettings
@@ -39,7 +41,7 @@ def _judged(spec: DomainSpec, settings: PipelineSettings):
     return sample_judged(queries, qrels, settings.sizes().judged_queries, settings.seed)
 
 
-def _cleaning_config(spec: DomainSpec, settings: PipelineSettings) -> CleaningConfig:
+def cleaning_config(spec: DomainSpec, settings: PipelineSettings) -> CleaningConfig:
     return CleaningConfig(
         max_words=spec.unit.max_words, min_words=spec.unit.min_words,
         normalize_whitespace=spec.unit.normalize_whitespace,
@@ -56,6 +58,7 @@ def _cleaning_config(spec: DomainSpec, settings: PipelineSettings) -> CleaningCo
     kinds={"daft", "parquet"},
     owners=["team:retrieval"],
     check_specs=[dg.AssetCheckSpec("enough_documents", asset="clean_corpus")],
+    deps=["corpus_source"],  # the raw corpus, observed by corpus_drift_sensor (defs/domains/drift.py)
 )
 def clean_corpus(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource,
                  settings: PipelineSettings) -> dg.MaterializeResult:
@@ -66,37 +69,44 @@ def clean_corpus(context: dg.AssetExecutionContext, artifacts: ArtifactStoreReso
     location = spec.corpus_location() if spec.corpus.format != "python_stdlib" else "(stdlib)"
     judged = _judged(spec, settings)
     protected = {doc for rels in judged[1].values() for doc in rels} if judged else set()
-    config = _cleaning_config(spec, settings)
-    try:
-        raw = read_corpus(spec.corpus.format, location, spec.corpus.id_field, spec.corpus.title_field,
-                          spec.corpus.text_field, spec.corpus.exclude)
-        units, report = clean(raw, config, protected)
-    except CorpusError as error:
-        raise dg.Failure(f"domain '{spec.name}' (spec {spec.source_file}): {error}") from error
-    fingerprint = hashlib.sha256(
-        pd.util.hash_pandas_object(units[["doc_id", "title", "text"]], index=False).to_numpy().tobytes()
-    ).hexdigest()[:16]
-    with publish(context, artifacts, settings, config.__dict__, upstream=[],
-                 corpus_fingerprint=fingerprint) as staging:
-        units.to_parquet(staging / CORPUS_FILE, index=False)
+    config = cleaning_config(spec, settings)
+    store = artifacts.store()
+    store.domain_dir(spec.name).mkdir(parents=True, exist_ok=True)
+    # Cleaning streams to a scratch file beside the artifacts (the corpus never sits in memory
+    # whole), which then moves into the published version with a rename.
+    with tempfile.TemporaryDirectory(dir=store.domain_dir(spec.name), prefix=".clean-") as scratch:
+        cleaned = Path(scratch) / CORPUS_FILE
+        try:
+            raw = read_corpus(spec.corpus.format, location, spec.corpus.id_field,
+                              spec.corpus.title_field, spec.corpus.text_field, spec.corpus.exclude)
+            report = clean_to_parquet(raw, config, cleaned, protected)
+        except CorpusError as error:
+            raise dg.Failure(f"domain '{spec.name}' (spec {spec.source_file}): {error}") from error
+        with publish(context, artifacts, settings, config.__dict__, upstream=[],
+                     corpus_fingerprint=report.fingerprint) as staging:
+            os.replace(cleaned, staging / CORPUS_FILE)
+            write_snapshot(raw, staging)  # what corpus_drift_sensor measures drift against
+    published = store.latest(spec.name, "clean_corpus") / CORPUS_FILE
+    sample = pq.ParquetFile(published).iter_batches(batch_size=5, columns=["doc_id", "title", "text"])
+    kept = report.counts["kept"]
 
     counts = pd.DataFrame({"step": list(report.counts), "documents": list(report.counts.values())})
     minimum = 2 * settings.sizes().eval_queries
     return dg.MaterializeResult(
         metadata={
-            "documents": dg.MetadataValue.int(len(units)),
+            "documents": dg.MetadataValue.int(kept),
             "source_documents": dg.MetadataValue.int(report.counts["read"]),
-            "corpus_fingerprint": fingerprint,
+            "corpus_fingerprint": report.fingerprint,
             "counts_per_step": md_table(counts),
             **{f"words_{k}": dg.MetadataValue.float(v) for k, v in report.word_percentiles.items()},
             "near_duplicate_examples": md_table(pd.DataFrame(report.duplicate_examples,
                                                              columns=["kept", "dropped"])),
-            "sample": md_table(units.head(5)[["doc_id", "title", "text"]]),
+            "sample": md_table(next(sample).to_pandas()),
         },
         check_results=[dg.AssetCheckResult(
-            check_name="enough_documents", passed=len(units) >= minimum,
+            check_name="enough_documents", passed=kept >= minimum,
             severity=dg.AssetCheckSeverity.ERROR,
-            metadata={"documents": len(units), "minimum": minimum},
+            metadata={"documents": kept, "minimum": minimum},
         )],
     )
 

@@ -1,22 +1,45 @@
-"""Domain automation: spec files become partitions; corpus changes and a weekly timer request retrains.
+"""Domain automation: spec files become partitions; corpus drift and a weekly timer request retrains.
 
 - `domain_specs_sensor` (on by default): a new spec file under data/domains/ becomes a new `domain`
   partition without restarting `dagster dev`.
-- `corpus_change_sensor` and `weekly_retrain_schedule` (off by default): turn them on in the UI.
+- `corpus_drift_sensor` (off by default): observes each domain's `corpus_source` and, under the
+  spec's `[drift]` thresholds, requests a retrain (`train_encoder_job`) or an incremental index
+  refresh (`index_refresh_job`).
+- `weekly_retrain_schedule` (off by default): the fallback, every domain on Mondays.
 """
 
 import json
+import time
 
 import dagster as dg
 
-from encoder_pipeline.domains import SpecError, domain_names, domain_partitions, load_domain
-from encoder_pipeline.lib.sources import fingerprint_files
+from encoder_pipeline.defs.domains import drift
+from encoder_pipeline.domains import DomainSpec, SpecError, domain_names, domain_partitions, load_domain
+from encoder_pipeline.lib.artifacts import ArtifactStore
+from encoder_pipeline.lib.drift import corpus_snapshot, decide
+from encoder_pipeline.lib.drift import fingerprint as drift_fingerprint
+from encoder_pipeline.lib.sources import CorpusError
+from encoder_pipeline.resources import ArtifactStoreResource, PipelineSettings
+
+REASON_TAG = "encoder_pipeline/reason"
+PARTITION_TAG = "dagster/partition"
+IN_FLIGHT = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
+             dg.DagsterRunStatus.STARTED]
 
 train_encoder_job = dg.define_asset_job(
     "train_encoder_job",
     selection=dg.AssetSelection.all(),
     partitions_def=domain_partitions,
     description="Materialize the whole graph (corpus -> report) for one domain partition.",
+)
+
+index_refresh_job = dg.define_asset_job(
+    "index_refresh_job",
+    selection=dg.AssetSelection.assets("clean_corpus", "embedding_index", "eval_report", "serving_index"),
+    partitions_def=domain_partitions,
+    description="The corpus changed but the encoder stays: re-clean the corpus, update the served "
+    "configuration's index incrementally (new and changed units embedded, removed ones dropped), "
+    "re-run the report, and promote only if its blocking checks pass.",
 )
 
 
@@ -32,43 +55,102 @@ def domain_specs_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult 
     )
 
 
-def corpus_fingerprint(domain: str) -> str | None:
-    """The source files' fingerprint, or None when the spec is invalid or the corpus is absent."""
-    try:
-        spec = load_domain(domain)
-    except SpecError:
-        return None
-    location = spec.corpus_location() if spec.corpus.format != "python_stdlib" else ""
-    if spec.corpus.format == "beir":
-        location = location.rstrip("/") + "/corpus.jsonl"
-    fingerprint = fingerprint_files(spec.corpus.format, location)
-    return fingerprint
+def _in_flight(instance: dg.DagsterInstance, domain: str) -> str | None:
+    """The id of a queued or running run of this domain partition, if any."""
+    records = instance.get_run_records(
+        dg.RunsFilter(tags={PARTITION_TAG: domain}, statuses=IN_FLIGHT), limit=1)
+    return records[0].dagster_run.run_id if records else None
 
 
-@dg.sensor(job=train_encoder_job, minimum_interval_seconds=300,
+def _last_retrain(instance: dg.DagsterInstance, domain: str, requested_at: float) -> float:
+    """When this domain last retrained: the newest train_encoder_job run (the sensor's, the
+    schedule's or a manual one) or the sensor's own last request, whichever is later."""
+    records = instance.get_run_records(
+        dg.RunsFilter(job_name=train_encoder_job.name, tags={PARTITION_TAG: domain}), limit=1)
+    return max([requested_at, *(r.create_timestamp.timestamp() for r in records)])
+
+
+def _request(domain: str, job: str, key: str, reason: str) -> dg.RunRequest:
+    return dg.RunRequest(run_key=key, job_name=job, partition_key=domain, tags={REASON_TAG: reason})
+
+
+def _domain_tick(context: dg.SensorEvaluationContext, store: ArtifactStore, settings: PipelineSettings,
+                 spec: DomainSpec, seen: dict, now: float
+                 ) -> tuple[dict, dg.AssetObservation | None, dg.RunRequest | None, str]:
+    """One domain: (its new cursor entry, an observation, a run request, what happened)."""
+    domain = spec.name
+    files, against = drift.files_fingerprint(spec), drift.versions(store, domain)
+    event = None
+    if files is None or files != seen.get("files") or against != seen.get("against"):
+        raw = drift.read_source(spec)
+        current = corpus_snapshot(raw)
+        fingerprint = drift_fingerprint(current)
+        if fingerprint != seen.get("fingerprint") or against != seen.get("against"):
+            measured = drift.measure(spec, store, settings, raw, current)
+            decision = decide(measured, drift.thresholds(spec))
+            event = drift.observation(domain, measured, decision.action, decision.reason)
+            seen = {"fingerprint": fingerprint, "decision": [decision.action, decision.reason],
+                    "refreshable": measured.fingerprint != (measured.indexed_fingerprint
+                                                            or measured.training_fingerprint),
+                    "requested": [], "retrain_requested_at": seen.get("retrain_requested_at", 0.0)}
+        seen = {**seen, "files": files, "against": against}
+    action, reason = seen.get("decision", ["none", ""])
+    keys = {a: f"{domain}:{a}:{seen.get('fingerprint')}:{against['trained']}" for a in ("retrain", "refresh")}
+    if action == "none":
+        return seen, event, None, f"{domain}: {reason or 'nothing to do'}"
+    if keys[action] in seen["requested"]:
+        return seen, event, None, f"{domain}: {action} already requested"
+    running = _in_flight(context.instance, domain)
+    if running:  # never flood: one run per domain at a time
+        return seen, event, None, f"{domain}: {action} waits for run {running}"
+    if action == "retrain":
+        wait_s = (spec.drift.min_hours_between_retrains * 3600
+                  - (now - _last_retrain(context.instance, domain, seen["retrain_requested_at"])))
+        if wait_s <= 0:
+            seen = {**seen, "requested": [*seen["requested"], keys["retrain"]], "retrain_requested_at": now}
+            return seen, event, _request(domain, train_encoder_job.name, keys["retrain"], reason), reason
+        if not seen["refreshable"] or keys["refresh"] in seen["requested"]:
+            return seen, event, None, f"{domain}: retrain deferred {wait_s / 3600:.1f} h (minimum interval)"
+        # Keep search current while the retrain waits out the minimum interval.
+        reason = (f"{reason}; retrain deferred {wait_s / 3600:.1f} h (minimum interval), "
+                  "refreshing the index meanwhile")
+    seen = {**seen, "requested": [*seen["requested"], keys["refresh"]]}
+    return seen, event, _request(domain, index_refresh_job.name, keys["refresh"], reason), reason
+
+
+@dg.sensor(jobs=[train_encoder_job, index_refresh_job], minimum_interval_seconds=600,
            default_status=dg.DefaultSensorStatus.STOPPED)
-def corpus_change_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
-    """Request a retrain of a domain partition when its corpus source files change.
+def corpus_drift_sensor(context: dg.SensorEvaluationContext, artifacts: ArtifactStoreResource,
+                        settings: PipelineSettings) -> dg.SensorResult | dg.SkipReason:
+    """Observe each domain's corpus and request a retrain when its drift since training crosses the
+    spec's `[drift]` thresholds, else an incremental index refresh when it changed at all.
 
-    The cursor maps each domain to the fingerprint last seen; the first sighting only records it.
-    The run key (domain + fingerprint) makes a given change trigger at most one run.
+    Each observation (on `corpus_source`) is recorded when the corpus or what it is measured against
+    changes. Never floods: nothing is requested for a domain while a run of its partition is queued
+    or running, a retrain waits `min_hours_between_retrains` after the last one (refreshing the
+    index meanwhile), and a run key per (action, corpus fingerprint, training version) requests each
+    at most once. The cursor keeps, per domain, the files and content fingerprints seen, the last
+    decision, the requests made and when the last retrain was requested.
     """
-    seen = json.loads(context.cursor) if context.cursor else {}
-    partitions = set(context.instance.get_dynamic_partitions(domain_partitions.name))
-    requests, current = [], dict(seen)
-    for domain in sorted(partitions):
-        fingerprint = corpus_fingerprint(domain)
-        if fingerprint is None:
+    state = json.loads(context.cursor) if context.cursor else {}
+    store, now = artifacts.store(), time.time()
+    requests, events, notes = [], [], []
+    for domain in sorted(context.instance.get_dynamic_partitions(domain_partitions.name)):
+        try:
+            spec = load_domain(domain)
+            state[domain], event, request, note = _domain_tick(context, store, settings, spec,
+                                                               state.get(domain, {}), now)
+        except (SpecError, CorpusError) as error:  # an invalid spec or an absent corpus: not observable
+            notes.append(f"{domain}: {error}")
             continue
-        current[domain] = fingerprint
-        if domain in seen and seen[domain] != fingerprint:
-            requests.append(dg.RunRequest(
-                run_key=f"{domain}:{fingerprint}", partition_key=domain,
-                tags={"encoder_pipeline/reason": f"corpus changed ({seen[domain]} -> {fingerprint})"},
-            ))
-    if not requests and current == seen:
-        return dg.SkipReason("no corpus changed")
-    return dg.SensorResult(run_requests=requests, cursor=json.dumps(current, sort_keys=True))
+        events += [event] if event else []
+        requests += [request] if request else []
+        notes.append(note)
+    cursor = json.dumps(state, sort_keys=True)
+    if not requests and not events and cursor == (context.cursor or "{}"):
+        return dg.SkipReason("; ".join(notes) or "no domain partitions")
+    return dg.SensorResult(run_requests=requests, asset_events=events, cursor=cursor,
+                           skip_reason=None if requests else "; ".join(notes))
 
 
 @dg.schedule(job=train_encoder_job, cron_schedule="0 3 * * 1",

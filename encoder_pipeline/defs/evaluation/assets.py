@@ -174,6 +174,7 @@ def sweep_frame(sweep: dict) -> pd.DataFrame:
     kinds={"pytorch", "faiss"},
     owners=["team:retrieval"],
     deps=[embedding_index, index_sweep],
+    automation_condition=dg.AutomationCondition.eager(),
     check_specs=[
         *(dg.AssetCheckSpec(name, asset="eval_report") for name in (*TARGET_CHECKS, BEATS_BASELINE)),
         dg.AssetCheckSpec(SAFE_TO_PROMOTE, asset="eval_report", blocking=True,
@@ -184,9 +185,10 @@ def sweep_frame(sweep: dict) -> pd.DataFrame:
 )
 def eval_report(context: dg.AssetExecutionContext, config: ReportConfig,
                 artifacts: ArtifactStoreResource, settings: PipelineSettings) -> dg.MaterializeResult:
-    """The decision page (report.json, report.md, ladder/sweep/latency PNGs; markdown with the
-    figures in the UI). On the eval set (pytrec_eval): BM25, the off-the-shelf model, a hybrid (BM25 +
-    the served index, reciprocal-rank fusion), the spec's `extra_models`, each ladder rung with a
+    """Was training worth it for this domain? The decision page: every system on the eval set,
+    the targets, a verdict (metadata `report`, with its plots; files report.json, report.md,
+    ladder/sweep/latency PNGs). On the eval set (pytrec_eval): BM25, the off-the-shelf model, a
+    hybrid (BM25 + the served index, reciprocal-rank fusion), the spec's `extra_models`, each ladder rung with a
     paired randomization test against the rung below and against the off-the-shelf model, and the
     served index; the index sweep; p50/p95 latency (encode + search, one distinct query at a time,
     warm, no cache), index size and $/1k queries of the served index; a migration view (top-10

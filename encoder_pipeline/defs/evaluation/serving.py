@@ -17,6 +17,7 @@ from encoder_pipeline.defs.indexing.assets import CHOICE_FILE
 from encoder_pipeline.defs.shared import publish
 from encoder_pipeline.domains import domain_partitions
 from encoder_pipeline.lib.index import served_bytes
+from encoder_pipeline.lib.promotion import garbage_collect
 from encoder_pipeline.resources import ArtifactStoreResource, PipelineSettings
 
 GROUP = "serving"
@@ -30,6 +31,9 @@ NOT_COPIED = {"manifest.json"}  # the new version writes its own
     kinds={"faiss"},
     owners=["team:retrieval"],
     deps=[eval_report],
+    automation_condition=(dg.AutomationCondition.eager()
+                          & dg.AutomationCondition.all_deps_blocking_checks_passed()
+                          ).with_label("eager, once the report's blocking checks pass"),
 )
 def serving_index(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource,
                   settings: PipelineSettings) -> dg.MaterializeResult:
@@ -37,8 +41,10 @@ def serving_index(context: dg.AssetExecutionContext, artifacts: ArtifactStoreRes
     (same layout: index files, ids.json.gz, index.json, choice.json) and record the verdict in
     promotion.json. In a run with `eval_report`, Dagster skips this asset when the blocking
     `safe_to_promote` check fails; materialized on its own, it refuses a report that is not safe to
-    promote or that judged another `embedding_index` version. The previous version stays on disk
-    (roll back by moving the asset's LATEST pointer)."""
+    promote or that judged another `embedding_index` version. The previous version stays on disk:
+    `encoder-pipeline rollback` serves it again. After a promotion, artifacts that neither the last
+    `settings.keep_promoted_versions` promotions nor any asset's current version needs are deleted
+    (`lib.promotion.garbage_collect`)."""
     domain = context.partition_key
     store = artifacts.store()
     report = read_report(store, domain)
@@ -76,6 +82,9 @@ def serving_index(context: dg.AssetExecutionContext, artifacts: ArtifactStoreRes
                 shutil.copy2(item, staging / item.name)
         (staging / PROMOTION_FILE).write_text(json.dumps(promotion, indent=2))
     published = store.latest(domain, SERVING_ASSET)
+    collected = garbage_collect(store, domain, settings.keep_promoted_versions)
+    context.log.info(f"garbage collection deleted {len(collected.deleted)} versions: "
+                     f"{', '.join(f'{a}/{v}' for a, v in collected.deleted) or 'none'}")
     return dg.MaterializeResult(metadata={
         "promoted_revision": choice["revision"],
         "previous_revision": previous_info["revision"] if previous_info else "none",
@@ -86,4 +95,6 @@ def serving_index(context: dg.AssetExecutionContext, artifacts: ArtifactStoreRes
         "ndcg_at_10": dg.MetadataValue.float(report["after"]["ndcg@10"]),
         "index_mb": dg.MetadataValue.float(served_bytes(published) / 1e6),
         "path": dg.MetadataValue.path(str(published)),
+        "gc_deleted_versions": dg.MetadataValue.int(len(collected.deleted)),
+        "gc_freed_mb": dg.MetadataValue.float(collected.freed_bytes / 1e6),
     })

@@ -3,11 +3,11 @@ measured on the dev slice (which chooses) and the eval set (which only reports),
 configuration built over the whole corpus and bound to that encoder's revision."""
 
 import json
-import time
 
 import dagster as dg
 import numpy as np
 
+from encoder_pipeline.defs.indexing.refresh import build_or_refresh
 from encoder_pipeline.defs.shared import (
     corpus_texts,
     domain_spec,
@@ -27,7 +27,7 @@ from encoder_pipeline.defs.training.assets import (
 from encoder_pipeline.domains import domain_partitions
 from encoder_pipeline.lib import encoders
 from encoder_pipeline.lib.artifacts import ArtifactStore
-from encoder_pipeline.lib.index import RESCORE_MULTIPLIER, build_quantized, save_index
+from encoder_pipeline.lib.index import RESCORE_MULTIPLIER, save_index
 from encoder_pipeline.lib.sweep import (
     CHOICE_RULE,
     QuerySet,
@@ -69,6 +69,7 @@ def read_sweep(store: ArtifactStore, domain: str) -> dict:
     kinds={"faiss"},
     owners=["team:retrieval"],
     deps=ladder_encoders,
+    automation_condition=dg.AutomationCondition.eager(),
     description=(
         "The best rung's corpus index at every Matryoshka width (384/192/96/48) x precision (fp32, "
         "fp16, int8 scalar quantizer, binary with int8 or fp32 rescoring, IVF-PQ from 20k vectors): "
@@ -155,13 +156,15 @@ def index_sweep(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResou
     group_name=GROUP,
     kinds={"faiss"},
     owners=["team:retrieval"],
-    deps=[index_sweep],
+    deps=[index_sweep, "clean_corpus"],
+    automation_condition=dg.AutomationCondition.eager(),
 )
 def embedding_index(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource,
                     settings: PipelineSettings) -> dg.MaterializeResult:
     """The configuration index_sweep chose (Matryoshka width x precision), built over the whole corpus
     embedded by the ladder rung with the best dev nDCG@10; refuses to be queried with any other
-    encoder revision."""
+    encoder revision. When only the corpus changed since the last version (same sweep), that version
+    is updated incrementally instead (see `refresh.py`)."""
     spec = domain_spec(context)
     store = artifacts.store()
     swept = read_sweep(store, spec.name)
@@ -170,15 +173,10 @@ def embedding_index(context: dg.AssetExecutionContext, artifacts: ArtifactStoreR
     if revision != swept["revision"]:
         raise dg.Failure(f"the encoder at {model_path} is now {revision}, but index_sweep measured "
                          f"{swept['revision']}: re-materialize index_sweep")
-    units = read_corpus_units(store, spec.name)
-    vectors = encoders.cached_embeddings(model_path, corpus_texts(units),
-                                         embeddings_cache(store, spec.name),
-                                         bf16=settings.bf16_inference)
-    ids, parents, titles = list(units["doc_id"]), list(units["parent_id"]), list(units["title"])
-    started = time.perf_counter()
-    index = build_quantized(vectors, chosen["dims"], chosen["precision"], ids, parents, titles,
-                            rescore_multiplier=swept.get("rescore_multiplier", RESCORE_MULTIPLIER))
-    build_seconds = time.perf_counter() - started
+    built = build_or_refresh(store, spec.name, swept, read_corpus_units(store, spec.name),
+                             settings.bf16_inference)
+    index, build_seconds = built.index, built.seconds
+    ids, parents, titles = index.ids, index.parents, index.titles
     dev_scores = swept.get("dev_ndcg_at_10_by_rung", {})
     with publish(context, artifacts, settings,
                  {"rung": rung, "dims": chosen["dims"], "precision": chosen["precision"]},
@@ -198,6 +196,7 @@ def embedding_index(context: dg.AssetExecutionContext, artifacts: ArtifactStoreR
         "vectors": dg.MetadataValue.int(index.index.ntotal),
         "index_mb": dg.MetadataValue.float(size / 1e6),
         "build_seconds": dg.MetadataValue.float(build_seconds),
+        **built.metadata(),
         "dev_ndcg_at_10_chosen": dg.MetadataValue.float(chosen["dev"]["ndcg@10"]),
         **{f"dev_ndcg_at_10/{r}": dg.MetadataValue.float(s) for r, s in dev_scores.items()},
     })

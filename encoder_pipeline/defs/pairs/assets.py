@@ -128,6 +128,8 @@ class EvalGuard:
     owners=["team:retrieval"],
     deps=[clean_corpus, eval_set],
     check_specs=[dg.AssetCheckSpec(LEAKAGE_CHECK, asset="heuristic_pairs", blocking=True)],
+    # A corpus change alone refreshes the index; retraining is corpus_drift_sensor's call.
+    automation_condition=dg.AutomationCondition.eager().ignore(dg.AssetSelection.assets(clean_corpus)),
 )
 def heuristic_pairs(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource,
                     settings: PipelineSettings) -> dg.MaterializeResult:
@@ -198,6 +200,7 @@ def judge_candidates(parsed: pd.DataFrame, hits: list, corpus: TrainingCorpus, s
     owners=["team:retrieval"],
     deps=[heuristic_pairs],
     check_specs=[dg.AssetCheckSpec(LEAKAGE_CHECK, asset="synthetic_queries", blocking=True)],
+    automation_condition=dg.AutomationCondition.eager(),
 )
 def synthetic_queries(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource,
                       settings: PipelineSettings, llm: LLMResource) -> dg.MaterializeResult:
@@ -302,6 +305,7 @@ def synthetic_queries(context: dg.AssetExecutionContext, artifacts: ArtifactStor
     owners=["team:retrieval"],
     deps=[heuristic_pairs, synthetic_queries],
     check_specs=[dg.AssetCheckSpec(LEAKAGE_CHECK, asset="mined_negatives", blocking=True)],
+    automation_condition=dg.AutomationCondition.eager(),
 )
 def mined_negatives(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource,
                     settings: PipelineSettings) -> dg.MaterializeResult:

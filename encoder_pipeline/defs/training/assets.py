@@ -87,6 +87,7 @@ def build_rung(name: str, data_label: str, rows_fn: RowsFn, deps: list) -> dg.As
         kinds={"pytorch", "sentence_transformers"},
         owners=["team:retrieval"],
         deps=deps,
+        automation_condition=dg.AutomationCondition.eager(),
         description=f"Encoder fine-tuned from the base model on {data_label} "
                     "(MultipleNegativesRankingLoss + GOR under Matryoshka, GradCache when the batch "
                     "exceeds the mini-batch, no-duplicates batches); the best epoch on the dev slice "

@@ -1,0 +1,237 @@
+"""corpus_source: each domain's raw corpus, where its spec points, as an external asset upstream of
+clean_corpus. Dagster never materializes it; `corpus_drift_sensor` observes it.
+
+An observation's data version is the corpus's content fingerprint; its metadata is the drift since
+the snapshot the served encoder was trained on (`lib.drift`): documents added / changed / removed,
+the share of tokens that are new terms and the most frequent of them, and the canary: the served
+encoder's eval Recall@10 over its index as built and with the corpus's changes applied.
+
+Which snapshots: clean_corpus writes the raw corpus's snapshot into each of its versions. The
+*training* snapshot is the one in the clean_corpus version the latest index_sweep read (index_sweep
+runs with every retrain, never with an index refresh); the *indexed* snapshot is the one the served
+index was built from.
+"""
+
+import contextlib
+import dataclasses
+import json
+
+import daft
+import dagster as dg
+import pandas as pd
+from daft import col
+
+from encoder_pipeline.defs.corpus.assets import cleaning_config
+from encoder_pipeline.defs.shared import read_eval_split
+from encoder_pipeline.domains import DomainSpec, domain_partitions
+from encoder_pipeline.lib import encoders
+from encoder_pipeline.lib.artifacts import ArtifactStore
+from encoder_pipeline.lib.corpus import clean_corpus
+from encoder_pipeline.lib.drift import (
+    CorpusDiff,
+    Drift,
+    Snapshot,
+    Thresholds,
+    canary_recall,
+    corpus_snapshot,
+    diff_snapshots,
+    fingerprint,
+    read_snapshot,
+    spread_sample,
+    vocabulary_shift,
+)
+from encoder_pipeline.lib.encoders import document_texts
+from encoder_pipeline.lib.index import UPDATABLE_PRECISIONS, load_index
+from encoder_pipeline.lib.search import served_index
+from encoder_pipeline.lib.sources import CorpusError, fingerprint_files, read_corpus
+from encoder_pipeline.resources import PipelineSettings
+
+CORPUS_SOURCE = "corpus_source"
+DATA_VERSION_TAG = "dagster/data_version"  # what observable source assets record their version under
+# Past this many documents to embed, the canary would outlast a sensor tick; a change that large
+# crosses the changed-fraction threshold of any corpus under ~20k documents anyway.
+CANARY_MAX_DOCUMENTS = 2_000
+
+corpus_source = dg.AssetSpec(
+    CORPUS_SOURCE,
+    partitions_def=domain_partitions,
+    group_name="corpus",
+    kinds={"daft"},
+    owners=["team:retrieval"],
+    description="The domain's raw corpus where its spec points (files, object storage, or the "
+    "Python standard library); read, never written, by the pipeline. `corpus_drift_sensor` records "
+    "observations: content fingerprint (data version), documents added / changed / removed since "
+    "training, vocabulary shift, canary Recall@10.",
+)
+
+
+def thresholds(spec: DomainSpec) -> Thresholds:
+    return Thresholds(spec.drift.retrain_changed_fraction, spec.drift.retrain_new_token_share,
+                      spec.drift.canary_recall_drop)
+
+
+def read_source(spec: DomainSpec) -> daft.DataFrame:
+    location = "" if spec.corpus.format == "python_stdlib" else spec.corpus_location()
+    return read_corpus(spec.corpus.format, location, spec.corpus.id_field, spec.corpus.title_field,
+                       spec.corpus.text_field, spec.corpus.exclude)
+
+
+def files_fingerprint(spec: DomainSpec) -> str | None:
+    """Paths, sizes and mtimes of the source files: a cheap test for "maybe changed". None for
+    object storage, which it cannot see into (the content is read every tick there)."""
+    location = "" if spec.corpus.format == "python_stdlib" else spec.corpus_location()
+    if "://" in location:
+        return None
+    if spec.corpus.format == "beir":
+        location = location.rstrip("/") + "/corpus.jsonl"
+    return fingerprint_files(spec.corpus.format, location)
+
+
+def _corpus_version_snapshot(store: ArtifactStore, domain: str, manifest: dict) -> Snapshot | None:
+    version = manifest.get("upstream", {}).get("clean_corpus")
+    return read_snapshot(store.asset_dir(domain, "clean_corpus") / version) if version else None
+
+
+def training_version(store: ArtifactStore, domain: str) -> str | None:
+    """The clean_corpus version the encoders now in use were trained on (via index_sweep)."""
+    try:
+        return store.manifest(domain, "index_sweep")["upstream"].get("clean_corpus")
+    except FileNotFoundError:
+        return None
+
+
+def training_snapshot(store: ArtifactStore, domain: str) -> Snapshot | None:
+    version = training_version(store, domain)
+    return read_snapshot(store.asset_dir(domain, "clean_corpus") / version) if version else None
+
+
+def indexed_manifest(store: ArtifactStore, domain: str) -> dict | None:
+    """The manifest of the embedding_index version users search now (what serving_index copied)."""
+    try:
+        served = served_index(domain, store)
+        manifest = json.loads((served.index_dir / "manifest.json").read_text())
+        if served.asset != "embedding_index":
+            version = manifest["upstream"]["embedding_index"]
+            manifest = json.loads((store.asset_dir(domain, "embedding_index") / version
+                                   / "manifest.json").read_text())
+    except FileNotFoundError:
+        return None
+    return manifest
+
+
+def versions(store: ArtifactStore, domain: str) -> dict[str, str | None]:
+    """What the drift is measured against; a new one (a retrain, a refresh) means a new measurement."""
+    indexed = indexed_manifest(store, domain)
+    return {"trained": training_version(store, domain),
+            "indexed": indexed.get("upstream", {}).get("clean_corpus") if indexed else None}
+
+
+def _canary(spec: DomainSpec, store: ArtifactStore, settings: PipelineSettings, changes: CorpusDiff,
+            texts: pd.DataFrame, drift: Drift) -> None:
+    """Fill the drift's canary: the served index re-measured with `changes` (since it was built)
+    applied: their units embedded by its encoder and swapped in."""
+    if not changes:
+        drift.canary_note = "the served index covers the corpus as it is"
+        return
+    if len(changes.new_or_changed) > CANARY_MAX_DOCUMENTS:
+        drift.canary_note = (f"{len(changes.new_or_changed)} documents to embed (> "
+                             f"{CANARY_MAX_DOCUMENTS}): canary skipped")
+        return
+    try:
+        served = served_index(spec.name, store)
+        index = load_index(served.index_dir, encoders.model_fingerprint(str(served.model_path)))
+        split = read_eval_split(store, spec.name)
+    except FileNotFoundError as error:  # an artifact cleaned up since: measure without the canary
+        drift.canary_note = f"canary skipped: {error}"
+        return
+    if index.precision not in UPDATABLE_PRECISIONS:
+        drift.canary_note = f"a {index.precision} index cannot be updated in place: canary skipped"
+        return
+    judged = {doc for rels in split.qrels.values() for doc in rels}
+    new_docs = texts[texts["doc_id"].isin(set(changes.new_or_changed))]
+    units = pd.DataFrame(columns=["doc_id", "parent_id", "title", "text"])
+    if len(new_docs):
+        # The same normalization, chunking and filters as clean_corpus, over the changed documents.
+        config = dataclasses.replace(cleaning_config(spec, settings), max_documents=0)
+        with contextlib.suppress(CorpusError):  # raised when every changed document is filtered out
+            units, _ = clean_corpus(daft.from_pandas(new_docs), config, judged & set(new_docs["doc_id"]))
+    model = encoders.load_encoder(str(served.model_path))
+    drift.canary_recall_before, drift.canary_recall_after = canary_recall(
+        index, lambda batch: encoders.encode(model, batch, bf16=settings.bf16_inference),
+        split.queries, split.qrels, changes.gone_or_changed, units)
+
+
+def measure(spec: DomainSpec, store: ArtifactStore, settings: PipelineSettings, raw: daft.DataFrame,
+            current: pd.DataFrame) -> Drift:
+    """The corpus now (`raw`, and `current`, its snapshot) against the training snapshot and the
+    served index; reads the text of changed documents only."""
+    drift = Drift(fingerprint(current), len(current))
+    training = training_snapshot(store, spec.name)
+    if training is None:
+        return drift
+    since_training = diff_snapshots(training.documents, current)
+    drift.training_fingerprint = training.fingerprint
+    drift.added, drift.changed = len(since_training.added), len(since_training.changed)
+    drift.removed, drift.changed_fraction = len(since_training.removed), since_training.changed_fraction
+    indexed = indexed_manifest(store, spec.name)
+    indexed_snapshot = _corpus_version_snapshot(store, spec.name, indexed) if indexed else None
+    if indexed_snapshot is None:
+        drift.canary_note = "no served index with a corpus snapshot"
+        since_indexed = None
+    else:
+        drift.indexed_fingerprint = indexed_snapshot.fingerprint
+        since_indexed = diff_snapshots(indexed_snapshot.documents, current)
+
+    hashes = dict(zip(current["doc_id"], current["hash"], strict=True))
+    sample = spread_sample(since_training.new_or_changed, hashes) if training.vocabulary else []
+    canary_docs = since_indexed.new_or_changed[:CANARY_MAX_DOCUMENTS + 1] if since_indexed else []
+    wanted = sorted(set(sample) | set(canary_docs))
+    texts = raw.where(col("doc_id").is_in(wanted)).to_pandas() if wanted else raw.limit(0).to_pandas()
+    if sample:
+        tokens = dict(zip(current["doc_id"], current["tokens"], strict=True))
+        sampled = texts[texts["doc_id"].isin(set(sample))]
+        shift = vocabulary_shift(training.vocabulary,
+                                 document_texts(list(sampled["title"]), list(sampled["text"])),
+                                 changed_tokens=sum(tokens[d] for d in since_training.new_or_changed),
+                                 corpus_tokens=int(current["tokens"].sum()))
+        drift.new_token_share, drift.new_terms = shift.new_token_share, shift.new_terms
+    if since_indexed is not None:
+        _canary(spec, store, settings, since_indexed, texts, drift)
+    return drift
+
+
+def observe(spec: DomainSpec, store: ArtifactStore, settings: PipelineSettings) -> Drift:
+    """Read the domain's corpus and measure its drift (raises CorpusError when it cannot be read)."""
+    raw = read_source(spec)
+    return measure(spec, store, settings, raw, corpus_snapshot(raw))
+
+
+def observation(domain: str, drift: Drift, action: str, reason: str) -> dg.AssetObservation:
+    """corpus_source's observation for one partition: every figure a number, so the UI plots it."""
+    metadata = {
+        "fingerprint": drift.fingerprint,
+        "documents": dg.MetadataValue.int(drift.documents),
+        "decision": action,
+        "reason": reason,
+    }
+    if drift.training_fingerprint is not None:
+        metadata |= {
+            "training_fingerprint": drift.training_fingerprint,
+            "added": dg.MetadataValue.int(drift.added),
+            "changed": dg.MetadataValue.int(drift.changed),
+            "removed": dg.MetadataValue.int(drift.removed),
+            "changed_fraction": dg.MetadataValue.float(drift.changed_fraction),
+            "new_token_share": dg.MetadataValue.float(drift.new_token_share),
+            "new_terms": dg.MetadataValue.md(
+                "\n".join(f"- `{term}` ({count} documents)" for term, count in drift.new_terms) or "none"),
+        }
+    if drift.canary_drop is not None:
+        metadata |= {
+            "canary_recall_at_10": dg.MetadataValue.float(drift.canary_recall_after),
+            "canary_recall_at_10_indexed": dg.MetadataValue.float(drift.canary_recall_before),
+            "canary_recall_drop": dg.MetadataValue.float(drift.canary_drop),
+        }
+    elif drift.canary_note:
+        metadata["canary"] = drift.canary_note
+    return dg.AssetObservation(CORPUS_SOURCE, partition=domain, metadata=metadata,
+                               tags={DATA_VERSION_TAG: drift.fingerprint})

@@ -1,0 +1,91 @@
+"""How embedding_index builds its index: incrementally when only the corpus moved, else in full.
+
+When the latest embedding_index was built from the same index_sweep version (so the same encoder and
+the same chosen width x precision) and the corpus has changed since, the index it published is
+updated in place of a rebuild: units removed or changed since are dropped, new and changed ones are
+embedded by the index's encoder and appended (`lib.index.update_index`). That is the path
+`index_refresh_job` takes when `corpus_drift_sensor` finds the drift below the retrain thresholds.
+
+A full build (every unit embedded, the structure rebuilt) happens otherwise: a new sweep (a retrain),
+an IVF-PQ index, a previous corpus version no longer on disk, or more than MAX_REFRESH_FRACTION of the
+units to replace, because the int8 quantizer's ranges were trained on the old vectors.
+"""
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from encoder_pipeline.defs.shared import CORPUS_FILE, corpus_texts, embeddings_cache
+from encoder_pipeline.lib import encoders
+from encoder_pipeline.lib.artifacts import ArtifactStore, MissingArtifact
+from encoder_pipeline.lib.drift import diff_units
+from encoder_pipeline.lib.index import (
+    RESCORE_MULTIPLIER,
+    UPDATABLE_PRECISIONS,
+    LoadedIndex,
+    build_quantized,
+    load_index,
+    update_index,
+)
+
+MAX_REFRESH_FRACTION = 0.3
+
+
+@dataclass(frozen=True)
+class BuiltIndex:
+    index: LoadedIndex
+    seconds: float  # building or updating the structure, embedding excluded
+    mode: str  # "full" or "incremental"
+    embedded: int  # units embedded for this version
+    removed: int  # units dropped from the previous version (incremental)
+
+    def metadata(self) -> dict:
+        return {"build_mode": self.mode, "units_embedded": self.embedded, "units_removed": self.removed}
+
+
+def _embed(swept: dict, units: pd.DataFrame, store: ArtifactStore, domain: str, bf16: bool) -> np.ndarray:
+    return encoders.cached_embeddings(swept["model_path"], corpus_texts(units),
+                                      embeddings_cache(store, domain), bf16=bf16)
+
+
+def _refresh(store: ArtifactStore, domain: str, swept: dict, units: pd.DataFrame,
+             bf16: bool) -> BuiltIndex | None:
+    """The previous index updated to `units`, or None when it cannot or should not be."""
+    if swept["chosen"]["precision"] not in UPDATABLE_PRECISIONS:
+        return None
+    try:
+        previous = store.latest(domain, "embedding_index")
+        upstream = store.manifest(domain, "embedding_index")["upstream"]
+        if upstream.get("index_sweep") != store.latest_version(domain, "index_sweep"):
+            return None
+        old_units = pd.read_parquet(store.asset_dir(domain, "clean_corpus") / upstream["clean_corpus"]
+                                    / CORPUS_FILE, columns=["doc_id", "title", "text"])
+    except (MissingArtifact, FileNotFoundError, KeyError):
+        return None
+    gone, fresh = diff_units(old_units, units)
+    if len(gone) + len(fresh) > MAX_REFRESH_FRACTION * len(units):
+        return None
+    index = load_index(previous, swept["revision"])
+    vectors = _embed(swept, fresh, store, domain, bf16) if len(fresh) else np.zeros((0, 1), np.float32)
+    rows = [row for row, unit in enumerate(index.ids) if unit in gone]
+    started = time.perf_counter()
+    update_index(index, rows, vectors, list(fresh["doc_id"]), list(fresh["parent_id"]), list(fresh["title"]))
+    return BuiltIndex(index, time.perf_counter() - started, "incremental", len(fresh), len(rows))
+
+
+def build_or_refresh(store: ArtifactStore, domain: str, swept: dict, units: pd.DataFrame,
+                     bf16: bool) -> BuiltIndex:
+    """index_sweep's chosen configuration over `units`: the previous version updated when only the
+    corpus moved, else built from scratch."""
+    refreshed = _refresh(store, domain, swept, units, bf16)
+    if refreshed is not None:
+        return refreshed
+    vectors = _embed(swept, units, store, domain, bf16)
+    chosen = swept["chosen"]
+    started = time.perf_counter()
+    index = build_quantized(vectors, chosen["dims"], chosen["precision"], list(units["doc_id"]),
+                            list(units["parent_id"]), list(units["title"]),
+                            rescore_multiplier=swept.get("rescore_multiplier", RESCORE_MULTIPLIER))
+    return BuiltIndex(index, time.perf_counter() - started, "full", len(units), 0)
