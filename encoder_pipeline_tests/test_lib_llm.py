@@ -318,6 +318,7 @@ def test_local_gemma_generates_a_batch_reproducibly(
     assert len(done) == 2
     for completion in done:
         assert completion.text.strip()
+        assert "\n" not in completion.text.strip()  # generation ends after the first line
         assert completion.prompt_tokens > 0
         assert 0 < completion.completion_tokens <= 16
     # padding is not counted: the longer passage has more prompt tokens
@@ -326,3 +327,52 @@ def test_local_gemma_generates_a_batch_reproducibly(
     again = gemma.generate(prompts, params)
     assert [c.text for c in again] == [c.text for c in done]
     assert generate_cached(gemma, cache, prompts, params).cache_hits == 2
+
+
+def test_prefix_cache_and_decode_rounds_keep_the_greedy_tokens(
+    gemma: LocalGGUFBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shared few-shot prefix computed once, suffixes of different lengths padded after it, and
+    rows decoded a few tokens at a time, finished ones replaced by the next prompt: the same tokens
+    and counts as one plain left-padded pass."""
+    passages = ["Cells need energy.", "Python lists are mutable sequences holding items of any type.",
+                "The Treaty of Westphalia, signed in 1648, ended the Thirty Years' War in Europe."]
+    prompts = [FEW_SHOT.format(passage=p) for p in passages]
+    greedy = GenerationParams(temperature=0.0, max_new_tokens=8)
+    one_pass = LocalGGUFBackend(gemma.gguf_path, batch_size=3, prefix_cache=False).generate(
+        prompts, greedy)
+    assert max(c.completion_tokens for c in one_pass) > 3
+    monkeypatch.setattr(llm, "ROUND_TOKENS", 3)
+    cached = LocalGGUFBackend(gemma.gguf_path, batch_size=2)
+    assert cached.generate(prompts, greedy) == one_pass
+    uncached = LocalGGUFBackend(gemma.gguf_path, batch_size=2, prefix_cache=False)
+    assert uncached.generate(prompts, greedy) == one_pass
+    shared = cached._prefix
+    assert shared is not None and len(shared.ids) >= llm.MIN_SHARED_PREFIX_TOKENS
+    # a later call whose prompts extend the kept prefix reuses it, single prompts included
+    assert cached.generate(prompts[1:2], greedy) == one_pass[1:2]
+    assert cached._prefix is shared
+
+
+def test_sampler_draws_from_the_top_k_top_p_distribution() -> None:
+    """The top-50 sampler keeps exactly the probabilities transformers' warpers would sample from."""
+    import torch
+    from transformers import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    torch.manual_seed(0)
+    scores = torch.randn(4, 1000) * 3
+    scores[1, :990] = -float("inf")  # fewer finite tokens than top_k
+    warpers = LogitsProcessorList(
+        [TemperatureLogitsWarper(0.7), TopKLogitsWarper(50), TopPLogitsWarper(0.9)])
+    expected = warpers(None, scores.clone()).softmax(-1)
+    sampler = llm._TopKTopPSampler(temperature=0.7, top_p=0.9)
+    candidates, probs = sampler.distribution(scores)
+    got = torch.zeros_like(expected).scatter_(-1, candidates, probs / probs.sum(-1, keepdim=True))
+    assert torch.allclose(got, expected, atol=1e-6)
+    drawn = sampler(None, scores).argmax(-1)
+    assert bool((expected.gather(-1, drawn[:, None]) > 0).all())

@@ -1,5 +1,7 @@
 """Prompt building and cleaning of real-world-ugly LLM output."""
 
+import os
+
 import pytest
 
 from encoder_pipeline.lib.queries import (
@@ -60,6 +62,10 @@ def test_prompts_carry_the_spec_and_vary_in_style():
     assert all(r["prompt"].endswith("Query:") and spec.form in r["prompt"] for r in rows)
     assert "Passage: def f(): pass\nQuery: do nothing" in rows[0]["prompt"]
     assert len({r["style"] for r in rows}) > 1
+    # instructions and examples first, the document's style and passage last: a shared prefix
+    for r in rows:
+        assert r["prompt"].index(r["style"]) > r["prompt"].index("Query: do nothing")
+    assert "Query: do nothing" in os.path.commonprefix([r["prompt"] for r in rows])
     assert rows == build_prompts(spec, [f"d{i}" for i in range(30)], ["def g(): return 1"] * 30, 2, seed=0)
 
 

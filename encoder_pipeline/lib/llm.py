@@ -9,6 +9,7 @@ loses nothing already paid for. Usage, few-shot prompts built by the caller::
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -153,7 +154,6 @@ def _load_gguf(path: str) -> tuple[Any, Any]:
         if key not in _GGUF_MODELS:
             folder, name = str(Path(path).parent), Path(path).name
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
-            tokenizer.padding_side = "left"
             model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, local_files_only=True,
                                                          dtype=torch.float32)
             _GGUF_MODELS.clear()  # one model at a time: they are large
@@ -161,24 +161,161 @@ def _load_gguf(path: str) -> tuple[Any, Any]:
         return _GGUF_MODELS[key]
 
 
+SAMPLING_TOP_K = 50  # transformers' default top_k, which sampling has always applied before top_p
+MIN_SHARED_PREFIX_TOKENS = 16  # below this a separate prefix forward pass saves nothing
+ROUND_TOKENS = 16  # most first lines end within this many tokens (median 12 on the code corpus)
+ROUNDS_PER_CALL = 4  # a local call takes this many batches of prompts, so finished rows are refilled
+PREFILL_CALL_TOKENS = 64  # what one extra forward pass costs, in prefilled tokens (weights re-read)
+
+
+class _TopKTopPSampler:
+    """Draws each row's next token as transformers' temperature, top-k and top-p warpers would, but
+    over the top-k candidates only: the stock warpers sort and sample the whole 262k-token vocabulary
+    every step, which on CPU costs more than the model's forward pass at batch 16. Used as a logits
+    processor under greedy decoding: it leaves only the drawn token finite, so argmax emits it."""
+
+    def __init__(self, temperature: float, top_p: float, top_k: int = SAMPLING_TOP_K):
+        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
+
+    def distribution(self, scores: Any) -> tuple[Any, Any]:
+        """Per row, the candidate token ids and their sampling probabilities (unnormalized)."""
+        import torch
+
+        values, candidates = torch.topk(scores, self.top_k, dim=-1)
+        probs = (values / self.temperature).softmax(-1)
+        # top-p as transformers does it: drop the least likely tokens whose mass is <= 1 - top_p
+        drop = probs.flip(-1).cumsum(-1).flip(-1) <= 1 - self.top_p
+        drop[:, 0] = False  # the most likely token always stays
+        return candidates, probs.masked_fill(drop, 0.0)
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        candidates, probs = self.distribution(scores)
+        drawn = candidates.gather(-1, torch.multinomial(probs, 1))
+        return torch.full_like(scores, -math.inf).scatter_(-1, drawn, 0.0)
+
+
+KV = list[tuple[Any, Any]]  # per layer (keys, values), each [batch, heads, tokens, head_dim]
+
+
+@dataclass
+class _Row:
+    """One prompt's generation, carried across decode rounds."""
+
+    ids: list[int]  # prompt tokens
+    new: list[int] = dataclasses.field(default_factory=list)  # generated so far
+    kv: KV | None = None  # batch of one, unpadded: every token of ids + new but the last
+    done: bool = False
+
+
+def _has_line(text: str) -> bool:
+    """A completion is finished once it holds a line of text: callers parse the first line only."""
+    return "\n" in text.lstrip()
+
+
+class _RowDone:
+    """Stopping criterion of one decode round: a row stops at its first full line of text or when
+    it has used up its share of `max_new_tokens`, so the batch stops paying decode steps for text
+    nobody reads."""
+
+    def __init__(self, tokenizer: Any, rows: list[_Row], width: int, max_new_tokens: int):
+        self.tokenizer, self.rows, self.width = tokenizer, rows, width
+        self.left = [max_new_tokens - len(row.new) for row in rows]
+        self.stopped_after: list[int | None] = [None] * len(rows)  # tokens of this round
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        this_round = input_ids.shape[1] - self.width
+        for i, (ids, row) in enumerate(zip(input_ids, self.rows)):
+            if self.stopped_after[i] is None and (this_round >= self.left[i] or _has_line(
+                    self.tokenizer.decode(ids[self.width - len(row.new) :], skip_special_tokens=True))):
+                self.stopped_after[i] = this_round
+        return torch.tensor([n is not None for n in self.stopped_after], device=input_ids.device)
+
+
+def _prefill_groups(lengths: list[int]) -> list[tuple[int, int]]:
+    """Split rows sorted by length into the (start, end) groups that prefill cheapest: a group
+    costs its size times its longest row (padding is computed like real tokens) plus
+    PREFILL_CALL_TOKENS for the forward pass itself."""
+    best = [(0.0, 0)]  # per prefix of the rows: (cost, where its last group starts)
+    for end in range(1, len(lengths) + 1):
+        best.append(min((best[start][0] + PREFILL_CALL_TOKENS + (end - start) * lengths[end - 1], start)
+                        for start in range(end)))
+    groups, end = [], len(lengths)
+    while end:
+        groups.append((best[end][1], end))
+        end = best[end][1]
+    return groups[::-1]
+
+
+def _to_cache(config: Any, kv: KV) -> Any:
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=config)
+    for layer, (keys, values) in enumerate(kv):
+        cache.update(keys, values, layer)
+    return cache
+
+
+def _row_kv(cache: Any, row: int, skip: int, start: int, end: int) -> KV:
+    """Row `row` of a padded batch cache, its padding dropped: columns [0, skip) and [start, end)."""
+    import torch
+
+    return [tuple(torch.cat([t[row : row + 1, :, :skip], t[row : row + 1, :, start:end]], dim=2)
+                  for t in (layer.keys, layer.values))
+            for layer in cache.layers]
+
+
+@dataclass
+class _Prefix:
+    ids: list[int]
+    kv: KV  # batch of one
+
+
 class LocalGGUFBackend:
     """Offline default: gemma-3-270m base (Q4_K_M GGUF) through transformers.
 
-    A base model, so callers prompt few-shot and we sample (greedy decoding loops). Prompts go
-    `batch_size` at a time with left padding, which is what decoder-only batched generation needs.
-    The seed is reset before each batch so a re-run reproduces the same text. The model loads on
+    A base model, so callers prompt few-shot and we sample (greedy decoding loops; temperature 0
+    decodes greedily). A completion ends after its first line of text.
+
+    Batching: a batch decodes until its slowest row stops, and most first lines end long before a
+    rambling one does. So rows decode `batch_size` at a time in rounds of `ROUND_TOKENS`: after
+    each round the finished rows leave and the next prompts (sorted by length) take their places.
+    Each row keeps its own unpadded KV cache between rounds; a round's batch cache is assembled
+    from them, each row right-aligned with padding after the shared prefix (attention mask 0
+    there; position ids, computed from the mask, run on unbroken). New rows are prefilled together.
+
+    Prefix caching: the tokens every prompt of a call starts with (a domain's instructions and
+    few-shot examples) are run through the model once and kept for later calls whose prompts start
+    with them too; rows then prefill only their own suffix. `prefix_cache=False` turns it off (same
+    tokens up to float rounding). Padding inside a batch would shift the model's sliding attention
+    window, so a batch never grows past it, and prompts that could outgrow it on their own are
+    generated alone, unpadded, without the prefix.
+
+    The seed is reset before each round so a re-run reproduces the same text. The model loads on
     first use (~45 s) so building the backend is cheap.
     """
 
     name = "local"
     model = LOCAL_MODEL_ID
 
-    def __init__(self, gguf_path: str | Path, batch_size: int = 8, num_threads: int | None = None):
+    def __init__(self, gguf_path: str | Path, batch_size: int = 8, num_threads: int | None = None,
+                 prefix_cache: bool = True):
         self.gguf_path = Path(gguf_path)
         self.batch_size = batch_size
         self.num_threads = num_threads
+        self.prefix_cache = prefix_cache
         self._tokenizer: Any = None
         self._model: Any = None
+        self._prefix: _Prefix | None = None
+
+    @property
+    def prompts_per_call(self) -> int:
+        """How many prompts `generate_cached` sends per call: several batches, so that rows that
+        finish early are refilled from the same call."""
+        return ROUNDS_PER_CALL * self.batch_size
 
     def _load(self) -> None:
         import torch
@@ -187,42 +324,143 @@ class LocalGGUFBackend:
             torch.set_num_threads(self.num_threads)
         self._tokenizer, self._model = _load_gguf(str(self.gguf_path))
 
+    def _shared_prefix(self, encoded: list[list[int]]) -> _Prefix | None:
+        """The cached prefix for these prompts: the kept one if every prompt extends it, else their
+        longest common token prefix, computed now (None when too short to be worth it)."""
+        import torch
+
+        shortest = min(len(ids) for ids in encoded)
+        kept = self._prefix
+        if kept is not None and len(kept.ids) < shortest and all(
+            ids[: len(kept.ids)] == kept.ids for ids in encoded
+        ):
+            return kept
+        if len(encoded) < 2:
+            return None
+        common = 0
+        while common < shortest - 1 and all(ids[common] == encoded[0][common] for ids in encoded):
+            common += 1
+        if common < MIN_SHARED_PREFIX_TOKENS:
+            return None
+        ids = encoded[0][:common]
+        cache = _to_cache(self._model.config, [])
+        self._model(input_ids=torch.tensor([ids]), cache=cache, use_cache=True, logits_to_keep=1)
+        self._prefix = _Prefix(ids, _row_kv(cache, 0, common, common, common))
+        return self._prefix
+
     def generate(self, prompts: list[str], params: GenerationParams) -> list[Completion]:
         import torch
 
         if self._model is None:
             self._load()
-        tokenizer, model = self._tokenizer, self._model
+        rows = [_Row(ids) for ids in self._tokenizer(prompts)["input_ids"]]
+        window = getattr(self._model.config, "sliding_window", None) or math.inf
+        fits = sorted((row for row in rows
+                       if 1 < len(row.ids) and len(row.ids) + params.max_new_tokens <= window),
+                      key=lambda row: len(row.ids))
+        with torch.inference_mode():
+            prefix = None
+            if self.prefix_cache and len(fits) > 0:
+                prefix = self._shared_prefix([row.ids for row in fits])
+            skip = len(prefix.ids) if prefix else 0
+            waiting, active = collections.deque(fits), []
+            while waiting or active:
+                fresh = [waiting.popleft() for _ in range(min(len(waiting),
+                                                              self.batch_size - len(active)))]
+                for start, end in _prefill_groups([len(row.ids) - skip for row in fresh]):
+                    self._prefill(fresh[start:end], prefix)
+                active += fresh
+                self._decode_round(active, skip, params, window)
+                active = [row for row in active if not row.done]
+            for row in rows:
+                if not row.done:  # too long to share a padded batch: alone, without a cache
+                    self._decode_round([row], 0, params, window)
+        return [
+            Completion(text=self._tokenizer.decode(row.new, skip_special_tokens=True),
+                       prompt_tokens=len(row.ids), completion_tokens=len(row.new))
+            for row in rows
+        ]
+
+    def _prefill(self, rows: list[_Row], prefix: _Prefix | None) -> None:
+        """Each row's KV cache of its prompt but the last token (which the round then feeds), from
+        a copy of the prefix's: the rows' own tokens run as one left-padded batch."""
+        import torch
+
+        skip = len(prefix.ids) if prefix is not None else 0
+        own = [row.ids[skip:-1] for row in rows]
+        width = max(len(ids) for ids in own)
+        input_ids = torch.full((len(rows), width), self._tokenizer.pad_token_id)
+        mask = torch.zeros((len(rows), skip + width), dtype=torch.long)
+        mask[:, :skip] = 1
+        for i, ids in enumerate(own):
+            input_ids[i, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            mask[i, skip + width - len(ids) :] = 1
+        kv = [(k.expand(len(rows), -1, -1, -1), v.expand(len(rows), -1, -1, -1))
+              for k, v in (prefix.kv if prefix is not None else [])]
+        cache = _to_cache(self._model.config, kv)
+        if width > 0:
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, skip:]
+            self._model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                        cache=cache, use_cache=True, logits_to_keep=1)
+        for i, (row, ids) in enumerate(zip(rows, own)):
+            row.kv = _row_kv(cache, i, skip, skip + width - len(ids), skip + width)
+
+    def _decode_round(self, rows: list[_Row], skip: int, params: GenerationParams,
+                      window: float) -> None:
+        """Up to ROUND_TOKENS more tokens for each row from its KV cache (from its prompt when it
+        has none: then it is alone); a row alone in its batch has nobody to wait for and decodes
+        to the end."""
+        import torch
+
+        tokenizer = self._tokenizer
         pad_id = tokenizer.pad_token_id
-        # Batches of similar length: left padding is computed like real tokens, so mixing a short
-        # passage with a long one wastes most of the short one's prefill.
-        lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
-        order = sorted(range(len(prompts)), key=lambda i: lengths[i])
-        completions: dict[int, Completion] = {}
-        for start in range(0, len(prompts), self.batch_size):
-            rows = order[start : start + self.batch_size]
-            chunk = [prompts[i] for i in rows]
-            batch = tokenizer(chunk, return_tensors="pt", padding=True)
-            torch.manual_seed(params.seed)
-            with torch.inference_mode():
-                output = model.generate(
-                    **batch,
-                    do_sample=True,
-                    temperature=params.temperature,
-                    top_p=params.top_p,
-                    max_new_tokens=params.max_new_tokens,
-                    no_repeat_ngram_size=params.no_repeat_ngram_size,
-                    pad_token_id=pad_id,
-                )
-            new_tokens = output[:, batch["input_ids"].shape[1] :]
-            for index, prompt_mask, row in zip(rows, batch["attention_mask"], new_tokens):
-                completions[index] = Completion(
-                    text=tokenizer.decode(row, skip_special_tokens=True),
-                    prompt_tokens=int(prompt_mask.sum()),
-                    # rows that hit EOS early are right-filled with the pad token
-                    completion_tokens=int((row != pad_id).sum()),
-                )
-        return [completions[i] for i in range(len(prompts))]
+        sequences = [row.ids + row.new for row in rows]
+        width = max(len(ids) for ids in sequences)
+        input_ids = torch.full((len(rows), width), pad_id)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        # per row: [shared prefix][padding][own tokens]; the cache holds all columns but the last
+        kv = [tuple(torch.zeros((len(rows), t.shape[1], width - 1, t.shape[3]), dtype=t.dtype)
+                    for t in layer) for layer in rows[0].kv or []]
+        for i, (row, ids) in enumerate(zip(rows, sequences)):
+            start = width - len(ids) + skip
+            input_ids[i, :skip] = torch.tensor(ids[:skip], dtype=torch.long)
+            input_ids[i, start:] = torch.tensor(ids[skip:], dtype=torch.long)
+            attention_mask[i, :skip] = attention_mask[i, start:] = 1
+            for merged, own in zip(kv, row.kv or []):
+                for batch_tensor, row_tensor in zip(merged, own):
+                    batch_tensor[i, :, :skip] = row_tensor[0, :, :skip]
+                    batch_tensor[i, :, start : width - 1] = row_tensor[0, :, skip:]
+        left = max(params.max_new_tokens - len(row.new) for row in rows)
+        steps = left if len(rows) == 1 else min(ROUND_TOKENS, left, window - width)
+        options: dict[str, Any] = {}
+        if params.temperature > 0:
+            options["logits_processor"] = [_TopKTopPSampler(params.temperature, params.top_p)]
+        stop = _RowDone(tokenizer, rows, width, params.max_new_tokens)
+        torch.manual_seed(params.seed)
+        output = self._model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            cache=_to_cache(self._model.config, kv) if kv else None,
+            do_sample=False,
+            max_new_tokens=int(steps),
+            no_repeat_ngram_size=params.no_repeat_ngram_size,
+            pad_token_id=pad_id,
+            stopping_criteria=[stop],
+            return_dict_in_generate=True,
+            **options,
+        )
+        eos = tokenizer.eos_token_id
+        generated = output.sequences[:, width:].tolist()
+        for i, (row, tokens, stopped_after) in enumerate(zip(rows, generated, stop.stopped_after)):
+            # a row that stopped early (here or at end-of-sequence) is right-filled with padding
+            tokens = tokens[:stopped_after]
+            if eos in tokens:
+                tokens = tokens[: tokens.index(eos) + 1]
+            row.new += tokens
+            row.done = stopped_after is not None or eos in tokens
+            start = width - len(sequences[i]) + skip
+            row.kv = None if row.done else _row_kv(output.cache, i, skip, start,
+                                                    width + len(tokens) - 1)
 
 
 def _estimate_tokens(text: str) -> int:
@@ -360,13 +598,15 @@ def generate_cached(
     cache: ResponseCache,
     prompts: list[str],
     params: GenerationParams,
-    chunk_size: int = 8,
+    chunk_size: int | None = None,
 ) -> GenerationReport:
     """Generate through the cache: only misses are sent, each chunk cached as soon as it returns.
 
     So a crash or a budget stop loses nothing already paid for, and a re-run resumes where the
-    last one stopped. Duplicate prompts are sent once.
+    last one stopped. Duplicate prompts are sent once. Chunks hold the backend's
+    `prompts_per_call` prompts (8 where it names none) unless `chunk_size` says otherwise.
     """
+    chunk_size = chunk_size or getattr(backend, "prompts_per_call", 8)
     keys = [cache.key(backend.name, backend.model, prompt, params) for prompt in prompts]
     by_key: dict[str, Completion | None] = {key: cache.get(key) for key in keys}
     cache_hits = sum(by_key[key] is not None for key in keys)

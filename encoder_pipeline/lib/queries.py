@@ -58,11 +58,15 @@ def _style_for(doc_id: str, variant: int, seed: int) -> str:
 
 
 def build_prompt(spec: PromptSpec, passage: str, style: str) -> str:
-    """A few-shot completion prompt (the local model is a base model: it continues text)."""
+    """A few-shot completion prompt (the local model is a base model: it continues text).
+
+    What all documents share (instructions, examples) comes first and the document's own style and
+    passage last, so a local backend computes the shared prefix once for every prompt of a domain.
+    """
     header = (f"Each passage below is followed by a search query it answers. A query is {spec.form}. "
-              f"The passage is relevant when {spec.relevance}. Write {style}.\n\n")
+              f"The passage is relevant when {spec.relevance}.\n\n")
     shots = "".join(f"Passage: {_shorten(p)}\nQuery: {q}\n\n" for p, q in spec.examples)
-    return f"{header}{shots}Passage: {_shorten(passage)}\nQuery:"
+    return f"{header}{shots}Write {style}.\n\nPassage: {_shorten(passage)}\nQuery:"
 
 
 def build_prompts(spec: PromptSpec, doc_ids: Sequence[str], passages: Sequence[str],
