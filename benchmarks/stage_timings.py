@@ -5,15 +5,25 @@
 Prints wall seconds per stage (from Dagster's step events) and, as a machine-independent ratio, each
 stage in units of one baseline measured in the same run: encoding the cleaned corpus once with the
 base model (fp32, no cache).
+
+Each result records the device it ran on (GPU model and count, or the CPU model). To measure a GPU's
+speed-up, run it twice on the GPU machine and compare:
+
+    CUDA_VISIBLE_DEVICES= python benchmarks/stage_timings.py --domain code --tag cpu
+    python benchmarks/stage_timings.py --domain code --tag gpu \
+        --compare benchmarks/results/stage_timings_code_default_cpu.json
 """
 
 import argparse
 import json
+import platform
 import tempfile
 import time
 from pathlib import Path
 
 import dagster as dg
+import faiss
+import torch
 
 from encoder_pipeline.definitions import defs
 from encoder_pipeline.defs.shared import corpus_texts, read_corpus_units
@@ -30,12 +40,27 @@ def step_seconds(instance: dg.DagsterInstance, run_id: str) -> dict[str, float]:
             for stat in instance.get_run_step_stats(run_id) if stat.end_time}
 
 
+def device() -> dict:
+    """What the run ran on: GPUs torch and FAISS see, else the CPU model."""
+    if torch.cuda.is_available():
+        name = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    else:
+        cpuinfo = Path("/proc/cpuinfo")
+        models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                  if line.startswith("model name")] if cpuinfo.exists() else []
+        name = f"{len(models)} x {models[0]}" if models else platform.processor() or "cpu"
+    return {"name": name, "cuda_devices": torch.cuda.device_count(), "faiss_gpus": faiss.get_num_gpus(),
+            "torch": torch.__version__}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--domain", default="code")
     parser.add_argument("--profile", default="default")
     parser.add_argument("--root", help="artifact root to keep (must not hold this domain yet); "
                         "default: a temporary folder")
+    parser.add_argument("--tag", default="", help="suffix of the result file (e.g. cpu, gpu)")
+    parser.add_argument("--compare", type=Path, help="an earlier result JSON: print the speed-up over it")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         root = args.root or scratch
@@ -60,16 +85,30 @@ def main() -> None:
         encoders.encode(model, texts, bf16=False)
         baseline = time.perf_counter() - began
     seconds = step_seconds(instance, result.run_id)
+    ran_on = device()
+    before = json.loads(args.compare.read_text()) if args.compare else None
+    print(f"device: {ran_on['name']}")
     print(f"domain {args.domain}, profile {args.profile}: {total:.0f} s end to end "
           f"({total / 60:.1f} min), candidate {promotion}\n"
           f"baseline: fp32 encode of {len(texts)} units = {baseline:.1f} s "
           f"({len(texts) / baseline:.0f} units/s)\n")
-    print("| stage | seconds | x baseline |\n|---|---|---|")
-    for step, value in seconds.items():
-        print(f"| {step} | {value:.1f} | {value / baseline:.2f} |")
+    if before:
+        print(f"| stage | seconds | x baseline | seconds on {before.get('device', {}).get('name', '?')} "
+              "| speed-up |\n"
+              "|---|---|---|---|---|")
+        for step, value in {**seconds, "end to end": total}.items():
+            earlier = before["stages"].get(step) if step != "end to end" else before["total_seconds"]
+            gain = f"{earlier / value:.1f}x" if earlier else "-"
+            print(f"| {step} | {value:.1f} | {value / baseline:.2f} | "
+                  f"{f'{earlier:.1f}' if earlier else '-'} | {gain} |")
+    else:
+        print("| stage | seconds | x baseline |\n|---|---|---|")
+        for step, value in seconds.items():
+            print(f"| {step} | {value:.1f} | {value / baseline:.2f} |")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"stage_timings_{args.domain}_{args.profile}.json").write_text(json.dumps(
-        {"total_seconds": total, "baseline_seconds": baseline, "units": len(texts),
+    suffix = f"_{args.tag}" if args.tag else ""
+    (RESULTS / f"stage_timings_{args.domain}_{args.profile}{suffix}.json").write_text(json.dumps(
+        {"device": ran_on, "total_seconds": total, "baseline_seconds": baseline, "units": len(texts),
          "stages": seconds}, indent=2))
 
 

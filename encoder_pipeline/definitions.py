@@ -1,5 +1,5 @@
-"""The code location: every stage's assets and checks under `defs/`, the domain automation, and the
-resources they share."""
+"""The code location: every stage's assets and checks under `defs/`, the domain automation, the
+resources they share, and the executor chosen by ENCODER_PIPELINE_EXECUTOR."""
 
 import os
 
@@ -13,6 +13,7 @@ from encoder_pipeline.defs.domains.sensors import (
     train_encoder_job,
     weekly_retrain_schedule,
 )
+from encoder_pipeline.executors import executor_from_env
 from encoder_pipeline.resources import ArtifactStoreResource, LLMResource, PipelineSettings
 
 
@@ -44,6 +45,8 @@ defs = dg.Definitions(
     jobs=[train_encoder_job, index_refresh_job],
     sensors=[domain_specs_sensor, corpus_drift_sensor, automation_sensor],
     schedules=[weekly_retrain_schedule],
+    # Steps of a run: local processes (capped), Kubernetes Jobs or Celery workers (executors.py).
+    executor=executor_from_env(),
     resources={
         "artifacts": ArtifactStoreResource(),
         "settings": PipelineSettings(profile=os.environ.get("ENCODER_PIPELINE_PROFILE", "default")),

@@ -20,7 +20,7 @@ import dagster as dg
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
-from encoder_pipeline.paths import corpus_root, domains_dir
+from encoder_pipeline.paths import confined, corpus_root, domains_dir
 
 domain_partitions = dg.DynamicPartitionsDefinition(name="domain")
 
@@ -51,6 +51,11 @@ class CorpusSource(_Strict):
     )
     license: str = Field(
         "", description="The corpus's licence or terms of use, repeated in the exported model card."
+    )
+    on_malformed: Literal["fail", "skip"] = Field(
+        "fail", description="A JSONL line that is not a UTF-8 JSON object (or lacks the id the other "
+        "lines have), or a `files` document that is not UTF-8: `fail` names it and stops; `skip` "
+        "leaves it out and counts it in clean_corpus's metadata.",
     )
 
 
@@ -139,6 +144,11 @@ class DomainSpec(_Strict):
     remote_llm_allowed: bool = Field(
         False, description="Opt in to sending document text to a remote LLM endpoint."
     )
+    trust_remote_code: bool = Field(
+        False, description="Opt in to running the Python code shipped inside model folders (a config's "
+        "`auto_map`): the base model, the teacher, `extra_models` and the checkpoints trained from them. "
+        "Set it only for models whose code you trust.",
+    )
     source_file: str = Field("", exclude=True)
 
     @pydantic.field_validator("name")
@@ -149,10 +159,15 @@ class DomainSpec(_Strict):
         return value
 
     def resolve(self, location: str) -> str:
-        """A spec path made absolute: URIs and absolute paths as given, others under the corpus root."""
+        """A spec path made absolute: URIs and absolute paths as given (the user wrote them out),
+        relative ones under the corpus root, which their `..` parts may not leave."""
         if "://" in location or os.path.isabs(location):
             return location
-        return str(corpus_root() / location)
+        try:
+            return str(confined(corpus_root(), location))
+        except ValueError as error:
+            raise SpecError(f"{self.source_file or self.name}: {error} (the corpus root, "
+                            "$ENCODER_PIPELINE_CORPUS_ROOT)") from error
 
     def corpus_location(self) -> str:
         return self.resolve(self.corpus.path)
@@ -185,6 +200,14 @@ def load_spec(path: str | Path) -> DomainSpec:
         raise SpecError(f"{path}: {problems}") from error
     if spec.name != path.stem:
         raise SpecError(f"{path}: field 'name' is '{spec.name}' but the file is named '{path.stem}'")
+    for field, location in (("corpus.path", spec.corpus.path),
+                            ("judged.path", spec.judged.path if spec.judged else "")):
+        if location and "://" not in location and not os.path.isabs(location):
+            try:
+                confined(corpus_root(), location)
+            except ValueError as error:
+                raise SpecError(f"{path}: field '{field}': {error} (the corpus root, "
+                                "$ENCODER_PIPELINE_CORPUS_ROOT)") from error
     if spec.dedupe.num_hashes % spec.dedupe.bands:
         raise SpecError(f"{path}: field 'dedupe.bands' must divide 'dedupe.num_hashes'")
     for pattern in spec.unit.boilerplate_patterns:
@@ -208,6 +231,9 @@ def domain_names(directory: Path | None = None) -> list[str]:
 
 def load_domain(name: str, directory: Path | None = None) -> DomainSpec:
     directory = directory or domains_dir()
+    if not DOMAIN_NAME.match(name):  # a partition key or --domain becomes a file name: no "../"
+        raise SpecError(f"domain name {name!r}: use lowercase letters, digits and _, "
+                        "starting with a letter")
     path = directory / f"{name}.toml"
     if not path.exists():
         known = ", ".join(domain_names(directory)) or "none"

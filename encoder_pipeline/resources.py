@@ -12,6 +12,7 @@ from pydantic import Field
 
 from encoder_pipeline.lib.artifacts import ArtifactStore
 from encoder_pipeline.lib.encoders import DEFAULT_BASE_MODEL
+from encoder_pipeline.lib.engines import configure_engines, ray_address_from_env
 from encoder_pipeline.lib.llm import (
     GenerationParams,
     LLMBackend,
@@ -59,9 +60,23 @@ class PipelineSettings(dg.ConfigurableResource):
     keep_promoted_versions: int = Field(
         3, ge=1, description="After a promotion, keep the last N promoted versions (and what they were "
                              "built from) and delete older artifacts of the domain.")
+    ray_address: str = Field(
+        default_factory=ray_address_from_env,
+        description="Run the Daft stages (clean_corpus, synthetic generation, corpus embedding) on this "
+                    "Ray cluster (e.g. `ray://head:10001`, or `auto` inside one); empty: Daft's native "
+                    "runner. Default: $ENCODER_PIPELINE_RAY_ADDRESS.")
+    ray_embed_workers: int = Field(
+        0, ge=0, description="Ray actors that embed the corpus (one model each); 0: one per 256 texts, "
+                             "at most the cluster's CPUs.")
+    ray_embed_gpus: float = Field(0.0, ge=0, description="GPUs per embedding actor on Ray (e.g. 1, or 0.5 "
+                                                         "to pack two actors on a GPU); 0: CPU actors.")
 
     def sizes(self) -> Profile:
         return get_profile(self.profile)
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        # Each step process picks its Daft runner as it starts, before any Daft work.
+        configure_engines(self.ray_address, self.ray_embed_workers, self.ray_embed_gpus)
 
 
 def _build_backend(fields: dict, models_dir: str) -> LLMBackend:

@@ -6,6 +6,10 @@ so a run killed halfway leaves nothing half-written where anyone looks. Each ver
 `manifest.json`: library versions, seed, config hash, corpus fingerprint, upstream versions.
 `history.jsonl` beside LATEST records every publish and every pointer move in order (folder mtimes
 do not survive a copy or a restore, so they cannot tell which version came first).
+
+Work folders (staging, scratch) are named after their owner process (`.<kind>-<host>-<pid>-...`):
+a run killed with SIGKILL cannot clean up, so the next publish on the same machine deletes the
+folders whose owner is gone (`remove_abandoned`).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -22,6 +27,8 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 TRACKED_LIBRARIES = (
     "dagster",
@@ -37,6 +44,8 @@ TRACKED_LIBRARIES = (
 
 HISTORY_FILE = "history.jsonl"
 LATEST_FILE = "LATEST"
+# Work folders carry their owner's host (hashed: a hostname may hold dashes) and pid.
+HOST_TAG = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
 
 
 class MissingArtifact(FileNotFoundError):
@@ -65,6 +74,48 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     ) as handle:
         json.dump(payload, handle, indent=2, sort_keys=True, default=str)
     os.replace(handle.name, path)
+
+
+def work_dir(parent: Path, kind: str) -> Path:
+    """A new hidden folder `parent/.<kind>-<host>-<pid>-<random>` for this process's work."""
+    parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=parent, prefix=f".{kind}-{HOST_TAG}-{os.getpid()}-"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_abandoned(parent: Path) -> list[Path]:
+    """Delete the work folders under `parent` (see `work_dir`) whose owner process on this machine
+    has exited; those of live processes and of other machines stay. Returns what was deleted."""
+    removed = []
+    for folder in parent.glob(".*-*-*-*") if parent.is_dir() else ():
+        _, host, pid = folder.name.split("-")[:3]
+        if host == HOST_TAG and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)  # ignore: a concurrent sweep got there first
+            removed.append(folder)
+    return removed
+
+
+def remove_torn_arrays(folder: Path) -> list[Path]:
+    """Delete the `.npy` files under `folder` that do not load whole. sentence-transformers'
+    `mine_hard_negatives` writes its cache in place, so a run killed mid-write leaves a truncated
+    file that would fail every later run. Returns what was deleted."""
+    removed = []
+    for path in folder.glob("*.npy") if folder.is_dir() else ():
+        try:
+            np.load(path, mmap_mode="r")  # maps, reads only the header
+        except ValueError:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 @dataclass
@@ -166,25 +217,39 @@ class ArtifactStore:
 
     def _point_latest(self, domain: str, asset: str, version: str) -> None:
         asset_dir = self.asset_dir(domain, asset)
-        pointer_tmp = asset_dir / f".{LATEST_FILE}.{version}"
+        pointer_tmp = asset_dir / f".{LATEST_FILE}.{version}.{os.getpid()}"
         pointer_tmp.write_text(version)
         os.replace(pointer_tmp, asset_dir / LATEST_FILE)
+
+    @contextlib.contextmanager
+    def scratch(self, domain: str) -> Iterator[Path]:
+        """A private work folder in the domain's folder (the same filesystem as the staging
+        folders, so a file made here can be renamed into one), deleted afterwards."""
+        remove_abandoned(self.domain_dir(domain))
+        folder = work_dir(self.domain_dir(domain), "scratch")
+        try:
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
     @contextlib.contextmanager
     def publish(self, manifest: Manifest) -> Iterator[Path]:
         """Yield a staging folder; on success rename it into place and move LATEST to it."""
         asset_dir = self.asset_dir(manifest.domain, manifest.asset)
-        asset_dir.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=asset_dir, prefix=f".staging-{manifest.version}-"))
+        remove_abandoned(asset_dir)
+        staging, replaced = work_dir(asset_dir, "staging"), None
         try:
             yield staging
             write_json_atomic(staging / "manifest.json", manifest.to_dict())
             final = asset_dir / manifest.version
-            if final.exists():
-                shutil.rmtree(final)
+            if final.exists():  # the same version again (a retried step): move the old one aside
+                replaced = work_dir(asset_dir, "replaced")
+                os.replace(final, replaced)  # a folder may replace an empty one
             os.replace(staging, final)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        if replaced:
+            shutil.rmtree(replaced, ignore_errors=True)
         self._record(manifest.domain, manifest.asset, {"event": "publish", "version": manifest.version})
         self._point_latest(manifest.domain, manifest.asset, manifest.version)

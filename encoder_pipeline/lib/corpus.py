@@ -42,6 +42,7 @@ class CleaningConfig:
     jaccard_threshold: float = 0.8
     max_documents: int = 0
     seed: int = 0
+    min_units: int = 0  # fewer units left after cleaning: refused (an eval set and training need more)
 
 
 @dataclass
@@ -158,18 +159,25 @@ def clean_corpus_to_parquet(raw: daft.DataFrame, config: CleaningConfig, out_pat
     Documents in `protected` (judged ones) are never dropped or merged.
     """
     report = CleaningReport()
-    ids = raw.select("doc_id").to_arrow().column("doc_id").to_pandas()
+    try:
+        ids = raw.select("doc_id").to_arrow().column("doc_id").to_pandas()
+    except daft.exceptions.DaftCoreException as error:  # e.g. a bad line deep in a remote file
+        raise CorpusError(f"cannot read the corpus: {error}") from error
     report.counts["read"] = len(ids)
     if ids.empty:
         raise CorpusError("the corpus is empty: no documents were read")
+    if ids.isna().any():
+        raise CorpusError(f"{int(ids.isna().sum())} documents have no id (null in the field "
+                          "corpus.id_field names)")
     duplicated = ids[ids.duplicated()]
     if len(duplicated):
-        raise CorpusError(f"the corpus has {len(duplicated)} duplicate document ids, "
-                          f"e.g. {duplicated.iloc[0]!r}")
+        raise CorpusError(f"the corpus has {len(duplicated)} duplicate document ids (field "
+                          f"corpus.id_field), e.g. {duplicated.iloc[0]!r}: ids must be unique, since "
+                          "judgments and the index refer to documents by id")
     missing = protected - set(ids[ids.isin(protected)])
     if missing:
-        raise CorpusError(f"{len(missing)} judged documents are not in the corpus, "
-                          f"e.g. {sorted(missing)[:3]}")
+        raise CorpusError(f"the judged set's qrels name {len(missing)} documents that are not in the "
+                          f"corpus (judged.path vs corpus.path), e.g. {sorted(missing)[:3]}")
     chosen = sample_ids(ids, config.max_documents, protected, config.seed)
     report.counts["sampled"] = len(chosen)
     frame = raw if len(chosen) == len(ids) else raw.where(col("doc_id").is_in(list(chosen)))
@@ -182,6 +190,11 @@ def clean_corpus_to_parquet(raw: daft.DataFrame, config: CleaningConfig, out_pat
         keep, words = _units_to_keep(scratch, config, protected, report)
         if not keep.any():
             raise CorpusError("no documents left after cleaning; check unit.min_words and the corpus")
+        if keep.sum() < config.min_units:
+            raise CorpusError(f"only {int(keep.sum())} units are left after cleaning "
+                              f"({report.counts}); at least {config.min_units} are needed (one "
+                              "training pair per unit at best, and training needs that many): add "
+                              "documents")
         report.fingerprint = _copy_kept(scratch, keep, out_path)
     finally:
         scratch.unlink(missing_ok=True)
@@ -266,6 +279,8 @@ def _units_to_keep(scratch: Path, config: CleaningConfig, protected: set[str],
     units = table.drop(["signature"]).to_pandas()
     del table
     report.counts["units_after_chunking"] = len(units)
+    report.counts["documents_chunked"] = int(
+        units.loc[units["doc_id"] != units["parent_id"], "parent_id"].nunique())
     report.counts["dropped_short_or_empty"] = int(units["short"].sum())
     boilerplate = units["boilerplate"] & ~units["short"]
     report.counts["dropped_boilerplate"] = int(boilerplate.sum())

@@ -81,8 +81,13 @@ def resolve_model_path(model: str) -> str:
 
 @functools.lru_cache(maxsize=8)
 def _load(path: str, max_seq_length: int, trust_remote_code: bool) -> SentenceTransformer:
-    model = SentenceTransformer(path, device="cpu" if not torch.cuda.is_available() else None,
-                                trust_remote_code=trust_remote_code)
+    try:
+        model = SentenceTransformer(path, device="cpu" if not torch.cuda.is_available() else None,
+                                    trust_remote_code=trust_remote_code)
+    except OSError as error:  # a name neither on disk nor in the offline cache, or broken files
+        where = "folder" if os.path.isdir(path) else "name (not a local folder)"
+        raise ModelError(f"model {where} '{path}' cannot be loaded as a sentence-transformers model "
+                         f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}): {error}") from error
     if max_seq_length:
         model.max_seq_length = max_seq_length
     return model
@@ -329,7 +334,8 @@ def document_texts(titles: Sequence[str], texts: Sequence[str]) -> list[str]:
 
 
 def cached_embeddings(model: str, texts: Sequence[str], cache_dir: str | Path,
-                      max_seq_length: int = 128, bf16: bool = True) -> np.ndarray:
+                      max_seq_length: int = 128, bf16: bool = True,
+                      trust_remote_code: bool = False) -> np.ndarray:
     """Embeddings of `texts`, cached on disk by (model revision, texts, settings).
 
     The corpus is encoded by several stages (pair filtering, mining, indexing, the report); the key
@@ -342,7 +348,10 @@ def cached_embeddings(model: str, texts: Sequence[str], cache_dir: str | Path,
     path = Path(cache_dir) / f"{digest.hexdigest()[:24]}.npy"
     if path.exists():
         return np.load(path)
-    vectors = encode(load_encoder(model, max_seq_length), texts, bf16=bf16)
+    from encoder_pipeline.lib.engines import embed_texts  # engines builds on this module
+
+    vectors = embed_texts(model, texts, max_seq_length, bf16,  # on Ray when Daft runs there
+                          trust_remote_code=trust_remote_code)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
     np.save(tmp, vectors)

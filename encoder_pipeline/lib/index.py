@@ -26,10 +26,12 @@ encoders live in different spaces and mixing them silently ruins retrieval.
 `LoadedIndex.search` always takes full-dimension normalized query embeddings, as the encoder outputs
 them; truncation, re-normalization, binarization and rescoring happen inside, according to `info`.
 
-GPU: `faiss.get_num_gpus() > 0` (with `faiss-gpu`) moves the exact flat index to the GPU for bulk
-searches (`LoadedIndex.bulk_search`). The other structures stay on the CPU: FAISS has no GPU
-counterpart of the flat `IndexScalarQuantizer`, the binary rescoring step is a CPU gather, and
-served single-query latency is measured on one CPU thread anyway.
+GPU: with `faiss-gpu` and `faiss.get_num_gpus() > 0`, `on_gpus` clones an index onto every GPU:
+the exact flat index for bulk searches (`LoadedIndex.bulk_search`, and mining's candidate search),
+and IVF-PQ for its k-means training and adds (then copied back: the served index is a CPU one).
+The other structures stay on the CPU: FAISS has no GPU counterpart of the flat
+`IndexScalarQuantizer`, the binary rescoring step is a CPU gather, and served single-query latency
+is measured on one CPU thread anyway.
 """
 
 from __future__ import annotations
@@ -122,6 +124,16 @@ def ivfpq_params(n_vectors: int, dims: int) -> dict[str, int]:
     return {"nlist": nlist, "m": m, "nbits": 8, "nprobe": min(nlist, max(8, nlist // 8))}
 
 
+def on_gpus(index: faiss.Index) -> faiss.Index:
+    """`index` cloned onto every GPU (sharded) when faiss-gpu sees one; else `index` itself."""
+    if faiss.get_num_gpus() == 0:
+        return index
+    options = faiss.GpuMultipleClonerOptions()
+    options.shard = True
+    options.useFloat16 = True  # IVF-PQ codes above 48 bytes need float16 lookup tables on GPU
+    return faiss.index_cpu_to_all_gpus(index, co=options)
+
+
 def _flat_or_sq(vectors: np.ndarray, precision: str) -> faiss.Index:
     dim = vectors.shape[1]
     if precision == "fp32":
@@ -134,6 +146,13 @@ def _flat_or_sq(vectors: np.ndarray, precision: str) -> faiss.Index:
         params = ivfpq_params(len(vectors), dim)
         index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, params["nlist"], params["m"],
                                  params["nbits"], faiss.METRIC_INNER_PRODUCT)
+        if faiss.get_num_gpus() > 0:  # k-means and encoding on the GPUs, served from the CPU
+            gpu = on_gpus(index)
+            gpu.train(vectors)
+            gpu.add(vectors)
+            index = faiss.index_gpu_to_cpu(gpu)
+            index.nprobe = params["nprobe"]
+            return index
         index.train(vectors)
         index.nprobe = params["nprobe"]
     else:
@@ -205,7 +224,7 @@ class LoadedIndex:
         """`search` for many queries at once (evaluation); on a GPU when one is there and trivial."""
         if self.precision == "fp32" and isinstance(self.index, faiss.IndexFlat) and faiss.get_num_gpus() > 0:
             if self._gpu is None:
-                self._gpu = faiss.index_cpu_to_all_gpus(self.index)
+                self._gpu = on_gpus(self.index)
             return _as_hits(*self.search_arrays(query_embeddings, k, self._gpu))
         return self.search(query_embeddings, k)
 

@@ -16,8 +16,10 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +62,11 @@ class BudgetExceeded(RuntimeError):
     def __init__(self, message: str, completions: list[Completion | None] | None = None):
         super().__init__(message)
         self.completions: list[Completion | None] = completions or []
+
+
+class LLMError(RuntimeError):
+    """An LLM endpoint that cannot serve the run (refused key, rate limit or server errors past the
+    retries, timeouts); the message names the endpoint, the status and what to check, never the key."""
 
 
 class ResponseCache:
@@ -142,20 +149,65 @@ _GGUF_MODELS: dict[tuple[str, int], tuple[Any, Any]] = {}
 _GGUF_LOCK = threading.Lock()
 
 
+def _converted_dir(gguf: Path) -> Path:
+    """Where the float32 copy of a GGUF file is kept: the model cache, named by the file's hash."""
+    from encoder_pipeline.paths import model_cache_dir
+
+    digest = hashlib.sha256()
+    with open(gguf, "rb") as handle:
+        while chunk := handle.read(1 << 23):
+            digest.update(chunk)
+    return model_cache_dir() / f"{gguf.stem}-f32-{digest.hexdigest()[:16]}"
+
+
+def _save_converted(tokenizer: Any, model: Any, target: Path) -> None:
+    """Keep the dequantized model and its tokenizer as a plain transformers folder (written to a
+    temp folder, then renamed: a present folder is complete). transformers refuses to save a model
+    loaded from GGUF, so the weights go through safetensors directly."""
+    import safetensors.torch
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        (staging / "config.json").write_text(json.dumps(config, indent=2))
+        model.generation_config.save_pretrained(staging)
+        safetensors.torch.save_model(model, str(staging / "model.safetensors"))
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)
+    except OSError:
+        if not (target / "model.safetensors").exists():  # not another process winning the race
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def _load_gguf(path: str) -> tuple[Any, Any]:
-    """Tokenizer and model of a GGUF file, loaded once per process (~45 s): every run and every
-    partition materialized in the same process shares them (inference only, never modified). The
-    file is recognized by name and size, since each artifact root assembles its own copy."""
+    """Tokenizer and model of a GGUF file, loaded once per process: every run and every partition
+    materialized in the same process shares them (inference only, never modified). The file is
+    recognized by name and size, since each artifact root assembles its own copy.
+
+    transformers dequantizes a GGUF file on every load (~55 s on 2 cores), so the first load keeps
+    the result in the model cache (`paths.model_cache_dir`, ~1.1 GB) and later loads, in any
+    process (Daft's UDF workers are processes), read that instead (~4 s)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     key = (Path(path).name, os.path.getsize(path))
     with _GGUF_LOCK:
         if key not in _GGUF_MODELS:
-            folder, name = str(Path(path).parent), Path(path).name
-            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
-            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, local_files_only=True,
-                                                         dtype=torch.float32)
+            converted = _converted_dir(Path(path))
+            if (converted / "model.safetensors").exists():
+                tokenizer = AutoTokenizer.from_pretrained(converted, local_files_only=True)
+                model = AutoModelForCausalLM.from_pretrained(converted, local_files_only=True,
+                                                             dtype=torch.float32)
+            else:
+                folder, name = str(Path(path).parent), Path(path).name
+                tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+                model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
+                                                             local_files_only=True, dtype=torch.float32)
+                _save_converted(tokenizer, model, converted)
             _GGUF_MODELS.clear()  # one model at a time: they are large
             _GGUF_MODELS[key] = (tokenizer, model.eval())
         return _GGUF_MODELS[key]
@@ -463,6 +515,9 @@ class LocalGGUFBackend:
                                                     width + len(tokens) - 1)
 
 
+MAX_CHARS_PER_TOKEN = 16  # a completion longer than max_new_tokens of these ignored the limit
+
+
 def _estimate_tokens(text: str) -> int:
     """OpenAI's rule of thumb of ~4 characters per token, for budgeting before the real count."""
     return math.ceil(len(text) / 4)
@@ -483,6 +538,7 @@ class OpenAIBackend:
     """
 
     name = "openai"
+    streams_completions = True  # `generate` reports each completion as it arrives (`on_complete`)
 
     def __init__(
         self,
@@ -509,6 +565,7 @@ class OpenAIBackend:
         self.usd_spent = 0.0
         self._reserved_tokens = 0
         self._reserved_usd = 0.0
+        self._refused: Exception | None = None  # a refused key: no request is sent after it
         self._lock = threading.Lock()
         self._client = openai.OpenAI(
             api_key=api_key, base_url=base_url, max_retries=max_retries, timeout=timeout_s
@@ -540,6 +597,10 @@ class OpenAIBackend:
             self._reserved_usd += usd
 
     def _complete(self, prompt: str, params: GenerationParams) -> Completion:
+        import openai
+
+        if self._refused is not None:
+            raise self._refused
         estimate_prompt = _estimate_tokens(prompt)
         worst_tokens = estimate_prompt + params.max_new_tokens
         worst_usd = self._cost(estimate_prompt, params.max_new_tokens)
@@ -555,10 +616,19 @@ class OpenAIBackend:
                 seed=params.seed,
             )
             text = (response.choices[0].message.content if response.choices else None) or ""
+            if not isinstance(text, str):  # a server answering JSON values: no query in it
+                logger.warning("the LLM answered a %s instead of text; treated as empty",
+                               type(text).__name__)
+                text = ""
+            # A server that ignores max_tokens must not fill the cache with endless text.
+            text = text[: params.max_new_tokens * MAX_CHARS_PER_TOKEN]
             usage = response.usage
             # some servers omit usage; fall back to the estimate so the budget still advances
             prompt_tokens = usage.prompt_tokens if usage else estimate_prompt
             completion_tokens = usage.completion_tokens if usage else _estimate_tokens(text)
+        except (openai.AuthenticationError, openai.PermissionDeniedError) as error:
+            self._refused = error
+            raise
         finally:
             with self._lock:
                 self._reserved_tokens -= worst_tokens
@@ -567,10 +637,48 @@ class OpenAIBackend:
                 self.usd_spent += self._cost(prompt_tokens, completion_tokens)
         return Completion(text, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
 
-    def generate(self, prompts: list[str], params: GenerationParams) -> list[Completion]:
-        """Completions in prompt order; on a budget stop, BudgetExceeded carries those finished."""
+    def explain(self, error: BaseException) -> LLMError | None:
+        """The openai client's error (after its retries) as an LLMError for the user, with the api
+        key redacted from whatever the server echoed; None for other errors."""
+        import openai
+
+        client = self._client
+        where = f"the LLM endpoint {client.base_url}"
+        if isinstance(error, openai.APITimeoutError):
+            message = (f"{where} did not answer within {client.timeout}s "
+                       f"({client.max_retries} retries); raise the timeout or check the server")
+        elif isinstance(error, openai.APIConnectionError):
+            message = f"cannot connect to {where} ({client.max_retries} retries): {error}"
+        elif isinstance(error, openai.AuthenticationError | openai.PermissionDeniedError):
+            message = (f"{where} refused the API key (HTTP {error.status_code}): check "
+                       "ENCODER_PIPELINE_LLM_API_KEY (the llm resource's api_key) and its permissions")
+        elif isinstance(error, openai.RateLimitError):
+            message = (f"{where} is still rate-limiting (HTTP 429) after {client.max_retries} retries; "
+                       "lower max_concurrency or retry later (responses so far are cached)")
+        elif isinstance(error, openai.APIStatusError):
+            message = (f"{where} failed with HTTP {error.status_code}"
+                       + (f" after {client.max_retries} retries" if error.status_code >= 500 else "")
+                       + f": {error.message}")
+        else:
+            return None
+        if client.api_key:
+            message = message.replace(client.api_key, "***")
+        return LLMError(message)
+
+    def generate(self, prompts: list[str], params: GenerationParams,
+                 on_complete: Callable[[int, Completion], None] | None = None) -> list[Completion]:
+        """Completions in prompt order; on a budget stop, BudgetExceeded carries those finished.
+        `on_complete(i, completion)` runs (in a worker thread) as soon as prompt i's answer arrives,
+        so a caller can keep it before the other requests return."""
+
+        def complete(i: int, prompt: str) -> Completion:
+            completion = self._complete(prompt, params)
+            if on_complete is not None:
+                on_complete(i, completion)
+            return completion
+
         with ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
-            futures = [pool.submit(self._complete, prompt, params) for prompt in prompts]
+            futures = [pool.submit(complete, i, prompt) for i, prompt in enumerate(prompts)]
         errors = [future.exception() for future in futures]
         for error in errors:
             if error is not None and not isinstance(error, BudgetExceeded):
@@ -600,13 +708,16 @@ def generate_cached(
     params: GenerationParams,
     chunk_size: int | None = None,
 ) -> GenerationReport:
-    """Generate through the cache: only misses are sent, each chunk cached as soon as it returns.
+    """Generate through the cache: only misses are sent, each chunk cached as soon as it returns,
+    or each completion as soon as it arrives where the backend reports them one by one
+    (`streams_completions`, as the OpenAI backend's concurrent requests do).
 
     So a crash or a budget stop loses nothing already paid for, and a re-run resumes where the
     last one stopped. Duplicate prompts are sent once. Chunks hold the backend's
     `prompts_per_call` prompts (8 where it names none) unless `chunk_size` says otherwise.
     """
     chunk_size = chunk_size or getattr(backend, "prompts_per_call", 8)
+    streams = getattr(backend, "streams_completions", False)
     keys = [cache.key(backend.name, backend.model, prompt, params) for prompt in prompts]
     by_key: dict[str, Completion | None] = {key: cache.get(key) for key in keys}
     cache_hits = sum(by_key[key] is not None for key in keys)
@@ -619,17 +730,21 @@ def generate_cached(
     stopped_by_budget = False
     for start in range(0, len(misses), chunk_size):
         chunk = misses[start : start + chunk_size]
+        sent = [prompt_for[key] for key in chunk]
         try:
-            results: list[Completion | None] = list(
-                backend.generate([prompt_for[key] for key in chunk], params)
-            )
+            if streams:
+                results: list[Completion | None] = list(backend.generate(
+                    sent, params, on_complete=lambda i, c, chunk=chunk: cache.put(chunk[i], c)))
+            else:
+                results = list(backend.generate(sent, params))
         except BudgetExceeded as stop:
             logger.warning("stopping generation: %s", stop)
             results, stopped_by_budget = stop.completions, True
         for key, completion in zip(chunk, results):
             if completion is None:
                 continue
-            cache.put(key, completion)
+            if not streams:
+                cache.put(key, completion)
             by_key[key] = completion
             prompt_tokens += completion.prompt_tokens
             completion_tokens += completion.completion_tokens

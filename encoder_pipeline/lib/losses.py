@@ -52,7 +52,8 @@ def gor_term(gor: GlobalOrthogonalRegularizationLoss, embeddings: list[Tensor]) 
 
 
 class MNRLWithGOR(nn.Module):
-    def __init__(self, model: SentenceTransformer, gor_weight: float = 0.1, scale: float = 20.0) -> None:
+    def __init__(self, model: SentenceTransformer, gor_weight: float = 0.1, scale: float = 20.0,
+                 gather_across_devices: bool = False) -> None:
         """
         MultipleNegativesRankingLoss plus `gor_weight` times a Global Orthogonal Regularization term,
         computed from one forward pass.
@@ -61,6 +62,8 @@ class MNRLWithGOR(nn.Module):
             model: SentenceTransformer model
             gor_weight: weight of the GOR second-moment term (0 turns it off)
             scale: InfoNCE logit scale (1 / temperature)
+            gather_across_devices: under DDP, every device's candidates are each anchor's negatives
+                (the GOR term stays per device)
 
         References:
             - InfoNCE with in-batch negatives: https://huggingface.co/papers/1705.00652
@@ -83,7 +86,7 @@ class MNRLWithGOR(nn.Module):
         super().__init__()
         self.model = model
         self.gor_weight = gor_weight
-        self.mnrl = MultipleNegativesRankingLoss(model, scale=scale)
+        self.mnrl = MultipleNegativesRankingLoss(model, scale=scale, gather_across_devices=gather_across_devices)
         self.gor = _gor(model)
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None) -> Tensor:
@@ -99,7 +102,7 @@ class MNRLWithGOR(nn.Module):
 
 class CachedMNRLWithGOR(CachedMultipleNegativesRankingLoss):
     def __init__(self, model: SentenceTransformer, gor_weight: float = 0.1, scale: float = 20.0,
-                 mini_batch_size: int = 32) -> None:
+                 mini_batch_size: int = 32, gather_across_devices: bool = False) -> None:
         """
         :class:`MNRLWithGOR` with GradCache: the effective batch is whatever the trainer hands in,
         activation memory is bounded by `mini_batch_size` (see the module docstring for how the GOR
@@ -110,6 +113,8 @@ class CachedMNRLWithGOR(CachedMultipleNegativesRankingLoss):
             gor_weight: weight of the GOR second-moment term (0 turns it off)
             scale: InfoNCE logit scale (1 / temperature)
             mini_batch_size: texts per forward pass; bounds activation memory
+            gather_across_devices: under DDP, every device's candidates are each anchor's negatives
+                (the GOR term stays per device)
 
         References:
             - GradCache: https://huggingface.co/papers/2101.06983
@@ -125,7 +130,8 @@ class CachedMNRLWithGOR(CachedMultipleNegativesRankingLoss):
         Example:
             ``MatryoshkaLoss(model, CachedMNRLWithGOR(model, 0.1, mini_batch_size=32), [384, 192, 96, 48])``
         """
-        super().__init__(model, scale=scale, mini_batch_size=mini_batch_size)
+        super().__init__(model, scale=scale, mini_batch_size=mini_batch_size,
+                         gather_across_devices=gather_across_devices)
         self.gor_weight = gor_weight
         self.gor = _gor(model)
 
@@ -155,15 +161,15 @@ def default_matryoshka_dims(embedding_dim: int) -> tuple[int, ...]:
 
 def contrastive_loss(model: SentenceTransformer, *, gradcache: bool, mini_batch_size: int = 32,
                      matryoshka_dims: Sequence[int] = (), gor_weight: float = 0.1,
-                     scale: float = 20.0) -> nn.Module:
+                     scale: float = 20.0, gather_across_devices: bool = False) -> nn.Module:
     """The training loss: (Cached)MNRLWithGOR, under MatryoshkaLoss when `matryoshka_dims` is given.
 
     Columns in: `query`, `positive`, then optional `negative_1..N`; no labels.
     """
     if gradcache:
-        loss: nn.Module = CachedMNRLWithGOR(model, gor_weight, scale, mini_batch_size)
+        loss: nn.Module = CachedMNRLWithGOR(model, gor_weight, scale, mini_batch_size, gather_across_devices)
     else:
-        loss = MNRLWithGOR(model, gor_weight, scale)
+        loss = MNRLWithGOR(model, gor_weight, scale, gather_across_devices)
     if matryoshka_dims:
         loss = MatryoshkaLoss(model, loss, list(matryoshka_dims))
     return loss

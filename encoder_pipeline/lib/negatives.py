@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.util import mine_hard_negatives
 
 from encoder_pipeline.lib.encoders import encode, inference_precision, load_encoder
+from encoder_pipeline.lib.engines import embed_texts, on_ray
+from encoder_pipeline.lib.index import on_gpus
 
 
 @dataclass(frozen=True)
@@ -80,19 +83,32 @@ class MiningResult:
 
 
 def mine_negatives(pairs: pd.DataFrame, corpus: Sequence[str], teacher: SentenceTransformer | str,
-                   config: MiningConfig, cache_dir: str | Path, bf16: bool = True) -> MiningResult:
+                   config: MiningConfig, cache_dir: str | Path, bf16: bool = True,
+                   trust_remote_code: bool = False) -> MiningResult:
     """Mine negatives for each (query, positive) from `corpus` (which must exclude eval documents).
 
     `cache_dir` must be specific to the teacher: mine_hard_negatives keys its embedding cache by the
     texts only (plus the model card's base-model name, often empty). Queries are mined in chunks of
     `query_chunk_size`; the corpus is embedded once and reused from that cache by every chunk.
+    When Daft runs on Ray and `teacher` is a name or folder, the corpus is embedded there first
+    (`engines.embed_texts`) and handed to mine_hard_negatives through that cache. FAISS searches
+    run on the GPUs when faiss-gpu sees any (mine_hard_negatives clones its index itself).
     """
-    model = load_encoder(teacher) if isinstance(teacher, str) else teacher
+    model = (load_encoder(teacher, trust_remote_code=trust_remote_code) if isinstance(teacher, str)
+             else teacher)
     pairs = pairs[["query", "positive"]].reset_index(drop=True)
     # Positives join the corpus up front: mine_hard_negatives appends a chunk's positives to the
     # corpus, and a corpus that differed per chunk would miss the embedding cache every time.
     corpus = list(dict.fromkeys([*corpus, *pairs["positive"]]))
     dense_negatives = config.num_negatives - config.bm25_negatives
+    if isinstance(teacher, str) and on_ray():
+        corpus_cache = _cache_path(model, "corpus", corpus, cache_dir)
+        if not corpus_cache.exists():
+            corpus_cache.parent.mkdir(parents=True, exist_ok=True)
+            partial = corpus_cache.with_suffix(f".{os.getpid()}.tmp.npy")  # renamed whole, never torn
+            np.save(partial, embed_texts(teacher, corpus, model.max_seq_length, bf16,
+                                         trust_remote_code=trust_remote_code))
+            os.replace(partial, corpus_cache)
     bm25 = _bm25_index(corpus) if config.bm25_negatives else None
     frames, candidates, dropped, samples = [], 0, 0, []
     corpus_vectors, index = None, None
@@ -122,7 +138,7 @@ def mine_negatives(pairs: pd.DataFrame, corpus: Sequence[str], teacher: Sentence
             ).to_pandas()
         if corpus_vectors is None:
             corpus_vectors = _cached_vectors(model, "corpus", corpus, cache_dir, bf16)
-            index = faiss.IndexFlatIP(corpus_vectors.shape[1])
+            index = on_gpus(faiss.IndexFlatIP(corpus_vectors.shape[1]))
             index.add(np.ascontiguousarray(corpus_vectors))
         queries = list(dict.fromkeys(part["query"]))
         query_vectors = _cached_vectors(model, "query", queries, cache_dir, bf16)
@@ -173,12 +189,17 @@ def _cached_vectors(model: SentenceTransformer, kind: str, texts: list[str], cac
     corpus is encoded once. The key mirrors sentence-transformers 6.2 (`util/hard_negatives.py`);
     should it change, the fallback encodes again: slower, same numbers.
     """
-    model_name = model.model_card_data.base_model or ""
-    digest = hashlib.sha256(repr((model_name, None, None, texts)).encode(), usedforsecurity=False)
-    path = Path(cache_dir) / f"{kind}_embeddings_{digest.hexdigest()}.npy"
+    path = _cache_path(model, kind, texts, cache_dir)
     if path.exists():
         return np.load(path).astype(np.float32, copy=False)
     return encode(model, texts, bf16=bf16)
+
+
+def _cache_path(model: SentenceTransformer, kind: str, texts: list[str], cache_dir: str | Path) -> Path:
+    """Where mine_hard_negatives caches the embeddings of `texts` (no prompts)."""
+    model_name = model.model_card_data.base_model or ""
+    digest = hashlib.sha256(repr((model_name, None, None, texts)).encode(), usedforsecurity=False)
+    return Path(cache_dir) / f"{kind}_embeddings_{digest.hexdigest()}.npy"
 
 
 def _bm25_index(corpus: list[str]) -> bm25s.BM25:

@@ -24,7 +24,13 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from encoder_pipeline.lib.artifacts import LATEST_FILE, ArtifactStore, MissingArtifact
+from encoder_pipeline.lib.artifacts import (
+    LATEST_FILE,
+    ArtifactStore,
+    MissingArtifact,
+    remove_abandoned,
+    work_dir,
+)
 from encoder_pipeline.lib.search import CHOICE_FILE, SERVED_ASSETS
 
 SERVING_ASSET = SERVED_ASSETS[0]
@@ -138,6 +144,8 @@ def garbage_collect(store: ArtifactStore, domain: str, keep_promoted: int,
     needed = needed_versions(store, domain, keep_promoted)
     deleted, freed = [], 0
     for asset in _asset_names(store, domain):
+        if not dry_run:  # what killed runs left: staging folders, half-deleted versions
+            remove_abandoned(store.asset_dir(domain, asset))
         for version in store.versions(domain, asset):
             if (asset, version) in needed:
                 continue
@@ -146,7 +154,7 @@ def garbage_collect(store: ArtifactStore, domain: str, keep_promoted: int,
             deleted.append((asset, version))
             if not dry_run:
                 # Renamed out of sight first, so a reader never finds a half-deleted version.
-                doomed = folder.with_name(f".deleting-{version}")
-                os.replace(folder, doomed)
+                doomed = work_dir(folder.parent, "deleting")
+                os.replace(folder, doomed)  # a folder may replace an empty one
                 shutil.rmtree(doomed)
     return GcResult(deleted=deleted, kept=len(needed), freed_bytes=freed)

@@ -12,7 +12,10 @@ positives relabeled among retrieved neighbours).
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -20,7 +23,13 @@ import daft
 import pandas as pd
 from daft import col
 
-from encoder_pipeline.lib.llm import GenerationParams, LLMBackend, ResponseCache, generate_cached
+from encoder_pipeline.lib.llm import (
+    GenerationParams,
+    LLMBackend,
+    LLMError,
+    ResponseCache,
+    generate_cached,
+)
 
 # Gecko-style variety: each document draws a task, a persona and a length, so queries are not all
 # restatements of the passage's first sentence.
@@ -132,6 +141,7 @@ def dedupe_queries(queries: Sequence[str | None]) -> list[bool]:
 COMPLETION_DTYPE = daft.DataType.struct({
     "text": daft.DataType.string(), "prompt_tokens": daft.DataType.int64(),
     "completion_tokens": daft.DataType.int64(), "cached": daft.DataType.bool(),
+    "error": daft.DataType.string(),
 })
 
 
@@ -139,21 +149,53 @@ COMPLETION_DTYPE = daft.DataType.struct({
 class CachedGenerator:
     """A Daft batch UDF around an LLM backend and its on-disk cache: the model loads once per worker,
     every call goes through `generate_cached`, so the cache and the budget apply to each batch.
-    (`daft.functions.prompt` has no cache hook and no budget, hence this class.)"""
+    (`daft.functions.prompt` has no cache hook and no budget, hence this class.)
 
-    def __init__(self, make_backend: Callable[[], LLMBackend], cache_dir: str, params: GenerationParams):
+    An endpoint failure the backend can explain (refused key, retries used up) is returned in the
+    `error` field rather than raised, since Daft would bury it in a traceback; later batches then
+    send nothing, and `generate_frame` raises it as LLMError."""
+
+    def __init__(self, make_backend: Callable[[], LLMBackend], cache_dir: str, params: GenerationParams,
+                 owner_pid: int | None = None):
+        if owner_pid is not None and os.getppid() == owner_pid:  # in a Daft worker process
+            _exit_with_owner(owner_pid)
         self.backend = make_backend()
         self.cache = ResponseCache(cache_dir)
         self.params = params
+        self.failure: str | None = None
 
     # 64 prompts per call: the local backend sorts them by length into its generate batches (less
     # padding); the cache is written per call, so a crash loses at most one call's generations.
     @daft.method.batch(return_dtype=COMPLETION_DTYPE, batch_size=64, unnest=True)
     def generate(self, prompts: daft.Series) -> list[dict | None]:
-        report = generate_cached(self.backend, self.cache, prompts.to_pylist(), self.params)
-        return [None if c is None else {"text": c.text, "prompt_tokens": c.prompt_tokens,
-                                        "completion_tokens": c.completion_tokens, "cached": c.cached}
-                for c in report.completions]
+        if self.failure is None:
+            try:
+                report = generate_cached(self.backend, self.cache, prompts.to_pylist(), self.params)
+                return [None if c is None else {"text": c.text, "prompt_tokens": c.prompt_tokens,
+                                                "completion_tokens": c.completion_tokens,
+                                                "cached": c.cached, "error": None}
+                        for c in report.completions]
+            except Exception as error:
+                explain = getattr(self.backend, "explain", None)
+                explained = explain(error) if explain else None
+                if explained is None:
+                    raise
+                self.failure = str(explained)
+        return [{"text": None, "prompt_tokens": 0, "completion_tokens": 0, "cached": False,
+                 "error": self.failure}] * len(prompts)
+
+
+def _exit_with_owner(owner_pid: int) -> None:
+    """End this worker once the process that started it is gone. A run killed with SIGKILL (or by
+    the OOM killer) leaves Daft's worker orphaned, still sending its batch of prompts, which a re-run
+    started meanwhile would send too: paid twice."""
+
+    def watch() -> None:
+        while os.getppid() == owner_pid:
+            time.sleep(0.2)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-owner", daemon=True).start()
 
 
 def generate_frame(prompts: list[dict], make_backend: Callable[[], LLMBackend], cache_dir: str,
@@ -162,9 +204,14 @@ def generate_frame(prompts: list[dict], make_backend: Callable[[], LLMBackend], 
     if not prompts:
         return pd.DataFrame(columns=["doc_id", "variant", "style", "prompt", "text", "prompt_tokens",
                                      "completion_tokens", "cached"])
-    generator = CachedGenerator(make_backend, cache_dir, params)
+    generator = CachedGenerator(make_backend, cache_dir, params, owner_pid=os.getpid())
     frame = daft.from_pylist(prompts)
-    return frame.select("*", generator.generate(col("prompt"))).to_pandas()
+    rows = frame.select("*", generator.generate(col("prompt"))).to_pandas()
+    failures = rows["error"].dropna()
+    if len(failures):
+        raise LLMError(f"{failures.iloc[0]} (the answers received before it are cached: a re-run "
+                       "resumes)")
+    return rows.drop(columns="error")
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,11 @@ class ServedIndex:
     def revision(self) -> str:
         return self.choice["revision"]
 
+    @property
+    def trust_remote_code(self) -> bool:
+        """The domain spec's opt-in as recorded when the index was built (absent: off)."""
+        return self.choice.get("trust_remote_code", False) is True
+
 
 def default_store() -> ArtifactStore:
     """The artifact root the pipeline writes to (what `ArtifactStoreResource()` defaults to)."""
@@ -113,7 +118,8 @@ class Searcher:
         # The revision check runs against the folder's own fingerprint, not only what choice.json says.
         self.index = load_index(served.index_dir, encoders.model_fingerprint(str(served.model_path)))
         self.encoder = encoders.load_encoder(str(served.model_path), backend=backend,
-                                             onnx_cache=onnx_cache)
+                                             onnx_cache=onnx_cache,
+                                             trust_remote_code=served.trust_remote_code)
 
     @classmethod
     def for_domain(cls, domain: str, store: ArtifactStore | None = None, backend: str = "torch",

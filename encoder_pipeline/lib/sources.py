@@ -17,6 +17,8 @@ import os
 import re
 import sysconfig
 import textwrap
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import daft
@@ -29,6 +31,24 @@ STDLIB_ALWAYS_EXCLUDED = ("test", "tests", "idlelib", "site-packages", "__pycach
 
 class CorpusError(ValueError):
     """A corpus that cannot be read as specified; the message names the path and the field."""
+
+
+MALFORMED_HINT = ('set corpus.on_malformed = "skip" in the domain spec to leave such entries out '
+                  "(they are counted)")
+
+
+@dataclass
+class Skipped:
+    """Entries left out under `corpus.on_malformed = "skip"`: how many, the first few named
+    ("file:line: what is wrong")."""
+
+    count: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, entry: str) -> None:
+        self.count += 1
+        if len(self.examples) < 10:
+            self.examples.append(entry)
 
 
 def _is_remote(location: str) -> bool:
@@ -183,6 +203,25 @@ def _parse_file(path: str, content: str) -> dict[str, str]:
     return parse_document_file(path, content)
 
 
+def _files_pattern(location: str) -> str:
+    return location if any(ch in location for ch in "*?[") else location.rstrip("/") + "/**/*"
+
+
+def _document_files(location: str) -> daft.DataFrame:
+    """The text files of a folder (or glob), with Daft's `path` column."""
+    files = daft.from_glob_path(_files_pattern(location))
+    return files.where(daft.functions.regexp(daft.functions.lower(col("path")), TEXT_FILE_PATTERN))
+
+
+def _undecodable_files(location: str) -> list[str]:
+    """Paths of the text files that are not valid UTF-8 (Daft reads them, local or remote)."""
+    content = daft.functions.try_decode(daft.functions.download(col("path")), "utf-8")
+    # A column first: Daft 0.7 panics on a download inside a filter predicate.
+    decoded = _document_files(location).select("path", content.is_null().alias("undecodable"))
+    bad = decoded.where(col("undecodable")).select("path").to_pydict()["path"]
+    return sorted(path.removeprefix("file://") for path in bad)
+
+
 def glob_root(pattern: str) -> str:
     """The folder above a glob's first wildcard, as Daft spells paths (local ones as file://)."""
     head = re.split(r"[*?\[]", pattern, maxsplit=1)[0].rsplit("/", 1)[0]
@@ -191,22 +230,125 @@ def glob_root(pattern: str) -> str:
     return "file://" + os.path.abspath(head)
 
 
-def read_document_files(location: str) -> daft.DataFrame:
+def read_document_files(location: str, on_malformed: str = "fail",
+                        skipped: Skipped | None = None) -> daft.DataFrame:
     """A folder (or glob) of text, markdown or HTML files, one document per file, through Daft's
-    glob and download (streamed; local paths and object-storage URIs alike)."""
-    pattern = location if any(ch in location for ch in "*?[") else location.rstrip("/") + "/**/*"
-    files = daft.from_glob_path(pattern)
+    glob and download (streamed; local paths and object-storage URIs alike). A file that is not
+    UTF-8 fails the read, or with `on_malformed="skip"` is left out and listed in `skipped`."""
+    undecodable = _undecodable_files(location)
+    if undecodable and on_malformed != "skip":
+        raise CorpusError(f"{len(undecodable)} files under {location} are not valid UTF-8, e.g. "
+                          f"{undecodable[:3]}; {MALFORMED_HINT}")
+    for path in undecodable if skipped is not None else ():
+        skipped.add(f"{path}: not valid UTF-8")
+    files = _document_files(location)
+    if undecodable:
+        files = files.where(~daft.functions.regexp_replace(col("path"), "^file://", "").is_in(undecodable))
     content = daft.functions.try_decode(daft.functions.download(col("path")), "utf-8")
     parsed = _parse_file(col("path"), content.fill_null(""))
-    text_files = daft.functions.regexp(daft.functions.lower(col("path")), TEXT_FILE_PATTERN)
-    root = glob_root(pattern)
+    root = glob_root(_files_pattern(location))
     relative = daft.functions.regexp_replace(col("path"), "^" + re.escape(root) + "/*", "")
-    return files.where(text_files).select(
+    return files.select(
         relative.alias("doc_id"),
         parsed.get("title").alias("title"),
         parsed.get("text").alias("text"),
         daft.lit("").alias("anchor"),
     )
+
+
+def _parse_line(raw: bytes) -> tuple[dict | None, str]:
+    """A JSONL line as a JSON object, or (None, what is wrong with it)."""
+    try:
+        record = json.loads(raw)
+    except UnicodeDecodeError as error:
+        return None, f"not valid UTF-8 (byte {error.start})"
+    except json.JSONDecodeError as error:
+        return None, f"not valid JSON ({error.msg}, column {error.colno})"
+    return (record, "") if isinstance(record, dict) else (None, "not a JSON object")
+
+
+def _has_id(record: dict, id_field: str) -> bool:
+    return record.get(id_field) not in (None, "")
+
+
+@dataclass
+class _JsonlScan:
+    malformed: Skipped = field(default_factory=Skipped)
+    missing_id: Skipped = field(default_factory=Skipped)
+    has_ids: bool = False  # some line carries the id field: then a line without one is malformed
+    fields: set[str] = field(default_factory=set)
+
+    @property
+    def problems(self) -> Skipped:
+        if not self.has_ids:
+            return self.malformed
+        return Skipped(self.malformed.count + self.missing_id.count,
+                       (self.malformed.examples + self.missing_id.examples)[:10])
+
+
+def _scan_jsonl(paths: list[str], id_field: str) -> _JsonlScan:
+    """One pass over local JSONL files: malformed lines, by file and line number."""
+    scan = _JsonlScan()
+    for path in paths:
+        with open(path, "rb") as handle:
+            for number, raw in enumerate(handle, 1):
+                if not raw.strip():
+                    continue
+                record, problem = _parse_line(raw)
+                if record is None:
+                    scan.malformed.add(f"{path}:{number}: {problem}")
+                    continue
+                scan.fields.update(record)
+                if _has_id(record, id_field):
+                    scan.has_ids = True
+                else:
+                    scan.missing_id.add(f"{path}:{number}: no '{id_field}' (corpus.id_field)")
+    return scan
+
+
+def _as_text(value) -> str | None:
+    return value if value is None or isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def _well_formed_lines(paths: list[str], scan: _JsonlScan, id_field: str, title_field: str,
+                       text_field: str) -> daft.DataFrame:
+    """The well-formed lines of local JSONL files, streamed file by file through a Daft generator
+    UDF (Daft's own JSON reader stops at the first bad line), with the source's field names."""
+    names = [name for name in dict.fromkeys((id_field, title_field, text_field)) if name in scan.fields
+             and (name != id_field or scan.has_ids)]
+    has_ids = scan.has_ids
+
+    @daft.func(return_dtype=daft.DataType.struct({name: daft.DataType.string() for name in names}))
+    def records(path: str) -> Iterator[dict]:
+        with open(path, "rb") as handle:
+            for raw in handle:
+                record = _parse_line(raw)[0] if raw.strip() else None
+                if record is not None and (not has_ids or _has_id(record, id_field)):
+                    yield {name: _as_text(record.get(name)) for name in names}
+
+    rows = daft.from_pydict({"path": paths}).select(records(col("path")).alias("record"))
+    return rows.select(*[col("record").get(name).alias(name) for name in names])
+
+
+def _read_jsonl(location: str, id_field: str, title_field: str, text_field: str, on_malformed: str,
+                skipped: Skipped | None) -> daft.DataFrame | None:
+    """Local JSONL checked line by line first: None when every line is fine (Daft reads it),
+    else the well-formed lines under on_malformed="skip"; CorpusError naming the lines otherwise."""
+    paths = sorted(glob.glob(location)) if any(ch in location for ch in "*?[") else [location]
+    scan = _scan_jsonl(paths, id_field)
+    problems = scan.problems
+    if not problems.count and (scan.has_ids or id_field not in scan.fields):
+        return None
+    if problems.count and on_malformed != "skip":
+        raise CorpusError(f"{problems.count} malformed line(s) in {location}, e.g. "
+                          f"{'; '.join(problems.examples[:3])}; {MALFORMED_HINT}")
+    if not scan.fields:
+        raise CorpusError(f"no well-formed line in {location} ({problems.count} malformed, e.g. "
+                          f"{'; '.join(problems.examples[:3])})")
+    if skipped is not None:
+        skipped.count += problems.count
+        skipped.examples.extend(problems.examples[: 10 - len(skipped.examples)])
+    return _well_formed_lines(paths, scan, id_field, title_field, text_field)
 
 
 def _mapped(df: daft.DataFrame, id_field: str, title_field: str, text_field: str,
@@ -232,13 +374,20 @@ def _mapped(df: daft.DataFrame, id_field: str, title_field: str, text_field: str
 
 
 def read_corpus(fmt: str, location: str, id_field: str = "_id", title_field: str = "title",
-                text_field: str = "text", exclude: list[str] | None = None) -> daft.DataFrame:
-    """A lazy Daft frame with CORPUS_COLUMNS, from any supported source."""
+                text_field: str = "text", exclude: list[str] | None = None,
+                on_malformed: str = "fail", skipped: Skipped | None = None) -> daft.DataFrame:
+    """A lazy Daft frame with CORPUS_COLUMNS, from any supported source.
+
+    Malformed entries (a local JSONL line that is not a UTF-8 JSON object or lacks the id the other
+    lines carry; a `files` document that is not UTF-8) raise CorpusError naming file and line, or
+    with `on_malformed="skip"` are left out and counted in `skipped`. Remote JSONL is not checked
+    line by line: Daft's reader fails on a bad line.
+    """
     if fmt == "python_stdlib":
         return daft.from_pylist(read_python_stdlib(exclude or []))
     if fmt == "files":
         _require_exists(location, "a folder or glob of .txt/.md/.html files")
-        return read_document_files(location)
+        return read_document_files(location, on_malformed, skipped)
     if fmt == "beir":
         location = location.rstrip("/") + "/corpus.jsonl"
         _require_exists(location, "a BEIR folder needs corpus.jsonl; set ENCODER_PIPELINE_CORPUS_ROOT "
@@ -246,6 +395,10 @@ def read_corpus(fmt: str, location: str, id_field: str = "_id", title_field: str
         fmt, id_field, title_field, text_field = "jsonl", "_id", "title", "text"
     else:
         _require_exists(location, "check corpus.path in the domain spec and $ENCODER_PIPELINE_CORPUS_ROOT")
+    if fmt == "jsonl" and not _is_remote(location):
+        checked = _read_jsonl(location, id_field, title_field, text_field, on_malformed, skipped)
+        if checked is not None:
+            return _mapped(checked, id_field, title_field, text_field, location)
     reader = {"jsonl": daft.read_json, "parquet": daft.read_parquet, "csv": daft.read_csv}[fmt]
     try:
         frame = reader(location)  # reads the schema now, so unreadable files fail here
@@ -268,13 +421,21 @@ def read_judged(location: str, split: str = "dev") -> tuple[dict[str, str], dict
             raise CorpusError(f"judged set incomplete: {path} not found")
     qrels: dict[str, dict[str, int]] = {}
     with qrels_path.open(encoding="utf-8") as handle:
-        for row in csv.DictReader(handle, delimiter="\t"):
-            qrels.setdefault(str(row["query-id"]), {})[str(row["corpus-id"])] = int(row["score"])
+        reader = csv.DictReader(handle, delimiter="\t")
+        for row in reader:
+            try:
+                qrels.setdefault(str(row["query-id"]), {})[str(row["corpus-id"])] = int(row["score"])
+            except (KeyError, TypeError, ValueError) as error:
+                raise CorpusError(f"{qrels_path}:{reader.line_num}: expected query-id, corpus-id and an "
+                                  f"integer score separated by tabs ({error!r})") from error
     queries = {}
-    with queries_path.open(encoding="utf-8") as handle:
-        for line in handle:
+    with queries_path.open("rb") as handle:
+        for number, line in enumerate(handle, 1):
             if line.strip():
-                record = json.loads(line)
+                record, problem = _parse_line(line)
+                if record is None or "_id" not in record or not isinstance(record.get("text"), str):
+                    raise CorpusError(f"{queries_path}:{number}: "
+                                      f"{problem or 'a query needs _id and text'}")
                 if str(record["_id"]) in qrels:
                     queries[str(record["_id"])] = record["text"]
     missing = sorted(set(qrels) - set(queries))

@@ -17,6 +17,12 @@ full width are unchanged, and a Matryoshka-truncated prefix keeps the most infor
 The dev slice (carved from the training pairs, never the eval set) is scored at the end of every
 epoch; the best epoch's checkpoint is kept. Checkpoints go to `checkpoint_dir`, a work folder that
 outlives a crashed run: calling `train_encoder` again with the same inputs resumes from the last one.
+
+Every GPU present is used: `train_encoder` starts one process per GPU (or is launched that way by
+`torchrun --nproc_per_node N`), the trainer runs them as DDP, the effective batch is split over the N
+processes, and the loss gathers every device's embeddings so each anchor still sees the whole
+effective batch as negatives. bf16 mixed precision on GPUs that support it; without a GPU it trains
+on the CPU (several CPU processes run gloo DDP).
 """
 
 from __future__ import annotations
@@ -24,9 +30,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 import resource
 import shutil
+import socket
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -35,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 from datasets import Dataset
 from sentence_transformers import (
     SentenceTransformer,
@@ -48,6 +58,7 @@ from sentence_transformers.util import cos_sim
 from torch import nn
 from transformers import TrainerCallback
 
+from encoder_pipeline.lib.artifacts import write_json_atomic
 from encoder_pipeline.lib.encoders import load_encoder, model_fingerprint
 from encoder_pipeline.lib.losses import contrastive_loss, default_matryoshka_dims, describe_loss
 
@@ -71,7 +82,7 @@ class TrainingConfig:
     min_batch_size: int = 32  # the auto batch's floor (small sets want small batches)
     max_batch_size: int = 1024  # the auto batch's ceiling
     mini_batch_size: int = 32  # texts per forward pass under GradCache: bounds activation memory
-    gradcache: bool | None = None  # None: only when the batch exceeds mini_batch_size
+    gradcache: bool | None = None  # None: only when a device's batch exceeds mini_batch_size
     matryoshka_dims: tuple[int, ...] | None = None  # None: full, 1/2, 1/4, 1/8 of the model; (): off
     gor_weight: float = 0.1  # Global Orthogonal Regularization (second moment), 0 turns it off
     learning_rate: float = 5e-5
@@ -145,23 +156,37 @@ class TrainingResult:
     loss: str = ""
     best_step: int = 0
     resumed_from_step: int = 0  # 0: a fresh run
+    world_size: int = 1  # training processes (DDP ranks; one per GPU)
     dev_history: list[dict] = field(default_factory=list)  # [{step, ndcg@10, ndcg@10 truncated}]
 
 
 def train_encoder(base_model: str, rows: pd.DataFrame, output_dir: str | Path, config: TrainingConfig,
                   dev: DevSet | None = None, checkpoint_dir: str | Path | None = None,
-                  callbacks: Sequence[TrainerCallback] = ()) -> TrainingResult:
+                  callbacks: Sequence[TrainerCallback] = (), devices: int | None = None,
+                  trust_remote_code: bool = False) -> TrainingResult:
     """Fine-tune `base_model` on `rows`, save a sentence-transformers folder to `output_dir/model`.
 
     `checkpoint_dir` belongs to this run (default `output_dir/checkpoints`): if it holds checkpoints
     of the same inputs (model, rows, config, dev set), training resumes from the last one; it is
     deleted after success. Pass a folder outside any staging area for crash-resumable training.
+
+    `devices` (default: the GPUs present): with more than one, and unless this process is already a
+    DDP rank (torchrun), training runs in that many processes, one per device (`run_distributed`).
     """
     if len(rows) < MIN_TRAINING_PAIRS:
         raise TrainingDataError(
             f"only {len(rows)} training rows; at least {MIN_TRAINING_PAIRS} are needed to train "
             "(add documents with structure, or enable synthetic queries)"
         )
+    devices = torch.cuda.device_count() if devices is None else devices
+    if devices > 1 and distributed_world_size() == 1:
+        if callbacks:
+            raise ValueError("callbacks cannot cross into the DDP processes; launch with torchrun instead")
+        with tempfile.TemporaryDirectory(prefix="ddp-result-") as scratch:
+            result_file = Path(scratch) / "result.json"
+            run_distributed(devices, _train_rank, base_model, rows, str(output_dir), config, dev,
+                            checkpoint_dir, str(result_file), trust_remote_code)
+            return TrainingResult(**json.loads(result_file.read_text()))
     output_dir = Path(output_dir)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else output_dir / "checkpoints"
     columns = ["query", "positive"] + sorted((c for c in rows.columns if NEGATIVE_COLUMN.match(c)),
@@ -169,22 +194,22 @@ def train_encoder(base_model: str, rows: pd.DataFrame, output_dir: str | Path, c
     rows = rows[columns].reset_index(drop=True)
     batch_size = min(config.batch_size or auto_batch_size(len(rows), config.min_batch_size,
                                                            config.max_batch_size), len(rows))
-    gradcache = config.gradcache if config.gradcache is not None else batch_size > config.mini_batch_size
+    world_size = distributed_world_size()
+    per_device = math.ceil(batch_size / world_size)
 
     torch.manual_seed(config.seed)
-    model = load_encoder(base_model, config.max_seq_length, fresh=True)
+    model = load_encoder(base_model, config.max_seq_length, trust_remote_code, fresh=True)
     dim = model.get_embedding_dimension()
-    dims = default_matryoshka_dims(dim) if config.matryoshka_dims is None else tuple(config.matryoshka_dims)
     quarter = max(1, dim // 4)
-    loss = contrastive_loss(model, gradcache=gradcache, mini_batch_size=config.mini_batch_size,
-                            matryoshka_dims=dims, gor_weight=config.gor_weight)
+    loss = training_loss(model, config, per_device, world_size)
 
-    resume_from = _prepare_checkpoints(checkpoint_dir, _run_fingerprint(base_model, rows, config, dev))
     args = SentenceTransformerTrainingArguments(
         output_dir=str(checkpoint_dir),
         num_train_epochs=config.epochs,
         max_steps=config.max_steps,
-        per_device_train_batch_size=batch_size,
+        per_device_train_batch_size=per_device,  # the effective batch, split over the DDP processes
+        bf16=gpu_bf16(),
+        use_cpu=not torch.cuda.is_available(),  # also what lets accelerate start gloo DDP on CPUs
         learning_rate=config.learning_rate,
         warmup_steps=config.warmup_ratio,  # a float is a ratio of the total steps in v5
         batch_sampler=BatchSamplers.NO_DUPLICATES,
@@ -203,6 +228,9 @@ def train_encoder(base_model: str, rows: pd.DataFrame, output_dir: str | Path, c
         disable_tqdm=True,
         dataloader_drop_last=False,
     )
+    # Rank 0 clears a foreign checkpoint folder before the other ranks look into it.
+    with args.main_process_first(local=False, desc="checkpoints"):
+        resume_from = _prepare_checkpoints(checkpoint_dir, _run_fingerprint(base_model, rows, config, dev))
     clock = _StepClock()
     trainer = SentenceTransformerTrainer(
         model=model, args=args, train_dataset=Dataset.from_pandas(rows, preserve_index=False),
@@ -215,7 +243,8 @@ def train_encoder(base_model: str, rows: pd.DataFrame, output_dir: str | Path, c
         documents = list(dict.fromkeys([*rows["positive"], *(dev.corpus.values() if dev else ())]))
         order_dimensions_by_variance(model, documents, config.rotation_sample, config.seed)
     seconds = time.perf_counter() - started
-    model.save_pretrained(str(output_dir / "model"))
+    if trainer.is_world_process_zero():
+        model.save_pretrained(str(output_dir / "model"))
 
     history = [{"step": e["step"], "ndcg@10": e[f"eval_{DEV_METRIC}"],
                 "ndcg@10_truncated": e.get(f"eval_dev_cosine_dim{quarter}_ndcg@10", float("nan"))}
@@ -226,7 +255,9 @@ def train_encoder(base_model: str, rows: pd.DataFrame, output_dir: str | Path, c
         scores = dev.evaluator([quarter])(model)
         kept = {**kept, "ndcg@10": scores[DEV_METRIC],
                 "ndcg@10_truncated": scores[f"dev_cosine_dim{quarter}_ndcg@10"]}
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()  # other ranks may still be reading the best checkpoint
+    if trainer.is_world_process_zero():
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
     pairs_trained = (trainer.state.epoch - clock.start_epoch) * len(rows)
     return TrainingResult(
         training_rows=len(rows),
@@ -239,11 +270,67 @@ def train_encoder(base_model: str, rows: pd.DataFrame, output_dir: str | Path, c
         dev_ndcg_at_10=round(kept["ndcg@10"], 4) if kept else float("nan"),
         matryoshka_dim=quarter,
         dev_ndcg_at_10_truncated=round(kept["ndcg@10_truncated"], 4) if kept else float("nan"),
-        loss=describe_loss(gradcache, config.mini_batch_size, dims, config.gor_weight),
+        loss=describe_loss(_gradcache(config, per_device), config.mini_batch_size,
+                           _matryoshka_dims(config, dim), config.gor_weight),
         best_step=int(best_step),
         resumed_from_step=_step_of(resume_from) if resume_from else 0,
         dev_history=history,
+        world_size=world_size,
     )
+
+
+def _train_rank(base_model: str, rows: pd.DataFrame, output_dir: str, config: TrainingConfig,
+                dev: DevSet | None, checkpoint_dir: str | Path | None, result_file: str,
+                trust_remote_code: bool) -> None:
+    result = train_encoder(base_model, rows, output_dir, config, dev, checkpoint_dir,
+                           trust_remote_code=trust_remote_code)
+    if int(os.environ["RANK"]) == 0:
+        Path(result_file).write_text(json.dumps(asdict(result)))
+
+
+def run_distributed(world_size: int, target, *args) -> None:
+    """`target(*args)` in `world_size` processes with the environment torchrun gives its ranks
+    (RANK, LOCAL_RANK, WORLD_SIZE, a loopback rendezvous), so the trainer runs them as one DDP job
+    (NCCL, one GPU each; gloo on CPUs). `target` and `args` must pickle."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torch.multiprocessing.spawn(_rank_entry, args=(world_size, port, target, args), nprocs=world_size)
+
+
+def _rank_entry(rank: int, world_size: int, port: int, target, args: tuple) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    target(*args)
+
+
+def distributed_world_size() -> int:
+    """DDP processes this training is one of: torchrun and `accelerate launch` set WORLD_SIZE."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def gpu_bf16() -> bool:
+    """bf16 mixed precision: on GPUs that compute it natively (Ampere and later), not on CPU."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def _gradcache(config: TrainingConfig, per_device_batch: int) -> bool:
+    return config.gradcache if config.gradcache is not None else per_device_batch > config.mini_batch_size
+
+
+def _matryoshka_dims(config: TrainingConfig, dim: int) -> tuple[int, ...]:
+    return default_matryoshka_dims(dim) if config.matryoshka_dims is None else tuple(config.matryoshka_dims)
+
+
+def training_loss(model: SentenceTransformer, config: TrainingConfig, per_device_batch: int,
+                  world_size: int = 1) -> nn.Module:
+    """The loss `train_encoder` trains with. GradCache once a device's batch exceeds the mini-batch;
+    under DDP (`world_size` > 1) each device's anchors are scored against the candidates gathered
+    from every device, so the negatives per anchor do not shrink when the batch is split."""
+    return contrastive_loss(model, gradcache=_gradcache(config, per_device_batch),
+                            mini_batch_size=config.mini_batch_size,
+                            matryoshka_dims=_matryoshka_dims(config, model.get_embedding_dimension()),
+                            gor_weight=config.gor_weight, gather_across_devices=world_size > 1)
 
 
 def order_dimensions_by_variance(model: SentenceTransformer, documents: Sequence[str], sample: int,
@@ -303,8 +390,14 @@ class _Checkpointer(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs) -> None:
         at_epoch_end = state.epoch is not None and abs(state.epoch - round(state.epoch)) < 1e-9
-        if (time.monotonic() - self._last >= self.seconds and state.global_step < state.max_steps
-                and not at_epoch_end):
+        due = (time.monotonic() - self._last >= self.seconds and state.global_step < state.max_steps
+               and not at_epoch_end)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            # DDP ranks must agree: a save on one rank only would hang the others at its barrier.
+            decision = [due]
+            dist.broadcast_object_list(decision, src=0)
+            due = decision[0]
+        if due:
             control.should_save = True
 
     def on_save(self, args, state, control, **kwargs) -> None:
@@ -329,13 +422,25 @@ def _step_of(checkpoint: Path) -> int:
 def _prepare_checkpoints(checkpoint_dir: Path, fingerprint: str) -> Path | None:
     """The last complete checkpoint of this same run, or None; anything else there is cleared."""
     marker = checkpoint_dir / RUN_FILE
-    if checkpoint_dir.exists():
-        same_run = marker.exists() and json.loads(marker.read_text()).get("fingerprint") == fingerprint
-        if not same_run:
-            shutil.rmtree(checkpoint_dir)
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"fingerprint": fingerprint}))
-    # trainer_state.json is written last, so a checkpoint without it was cut off mid-save.
-    complete = [p for p in checkpoint_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
+    if checkpoint_dir.exists() and _read_json(marker).get("fingerprint") != fingerprint:
+        shutil.rmtree(checkpoint_dir)
+    write_json_atomic(marker, {"fingerprint": fingerprint})
+    # The trainer writes trainer_state.json last, in place: a checkpoint whose state is missing or
+    # does not parse was cut off mid-save (a kill). It is deleted, so that neither the resume nor
+    # the trainer's rotation of old checkpoints counts it.
+    complete = []
+    for checkpoint in checkpoint_dir.glob("checkpoint-*"):
+        if _read_json(checkpoint / "trainer_state.json"):
+            complete.append(checkpoint)
+        else:
+            shutil.rmtree(checkpoint)
     return max(complete, key=_step_of) if complete else None
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON file's content; {} when it is missing or torn."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
 

@@ -1,8 +1,7 @@
 """clean_corpus and eval_set: the retrievable units, and the queries the report is judged on."""
 
+import dataclasses
 import os
-import tempfile
-from pathlib import Path
 
 import dagster as dg
 import pandas as pd
@@ -21,7 +20,8 @@ from encoder_pipeline.domains import DomainSpec, domain_partitions
 from encoder_pipeline.lib.corpus import CleaningConfig, clean_corpus_to_parquet as clean_to_parquet
 from encoder_pipeline.lib.drift import write_snapshot
 from encoder_pipeline.lib.pairs import held_out_split, judged_split, sample_judged
-from encoder_pipeline.lib.sources import CorpusError, read_corpus, read_judged
+from encoder_pipeline.lib.sources import CorpusError, Skipped, read_corpus, read_judged
+from encoder_pipeline.lib.train import MIN_TRAINING_PAIRS
 from encoder_pipeline.resources import ArtifactStoreResource, PipelineSettings
 
 GROUP = "corpus"
@@ -37,7 +37,10 @@ def _judged(spec: DomainSpec, settings: PipelineSettings):
             f"domain '{spec.name}': judged set not found at {location} (spec {spec.source_file}, "
             "field 'judged.path'); set ENCODER_PIPELINE_CORPUS_ROOT or fix the path"
         )
-    queries, qrels = read_judged(location, spec.judged.split)
+    try:
+        queries, qrels = read_judged(location, spec.judged.split)
+    except CorpusError as error:
+        raise dg.Failure(f"domain '{spec.name}' (spec {spec.source_file}): {error}") from error
     return sample_judged(queries, qrels, settings.sizes().judged_queries, settings.seed)
 
 
@@ -69,19 +72,22 @@ def clean_corpus(context: dg.AssetExecutionContext, artifacts: ArtifactStoreReso
     location = spec.corpus_location() if spec.corpus.format != "python_stdlib" else "(stdlib)"
     judged = _judged(spec, settings)
     protected = {doc for rels in judged[1].values() for doc in rels} if judged else set()
-    config = cleaning_config(spec, settings)
+    # Fewer units than training needs pairs is refused here, before any model or LLM runs.
+    config = dataclasses.replace(cleaning_config(spec, settings), min_units=MIN_TRAINING_PAIRS)
     store = artifacts.store()
-    store.domain_dir(spec.name).mkdir(parents=True, exist_ok=True)
     # Cleaning streams to a scratch file beside the artifacts (the corpus never sits in memory
     # whole), which then moves into the published version with a rename.
-    with tempfile.TemporaryDirectory(dir=store.domain_dir(spec.name), prefix=".clean-") as scratch:
-        cleaned = Path(scratch) / CORPUS_FILE
+    with store.scratch(spec.name) as scratch:
+        cleaned = scratch / CORPUS_FILE
+        skipped = Skipped()  # malformed entries left out under corpus.on_malformed = "skip"
         try:
             raw = read_corpus(spec.corpus.format, location, spec.corpus.id_field,
-                              spec.corpus.title_field, spec.corpus.text_field, spec.corpus.exclude)
+                              spec.corpus.title_field, spec.corpus.text_field, spec.corpus.exclude,
+                              spec.corpus.on_malformed, skipped)
             report = clean_to_parquet(raw, config, cleaned, protected)
         except CorpusError as error:
-            raise dg.Failure(f"domain '{spec.name}' (spec {spec.source_file}): {error}") from error
+            raise dg.Failure(f"domain '{spec.name}' (spec {spec.source_file}, corpus {location}): "
+                             f"{error}") from error
         with publish(context, artifacts, settings, config.__dict__, upstream=[],
                      corpus_fingerprint=report.fingerprint) as staging:
             os.replace(cleaned, staging / CORPUS_FILE)
@@ -96,6 +102,9 @@ def clean_corpus(context: dg.AssetExecutionContext, artifacts: ArtifactStoreReso
         metadata={
             "documents": dg.MetadataValue.int(kept),
             "source_documents": dg.MetadataValue.int(report.counts["read"]),
+            "skipped_malformed": dg.MetadataValue.int(skipped.count),
+            **({"skipped_examples": dg.MetadataValue.md("\n".join(f"- `{e}`" for e in skipped.examples))}
+               if skipped.count else {}),
             "corpus_fingerprint": report.fingerprint,
             "counts_per_step": md_table(counts),
             **{f"words_{k}": dg.MetadataValue.float(v) for k, v in report.word_percentiles.items()},

@@ -73,7 +73,7 @@ def thresholds(spec: DomainSpec) -> Thresholds:
 def read_source(spec: DomainSpec) -> daft.DataFrame:
     location = "" if spec.corpus.format == "python_stdlib" else spec.corpus_location()
     return read_corpus(spec.corpus.format, location, spec.corpus.id_field, spec.corpus.title_field,
-                       spec.corpus.text_field, spec.corpus.exclude)
+                       spec.corpus.text_field, spec.corpus.exclude, spec.corpus.on_malformed)
 
 
 def files_fingerprint(spec: DomainSpec) -> str | None:
@@ -155,7 +155,7 @@ def _canary(spec: DomainSpec, store: ArtifactStore, settings: PipelineSettings, 
         config = dataclasses.replace(cleaning_config(spec, settings), max_documents=0)
         with contextlib.suppress(CorpusError):  # raised when every changed document is filtered out
             units, _ = clean_corpus(daft.from_pandas(new_docs), config, judged & set(new_docs["doc_id"]))
-    model = encoders.load_encoder(str(served.model_path))
+    model = encoders.load_encoder(str(served.model_path), trust_remote_code=spec.trust_remote_code)
     drift.canary_recall_before, drift.canary_recall_after = canary_recall(
         index, lambda batch: encoders.encode(model, batch, bf16=settings.bf16_inference),
         split.queries, split.qrels, changes.gone_or_changed, units)

@@ -210,16 +210,18 @@ def eval_report(context: dg.AssetExecutionContext, config: ReportConfig,
     qids = list(split.queries)
     query_texts = [split.queries[q] for q in qids]
     cache = embeddings_cache(store, spec.name)
+    trust = spec.trust_remote_code
 
     def dense(model_path: str) -> Run:
-        corpus_vectors = encoders.cached_embeddings(model_path, texts, cache, bf16=settings.bf16_inference)
-        query_vectors = encoders.encode(encoders.load_encoder(model_path), query_texts,
-                                        bf16=settings.bf16_inference)
+        corpus_vectors = encoders.cached_embeddings(model_path, texts, cache, bf16=settings.bf16_inference,
+                                                    trust_remote_code=trust)
+        query_vectors = encoders.encode(encoders.load_encoder(model_path, trust_remote_code=trust),
+                                        query_texts, bf16=settings.bf16_inference)
         return dense_run(query_vectors, corpus_vectors, qids, parents, TOP_K)
 
     def index_run(folder: Path, revision: str, model_path: str) -> tuple[Run, LoadedIndex, object]:
         index = load_index(folder, revision)
-        model = encoders.load_encoder(model_path)
+        model = encoders.load_encoder(model_path, trust_remote_code=trust)
         hits = index.search(encoders.encode(model, query_texts, bf16=settings.bf16_inference), TOP_K)
         return to_parent_run(hits, qids, index.parents), index, model
 
@@ -279,9 +281,9 @@ def eval_report(context: dg.AssetExecutionContext, config: ReportConfig,
     served_times: list[float] = []
     served_latency = latency_ms(_recording(_served(served_model, served_index, settings.bf16_inference), served_times), timing)
     served_times = served_times[len(served_times) - len(timing):]  # the warm-up calls left out
-    base_model = encoders.load_encoder(settings.base_model)
+    base_model = encoders.load_encoder(settings.base_model, trust_remote_code=trust)
     base_vectors = encoders.cached_embeddings(settings.base_model, texts, cache,
-                                              bf16=settings.bf16_inference)
+                                              bf16=settings.bf16_inference, trust_remote_code=trust)
     base_index = LoadedIndex(build_index(base_vectors, "flat"), list(units["doc_id"]), parents,
                              list(units["title"]), {})
     base_latency = latency_ms(_served(base_model, base_index, settings.bf16_inference), timing)

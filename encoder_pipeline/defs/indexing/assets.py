@@ -90,8 +90,9 @@ def index_sweep(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResou
     parents, ids, titles = list(units["parent_id"]), list(units["doc_id"]), list(units["title"])
     corpus_vectors = encoders.cached_embeddings(model_path, corpus_texts(units),
                                                 embeddings_cache(store, spec.name),
-                                                bf16=settings.bf16_inference)
-    model = encoders.load_encoder(model_path)
+                                                bf16=settings.bf16_inference,
+                                                trust_remote_code=spec.trust_remote_code)
+    model = encoders.load_encoder(model_path, trust_remote_code=spec.trust_remote_code)
 
     def query_set(queries: dict[str, str], qrels: dict[str, dict[str, int]]) -> QuerySet:
         qids = list(queries)
@@ -174,7 +175,7 @@ def embedding_index(context: dg.AssetExecutionContext, artifacts: ArtifactStoreR
         raise dg.Failure(f"the encoder at {model_path} is now {revision}, but index_sweep measured "
                          f"{swept['revision']}: re-materialize index_sweep")
     built = build_or_refresh(store, spec.name, swept, read_corpus_units(store, spec.name),
-                             settings.bf16_inference)
+                             settings.bf16_inference, spec.trust_remote_code)
     index, build_seconds = built.index, built.seconds
     ids, parents, titles = index.ids, index.parents, index.titles
     dev_scores = swept.get("dev_ndcg_at_10_by_rung", {})
@@ -187,6 +188,8 @@ def embedding_index(context: dg.AssetExecutionContext, artifacts: ArtifactStoreR
             "rung": rung, "model_path": model_path, "revision": revision,
             "dev_ndcg_at_10": dev_scores, "dims": chosen["dims"], "precision": chosen["precision"],
             "bytes": size, "sweep_point": chosen, "reason": swept.get("reason", ""),
+            # serving loads the encoder without the spec: the opt-in travels with the index
+            "trust_remote_code": spec.trust_remote_code,
         }, indent=2))
     return dg.MaterializeResult(metadata={
         "rung": rung,

@@ -45,13 +45,15 @@ class BuiltIndex:
         return {"build_mode": self.mode, "units_embedded": self.embedded, "units_removed": self.removed}
 
 
-def _embed(swept: dict, units: pd.DataFrame, store: ArtifactStore, domain: str, bf16: bool) -> np.ndarray:
+def _embed(swept: dict, units: pd.DataFrame, store: ArtifactStore, domain: str, bf16: bool,
+           trust_remote_code: bool) -> np.ndarray:
     return encoders.cached_embeddings(swept["model_path"], corpus_texts(units),
-                                      embeddings_cache(store, domain), bf16=bf16)
+                                      embeddings_cache(store, domain), bf16=bf16,
+                                      trust_remote_code=trust_remote_code)
 
 
 def _refresh(store: ArtifactStore, domain: str, swept: dict, units: pd.DataFrame,
-             bf16: bool) -> BuiltIndex | None:
+             bf16: bool, trust_remote_code: bool) -> BuiltIndex | None:
     """The previous index updated to `units`, or None when it cannot or should not be."""
     if swept["chosen"]["precision"] not in UPDATABLE_PRECISIONS:
         return None
@@ -68,7 +70,8 @@ def _refresh(store: ArtifactStore, domain: str, swept: dict, units: pd.DataFrame
     if len(gone) + len(fresh) > MAX_REFRESH_FRACTION * len(units):
         return None
     index = load_index(previous, swept["revision"])
-    vectors = _embed(swept, fresh, store, domain, bf16) if len(fresh) else np.zeros((0, 1), np.float32)
+    vectors = (_embed(swept, fresh, store, domain, bf16, trust_remote_code) if len(fresh)
+               else np.zeros((0, 1), np.float32))
     rows = [row for row, unit in enumerate(index.ids) if unit in gone]
     started = time.perf_counter()
     update_index(index, rows, vectors, list(fresh["doc_id"]), list(fresh["parent_id"]), list(fresh["title"]))
@@ -76,13 +79,13 @@ def _refresh(store: ArtifactStore, domain: str, swept: dict, units: pd.DataFrame
 
 
 def build_or_refresh(store: ArtifactStore, domain: str, swept: dict, units: pd.DataFrame,
-                     bf16: bool) -> BuiltIndex:
+                     bf16: bool, trust_remote_code: bool = False) -> BuiltIndex:
     """index_sweep's chosen configuration over `units`: the previous version updated when only the
     corpus moved, else built from scratch."""
-    refreshed = _refresh(store, domain, swept, units, bf16)
+    refreshed = _refresh(store, domain, swept, units, bf16, trust_remote_code)
     if refreshed is not None:
         return refreshed
-    vectors = _embed(swept, units, store, domain, bf16)
+    vectors = _embed(swept, units, store, domain, bf16, trust_remote_code)
     chosen = swept["chosen"]
     started = time.perf_counter()
     index = build_quantized(vectors, chosen["dims"], chosen["precision"], list(units["doc_id"]),

@@ -21,7 +21,7 @@ from encoder_pipeline.defs.shared import (
 )
 from encoder_pipeline.domains import DomainSpec, domain_partitions
 from encoder_pipeline.lib import encoders
-from encoder_pipeline.lib.artifacts import ArtifactStore
+from encoder_pipeline.lib.artifacts import ArtifactStore, remove_torn_arrays
 from encoder_pipeline.lib.negatives import MiningConfig, mine_negatives
 from encoder_pipeline.lib.pairs import (
     extract_pairs,
@@ -69,12 +69,14 @@ class TrainingCorpus:
         cache = embeddings_cache(self._store, self._spec.name)
         everything = encoders.cached_embeddings(self._settings.base_model,
                                                 corpus_texts(self._all_units), cache,
-                                                bf16=self._settings.bf16_inference)
+                                                bf16=self._settings.bf16_inference,
+                                                trust_remote_code=self._spec.trust_remote_code)
         keep = ~self._all_units["parent_id"].isin(self.eval.eval_doc_ids).to_numpy()
         return everything[keep]
 
     def _encode(self, queries: list[str]) -> np.ndarray:
-        model = encoders.load_encoder(self._settings.base_model)
+        model = encoders.load_encoder(self._settings.base_model,
+                                      trust_remote_code=self._spec.trust_remote_code)
         return encoders.encode(model, queries, bf16=self._settings.bf16_inference)
 
     def ranks(self, queries: list[str], positive_ids: list[str], top_k: int) -> np.ndarray:
@@ -324,10 +326,11 @@ def mined_negatives(context: dg.AssetExecutionContext, artifacts: ArtifactStoreR
     teacher = config.teacher or settings.base_model
     # mine_hard_negatives keys its embedding cache by text only: one folder per teacher revision.
     cache = embeddings_cache(store, spec.name) / f"mining-{encoders.model_fingerprint(teacher)}"
+    remove_torn_arrays(cache)  # a run killed while that cache was being written
     guard = EvalGuard(store, spec)
     mining = mine_negatives(pairs, positive_texts(corpus.units, spec.queries.pair_extractor),
-                            encoders.load_encoder(teacher), config, cache,
-                            bf16=settings.bf16_inference)
+                            teacher, config, cache, bf16=settings.bf16_inference,
+                            trust_remote_code=spec.trust_remote_code)
     mined, overlapping = guard.drop(mining.rows)
     report = mining.report
     with publish(context, artifacts, settings, {**config.__dict__, "teacher": teacher},

@@ -110,7 +110,8 @@ def build_rung(name: str, data_label: str, rows_fn: RowsFn, deps: list) -> dg.As
             try:
                 # Checkpoints live outside the staging folder so that a re-run after a crash resumes.
                 result = train_encoder(settings.base_model, rows, staging, config, dev,
-                                       checkpoint_dir=store.domain_dir(spec.name) / "_checkpoints" / name)
+                                       checkpoint_dir=store.domain_dir(spec.name) / "_checkpoints" / name,
+                                       trust_remote_code=spec.trust_remote_code)
             except TrainingDataError as error:
                 raise dg.Failure(f"domain '{spec.name}', {name}: {error}") from error
             revision = model_fingerprint(str(staging / MODEL_DIR))
