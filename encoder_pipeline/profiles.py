@@ -26,7 +26,7 @@ class Profile:
 
 
 PROFILES: dict[str, Profile] = {
-    "tiny": Profile(max_documents=250, eval_queries=30, judged_queries=30, max_pairs=150, consistency_top_k=20,
+    "tiny": Profile(max_documents=250, eval_queries=30, judged_queries=30, max_pairs=64, consistency_top_k=20,
                     dev_fraction=0.1, dev_max_pairs=15, synthetic_documents=4,
                     queries_per_document=2, round_trip_top_k=10, epochs=1, batch_size=16,
                     latency_queries=40),
