@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -107,14 +108,22 @@ class _Handler(BaseHTTPRequestHandler):
                 server.in_flight -= 1
 
 
-@pytest.fixture
-def server() -> Iterator[FakeOpenAIServer]:
-    srv = FakeOpenAIServer()
+@contextlib.contextmanager
+def serving(srv: FakeOpenAIServer) -> Iterator[FakeOpenAIServer]:
+    """`srv` answering on a background thread for the duration of the block."""
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+@pytest.fixture
+def server() -> Iterator[FakeOpenAIServer]:
+    with serving(FakeOpenAIServer()) as srv:
+        yield srv
 
 
 def make_backend(server: FakeOpenAIServer, **kwargs: Any) -> OpenAIBackend:

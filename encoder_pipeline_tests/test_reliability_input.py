@@ -5,12 +5,11 @@ damaged on purpose; LLM endpoints are a real local HTTP server (test_lib_llm.Fak
 import functools
 import json
 import re
-import threading
 
 import dagster as dg
 import pytest
 from spec_files import write_spec
-from test_lib_llm import FAKE_KEY, FakeOpenAIServer
+from test_lib_llm import FAKE_KEY, FakeOpenAIServer, serving
 
 from encoder_pipeline import cli
 from encoder_pipeline.definitions import defs
@@ -236,12 +235,8 @@ def test_base_model_that_is_missing_or_not_a_model(tmp_path):
 
 @pytest.fixture
 def server():
-    srv = FakeOpenAIServer()
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    with serving(FakeOpenAIServer()) as srv:
+        yield srv
 
 
 def generate(server, tmp_path, prompts, **backend):

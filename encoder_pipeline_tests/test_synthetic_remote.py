@@ -2,11 +2,10 @@
 in before documents leave the machine, the LLM judges relabeling, and the key is never written."""
 
 import re
-import threading
 
 import dagster as dg
 import pytest
-from test_lib_llm import FAKE_KEY, FakeOpenAIServer
+from test_lib_llm import FAKE_KEY, FakeOpenAIServer, serving
 
 from encoder_pipeline.definitions import defs
 from encoder_pipeline.domains import domain_partitions
@@ -28,11 +27,8 @@ def answer(prompt: str) -> str:
 def server():
     srv = FakeOpenAIServer()
     srv.respond = answer
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    with serving(srv):
+        yield srv
 
 
 def run(tmp_path, server, allow_remote: bool):
