@@ -3,11 +3,15 @@ standard deviation of nDCG@10 on the eval set per variant, against the off-the-s
 
     python benchmarks/seed_spread.py --domain code --seeds 0 1 2                  # the ladder
     python benchmarks/seed_spread.py --domain web_qa --ablation synthetic --materialize
+    python benchmarks/seed_spread.py --domain biomedical --fine-tuned-weights 1.0 0.5   # WiSE-FT
 
 Ablations:
 - `ladder`: the three rungs (heuristic -> + synthetic -> + hard negatives), as the pipeline trains them.
 - `synthetic`: heuristic only; + unfiltered synthetic queries (every parsed query, seed positive);
   + synthetic after relabeling and the round-trip filter.
+
+`--fine-tuned-weights` evaluates each trained model at several WiSE-FT weights
+(`interpolate_with_base`; 1.0 is the plain fine-tune) without training it again.
 
 The data stages are fixed (seed 0) so the spread measured is training's alone; `--materialize` first
 builds the data stages the ablation needs (through Dagster, into the artifact root) when missing.
@@ -28,12 +32,12 @@ from encoder_pipeline.definitions import defs
 from encoder_pipeline.defs.pairs.assets import UNFILTERED_FILE, read_pairs, read_synthetic
 from encoder_pipeline.defs.shared import corpus_texts, embeddings_cache, read_corpus_units, read_eval_split
 from encoder_pipeline.defs.training.assets import LADDER, dev_set
-from encoder_pipeline.domains import domain_partitions
+from encoder_pipeline.domains import domain_partitions, load_domain
 from encoder_pipeline.lib import encoders
 from encoder_pipeline.lib.artifacts import ArtifactStore, MissingArtifact
 from encoder_pipeline.lib.index import truncate
 from encoder_pipeline.lib.metrics import dense_run, evaluate
-from encoder_pipeline.lib.train import TrainingConfig, train_encoder
+from encoder_pipeline.lib.train import TrainingConfig, interpolate_with_base, train_encoder
 from encoder_pipeline.profiles import get_profile
 from encoder_pipeline.resources import ArtifactStoreResource, LLMResource, PipelineSettings
 
@@ -91,6 +95,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--profile", default="default")
     parser.add_argument("--materialize", action="store_true")
+    parser.add_argument("--fine-tuned-weights", type=float, nargs="+",
+                        help="default: the domain spec's training.fine_tuned_weight")
     args = parser.parse_args()
     store = ArtifactStoreResource().store()
     needed, variants = ABLATIONS[args.ablation]
@@ -102,21 +108,35 @@ def main() -> None:
             materialize(args.domain, needed, args.profile)
     sizes = get_profile(args.profile)
     base = ndcg(encoders.DEFAULT_BASE_MODEL, store, args.domain)
-    scores: dict[str, list[float]] = {name: [] for name, _ in variants}
-    seconds: dict[str, list[float]] = {name: [] for name, _ in variants}
+    weights = args.fine_tuned_weights or [load_domain(args.domain).training.fine_tuned_weight]
+
+    def label(variant: str, weight: float) -> str:
+        return variant if len(weights) == 1 else f"{variant}, fine-tuned weight {weight:g}"
+
+    names = [label(variant, weight) for variant, _ in variants for weight in weights]
+    scores: dict[str, list[float]] = {name: [] for name in names}
+    seconds: dict[str, list[float]] = {name: [] for name in names}
     rows_used: dict[str, int] = {}
     for seed in args.seeds:
-        for name, rows_fn in variants:
+        for variant, rows_fn in variants:
             rows = rows_fn(store, args.domain)
-            rows_used[name] = len(rows)
             with tempfile.TemporaryDirectory() as work:
                 started = time.perf_counter()
                 train_encoder(encoders.DEFAULT_BASE_MODEL, rows, work,
-                              TrainingConfig(epochs=sizes.epochs, min_batch_size=sizes.batch_size, seed=seed),
+                              TrainingConfig(epochs=sizes.epochs, min_batch_size=sizes.batch_size, seed=seed,
+                                             fine_tuned_weight=1.0),
                               dev_set(store, args.domain, 0))
-                seconds[name].append(time.perf_counter() - started)
-                scores[name].append(ndcg(str(Path(work) / "model"), store, args.domain))
-            print(f"seed {seed} {name}: nDCG@10 {scores[name][-1]:.4f} ({seconds[name][-1]:.0f} s)", flush=True)
+                took = time.perf_counter() - started
+                for weight in weights:
+                    name = label(variant, weight)
+                    model = Path(work) / f"model-{weight:g}"
+                    trained = encoders.load_encoder(str(Path(work) / "model"), fresh=True)
+                    interpolate_with_base(trained, encoders.load_encoder(encoders.DEFAULT_BASE_MODEL), weight)
+                    trained.save_pretrained(str(model))
+                    rows_used[name] = len(rows)
+                    seconds[name].append(took)
+                    scores[name].append(ndcg(str(model), store, args.domain))
+                    print(f"seed {seed} {name}: nDCG@10 {scores[name][-1]:.4f} ({took:.0f} s)", flush=True)
     print(f"\n{args.domain}, {args.ablation}, seeds {args.seeds}\n")
     print("| system | rows | nDCG@10 mean | std | vs off-the-shelf | train s |\n|---|---|---|---|---|---|")
     print(f"| off-the-shelf | - | {base:.4f} | 0 | - | - |")

@@ -126,6 +126,13 @@ class DriftSpec(_Strict):
         24.0, ge=0, description="Never request a retrain sooner than this after the last one.")
 
 
+class TrainingSpec(_Strict):
+    fine_tuned_weight: float = Field(
+        1.0, ge=0, le=1, description="WiSE-FT: each rung's weights become this share of the fine-tuned "
+        "ones plus the rest of the base model's. Below 1 when the real queries look unlike the "
+        "training pairs and training alone loses to the base model (README: biomedical).")
+
+
 class DomainSpec(_Strict):
     name: str
     description: str = ""
@@ -136,6 +143,7 @@ class DomainSpec(_Strict):
     judged: JudgedSet | None = None
     targets: Targets
     drift: DriftSpec = DriftSpec()
+    training: TrainingSpec = TrainingSpec()
     extra_models: list[str] = Field(
         default_factory=list,
         description="More baselines for the report: sentence-transformers folders (or hub names), "

@@ -40,6 +40,19 @@ def test_wrong_type_names_field(tmp_path):
         load_spec(spec)
 
 
+def test_training_weight_defaults_to_the_plain_fine_tune_and_is_bounded(tmp_path):
+    assert load_spec(write_spec(tmp_path)).training.fine_tuned_weight == 1.0
+    assert load_spec(write_spec(tmp_path, extra="""
+        [training]
+        fine_tuned_weight = 0.5
+    """)).training.fine_tuned_weight == 0.5
+    with pytest.raises(SpecError, match=r"training\.fine_tuned_weight"):
+        load_spec(write_spec(tmp_path, extra="""
+            [training]
+            fine_tuned_weight = 1.5
+        """))
+
+
 def test_name_must_match_file(tmp_path):
     spec = write_spec(tmp_path, name="mine")
     renamed = spec.rename(tmp_path / "yours.toml")

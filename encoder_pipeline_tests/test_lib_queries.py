@@ -28,6 +28,12 @@ EXAMPLES = ["Return the averages of each run of window consecutive values."]
     ("\n\n  - parse a date from text  \n", "parse a date from text"),
     ("Query: split a date string into parts", "split a date string into parts"),
     ("Q1: read a calendar date from a string", "read a calendar date from a string"),
+    ("q2 - parse a date string", "parse a date string"),
+    ("A) turn an ISO string into a date", "turn an ISO string into a date"),
+    ("(iv) which function parses dates", "which function parses dates"),
+    ("a. Explain how dates are parsed", "Explain how dates are parsed"),
+    ("E. coli date parser for lab logs", "E. coli date parser for lab logs"),  # not an item letter
+    ("Aside: how are dates parsed", "Aside: how are dates parsed"),
 ])
 def test_parse_cleans_numbering_quotes_and_trailing_text(raw, expected):
     assert parse_query(raw, PASSAGE, EXAMPLES) == expected

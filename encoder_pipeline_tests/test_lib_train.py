@@ -17,6 +17,8 @@ from encoder_pipeline.lib.train import (
     TrainingConfig,
     TrainingDataError,
     auto_batch_size,
+    interpolate_with_base,
+    order_dimensions_by_variance,
     train_encoder,
 )
 
@@ -171,7 +173,6 @@ def test_variance_ordering_keeps_full_width_scores_and_sorts_dimensions(stdlib_u
     from sentence_transformers import SentenceTransformer
 
     from encoder_pipeline.lib.encoders import DEFAULT_BASE_MODEL, load_encoder
-    from encoder_pipeline.lib.train import order_dimensions_by_variance
 
     texts = list(stdlib_units["title"] + "\n" + stdlib_units["text"])
     model = load_encoder(DEFAULT_BASE_MODEL, fresh=True)
@@ -184,3 +185,40 @@ def test_variance_ordering_keeps_full_width_scores_and_sorts_dimensions(stdlib_u
     variance = reloaded.encode(texts, normalize_embeddings=True).var(axis=0)
     assert variance[:96].sum() > 2 * variance[96:192].sum()
     assert np.all(np.diff(variance[:20]) < 1e-3)  # leading dimensions in decreasing variance
+
+
+def test_interpolation_mixes_each_weight_with_the_base_model_and_leaves_added_modules_alone():
+    base = encoders.load_encoder(encoders.DEFAULT_BASE_MODEL, fresh=True)
+    tuned = encoders.load_encoder(encoders.DEFAULT_BASE_MODEL, fresh=True)
+    with torch.no_grad():
+        for parameter in tuned.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.01)  # stands in for a fine-tune
+    order_dimensions_by_variance(tuned, POSITIVES + NEGATIVES, sample=16, seed=0)
+    before = {name: tensor.clone() for name, tensor in tuned.state_dict().items()}
+    base_state = base.state_dict()
+    rotation = [name for name in before if name not in base_state]
+    assert rotation, "the rotation's weights exist only in the tuned model"
+
+    interpolate_with_base(tuned, base, 0.25)
+    after = tuned.state_dict()
+    name = "0.model.encoder.layer.0.attention.self.query.weight"
+    torch.testing.assert_close(after[name], 0.25 * before[name] + 0.75 * base_state[name])
+    for name in rotation:
+        torch.testing.assert_close(after[name], before[name])
+    interpolate_with_base(tuned, base, 0.0)
+    np.testing.assert_allclose(  # all base weights, then the unchanged rotation: base scores
+        tuned.encode(QUERIES) @ tuned.encode(POSITIVES).T, base.encode(QUERIES) @ base.encode(POSITIVES).T,
+        atol=1e-5)
+    with pytest.raises(ValueError, match="within"):
+        interpolate_with_base(tuned, base, 1.5)
+
+
+def test_training_with_weight_zero_gives_back_the_base_model(pairs, tmp_path):
+    config = TrainingConfig(batch_size=8, max_seq_length=32, max_steps=2, learning_rate=1e-3,
+                            fine_tuned_weight=0.0)
+    train_encoder(encoders.DEFAULT_BASE_MODEL, pairs.head(16), tmp_path, config)
+    trained = encoders.load_encoder(str(tmp_path / "model"), max_seq_length=32)
+    base = encoders.load_encoder(encoders.DEFAULT_BASE_MODEL, max_seq_length=32)
+    np.testing.assert_allclose(  # the rotation appended after training keeps every inner product
+        trained.encode(QUERIES) @ trained.encode(POSITIVES).T, base.encode(QUERIES) @ base.encode(POSITIVES).T,
+        atol=1e-4)

@@ -89,7 +89,9 @@ def build_prompts(spec: PromptSpec, doc_ids: Sequence[str], passages: Sequence[s
     return rows
 
 
-_NUMBERING = re.compile(r"^\s*(?:[-*•]|\(?\d+[.):]|q(?:uery)?\s*\d*\s*[:.)-])\s*", re.IGNORECASE)
+# Bullets, "1." / "(2)" / "3:", "Q1:" / "Query 2 -", and letter or roman items: "a)", "(B)", "(iv)",
+# "a." (lower case only: "E. coli ..." starts many a biomedical query).
+_NUMBERING = re.compile(r"^\s*(?:[-*•]|\(?\d+[.):]|(?i:q(?:uery)?)\s*\d*\s*[:.)-]|\(?(?i:[a-z]|[ivx]{1,4})\)|[a-h]\.(?=\s))\s*")
 
 
 def _words(text: str) -> list[str]:

@@ -91,6 +91,9 @@ class TrainingConfig:
     max_steps: int = -1  # > 0 overrides epochs
     seed: int = 0
     checkpoint_every_s: float = 300.0  # mid-epoch checkpoint interval (epoch ends always save)
+    # WiSE-FT: the kept weights are this share of the fine-tuned ones plus the rest of the base
+    # model's (`interpolate_with_base`); 1.0 keeps the fine-tuned weights as they are.
+    fine_tuned_weight: float = 1.0
     order_dimensions: bool = True  # append the variance-ordering rotation after training
     rotation_sample: int = 4000  # documents the rotation is estimated from
 
@@ -239,6 +242,9 @@ def train_encoder(base_model: str, rows: pd.DataFrame, output_dir: str | Path, c
     )
     started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if config.fine_tuned_weight < 1.0:
+        interpolate_with_base(model, load_encoder(base_model, config.max_seq_length, trust_remote_code),
+                              config.fine_tuned_weight)
     if config.order_dimensions:
         documents = list(dict.fromkeys([*rows["positive"], *(dev.corpus.values() if dev else ())]))
         order_dimensions_by_variance(model, documents, config.rotation_sample, config.seed)
@@ -251,7 +257,7 @@ def train_encoder(base_model: str, rows: pd.DataFrame, output_dir: str | Path, c
                for e in trainer.state.log_history if f"eval_{DEV_METRIC}" in e]
     best_step = trainer.state.best_global_step or trainer.state.global_step
     kept = next((h for h in history if h["step"] == best_step), history[-1] if history else None)
-    if kept and config.order_dimensions:  # the saved model, rotated: its truncated score changed
+    if kept and (config.order_dimensions or config.fine_tuned_weight < 1.0):  # the saved model changed
         scores = dev.evaluator([quarter])(model)
         kept = {**kept, "ndcg@10": scores[DEV_METRIC],
                 "ndcg@10_truncated": scores[f"dev_cosine_dim{quarter}_ndcg@10"]}
@@ -331,6 +337,28 @@ def training_loss(model: SentenceTransformer, config: TrainingConfig, per_device
                             mini_batch_size=config.mini_batch_size,
                             matryoshka_dims=_matryoshka_dims(config, model.get_embedding_dimension()),
                             gor_weight=config.gor_weight, gather_across_devices=world_size > 1)
+
+
+def interpolate_with_base(model: SentenceTransformer, base: SentenceTransformer, fine_tuned_weight: float
+                          ) -> None:
+    """Set `model`'s weights to `fine_tuned_weight` * its own + (1 - `fine_tuned_weight`) * `base`'s,
+    in place: WiSE-FT (Wortsman et al., 2022), a weight-space ensemble of the fine-tuned model and the
+    one it started from.
+
+    The training pairs (title -> body, docstring -> code, synthetic questions) are not always the
+    form of the user's real queries, and a small fine-tune forgets some of what the base model
+    learnt from a billion general pairs; the interpolation keeps part of both. Parameters only
+    `model` has (a rotation appended later) are left alone.
+    sentence-transformers has no weight-merging helper, hence this loop.
+    """
+    if not 0.0 <= fine_tuned_weight <= 1.0:
+        raise ValueError(f"fine_tuned_weight must be within [0, 1], got {fine_tuned_weight}")
+    base_state = base.state_dict()
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if name in base_state and tensor.is_floating_point():
+                tensor.mul_(fine_tuned_weight).add_(base_state[name].to(tensor.device, tensor.dtype),
+                                                    alpha=1.0 - fine_tuned_weight)
 
 
 def order_dimensions_by_variance(model: SentenceTransformer, documents: Sequence[str], sample: int,

@@ -100,7 +100,8 @@ def build_rung(name: str, data_label: str, rows_fn: RowsFn, deps: list) -> dg.As
         sizes = settings.sizes()
         rows = rows_fn(store, spec.name)
         # The batch grows with the pairs (auto_batch_size), from the profile's batch as its floor.
-        config = TrainingConfig(epochs=sizes.epochs, min_batch_size=sizes.batch_size, seed=settings.seed)
+        config = TrainingConfig(epochs=sizes.epochs, min_batch_size=sizes.batch_size, seed=settings.seed,
+                                fine_tuned_weight=spec.training.fine_tuned_weight)
         dev = dev_set(store, spec.name, settings.seed)
         upstream = ["heuristic_pairs"] + [d.key.to_user_string() for d in deps
                                           if d.key.to_user_string() != "heuristic_pairs"]
@@ -120,6 +121,7 @@ def build_rung(name: str, data_label: str, rows_fn: RowsFn, deps: list) -> dg.As
             "training_rows": dg.MetadataValue.int(result.training_rows),
             "batch_size": dg.MetadataValue.int(result.batch_size),
             "loss": result.loss,
+            "fine_tuned_weight": dg.MetadataValue.float(config.fine_tuned_weight),  # 1.0: no WiSE-FT
             "steps": dg.MetadataValue.int(result.steps),
             "train_seconds": dg.MetadataValue.float(result.train_seconds),
             "pairs_per_second": dg.MetadataValue.float(result.pairs_per_second),
