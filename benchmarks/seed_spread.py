@@ -127,10 +127,12 @@ def main() -> None:
                                              fine_tuned_weight=1.0),
                               dev_set(store, args.domain, 0))
                 took = time.perf_counter() - started
+                trained = encoders.load_encoder(str(Path(work) / "model"), fresh=True)
+                fine_tuned = {key: tensor.clone() for key, tensor in trained.state_dict().items()}
                 for weight in weights:
                     name = label(variant, weight)
                     model = Path(work) / f"model-{weight:g}"
-                    trained = encoders.load_encoder(str(Path(work) / "model"), fresh=True)
+                    trained.load_state_dict(fine_tuned)  # the interpolation works in place
                     interpolate_with_base(trained, encoders.load_encoder(encoders.DEFAULT_BASE_MODEL), weight)
                     trained.save_pretrained(str(model))
                     rows_used[name] = len(rows)
@@ -145,8 +147,9 @@ def main() -> None:
     for name, values in scores.items():
         mean = statistics.mean(values)
         std = statistics.stdev(values) if len(values) > 1 else 0.0
-        print(f"| {name} | {rows_used[name]} | {mean:.4f} | {std:.4f} | {mean - base:+.4f} "
-              f"({(mean - base) / max(std, 1e-9):.1f} std) | {statistics.mean(seconds[name]):.0f} |")
+        spread = f"{(mean - base) / std:.1f} std" if std else "one seed: no spread"
+        print(f"| {name} | {rows_used[name]} | {mean:.4f} | {std:.4f} | {mean - base:+.4f} ({spread}) "
+              f"| {statistics.mean(seconds[name]):.0f} |")
         summary["variants"][name] = {"rows": rows_used[name], "scores": values, "mean": mean, "std": std,
                                      "margin": mean - base, "margin_exceeds_2_std": mean - base > 2 * std}
     RESULTS.mkdir(exist_ok=True)
