@@ -211,6 +211,8 @@ def test_interpolation_mixes_each_weight_with_the_base_model_and_leaves_added_mo
         atol=1e-5)
     with pytest.raises(ValueError, match="within"):
         interpolate_with_base(tuned, base, 1.5)
+    with pytest.raises(ValueError, match="within"):  # refused before any training, not after it
+        TrainingConfig(fine_tuned_weight=-0.5)
 
 
 def test_training_with_weight_zero_gives_back_the_base_model(pairs, tmp_path):

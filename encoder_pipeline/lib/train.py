@@ -97,6 +97,14 @@ class TrainingConfig:
     order_dimensions: bool = True  # append the variance-ordering rotation after training
     rotation_sample: int = 4000  # documents the rotation is estimated from
 
+    def __post_init__(self) -> None:
+        _check_fine_tuned_weight(self.fine_tuned_weight)  # before training, not after it
+
+
+def _check_fine_tuned_weight(weight: float) -> None:
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"fine_tuned_weight must be within [0, 1], got {weight}")
+
 
 def auto_batch_size(pairs: int, min_batch: int = 32, max_batch: int = 1024) -> int:
     """The largest power of two that still gives MIN_STEPS_PER_EPOCH steps, within [min, max].
@@ -351,8 +359,7 @@ def interpolate_with_base(model: SentenceTransformer, base: SentenceTransformer,
     `model` has (a rotation appended later) are left alone.
     sentence-transformers has no weight-merging helper, hence this loop.
     """
-    if not 0.0 <= fine_tuned_weight <= 1.0:
-        raise ValueError(f"fine_tuned_weight must be within [0, 1], got {fine_tuned_weight}")
+    _check_fine_tuned_weight(fine_tuned_weight)
     base_state = base.state_dict()
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
