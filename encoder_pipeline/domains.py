@@ -93,7 +93,12 @@ class QuerySpec(_Strict):
         description="Structural pairs: docstring -> code unit, or title/heading -> body."
     )
     examples: list[FewShotExample] = Field(
-        default_factory=list, description="Few-shot examples for the synthetic-query prompt."
+        default_factory=list, description="Few-shot examples for the synthetic-query prompt (the local "
+        "LLM is a base model: without examples it writes whatever continues the text best)."
+    )
+    min_words: int = Field(
+        3, ge=1, description="Synthetic queries with fewer words are dropped as fragments; lower it "
+        "where a query is a name (a gene, a term, a product)."
     )
 
 
@@ -285,6 +290,11 @@ def new_spec_text(name: str, corpus_format: str, corpus_path: str, *, id_field: 
         'relevance = "the passage answers the question"',
         'hard_negative = "a passage on the same topic that does not answer the question"',
         'pair_extractor = "title"',
+        "# Two or three few-shot examples for the synthetic-query prompt, in your corpus's style",
+        "# (the local LLM is a base model; without examples it writes few usable queries):",
+        "# [[queries.examples]]",
+        '# passage = "a passage as your corpus has them"',
+        '# query = "the question a user would ask of it"',
     ]
     if judged:
         lines += ["", "[judged]", f"path = {_toml_string(judged)}", 'split = "dev"']

@@ -31,7 +31,7 @@ PROFILES: dict[str, Profile] = {
                     queries_per_document=2, round_trip_top_k=10, epochs=1, batch_size=16,
                     latency_queries=40),
     "default": Profile(max_documents=3000, eval_queries=300, judged_queries=0, max_pairs=2000, consistency_top_k=20,
-                       dev_fraction=0.1, dev_max_pairs=100, synthetic_documents=128,
+                       dev_fraction=0.1, dev_max_pairs=100, synthetic_documents=512,
                        queries_per_document=1, round_trip_top_k=10, epochs=1, batch_size=32,
                        latency_queries=300),
     "full": Profile(max_documents=0, eval_queries=1000, judged_queries=0, max_pairs=100_000, consistency_top_k=20,

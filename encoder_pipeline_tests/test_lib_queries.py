@@ -51,6 +51,13 @@ def test_parse_rejects_unusable_output(raw):
     assert parse_query(raw, PASSAGE, EXAMPLES) is None
 
 
+def test_min_words_comes_from_the_spec_so_names_survive():
+    # a gene or term name is one word; as a default such a line is a fragment, not a query
+    assert parse_query("Mop", "aldehyde dehydrogenase activity", []) is None
+    assert parse_query("Mop", "aldehyde dehydrogenase activity", [], min_words=1) == "Mop"
+    assert parse_query("1. ornithine cycle", "urea cycle", [], min_words=1) == "ornithine cycle"
+
+
 def test_copies_passage_needs_a_long_verbatim_span():
     assert copies_passage("if the string is an ISO formatted date please", PASSAGE)
     assert not copies_passage("is the string an ISO date", PASSAGE)

@@ -107,7 +107,8 @@ def copies_passage(query: str, passage: str, span: int = COPIED_SPAN_WORDS) -> b
     return any(tuple(q[i : i + span]) in passage_grams for i in range(len(q) - span + 1))
 
 
-def parse_query(raw: str, passage: str, example_queries: Sequence[str]) -> str | None:
+def parse_query(raw: str, passage: str, example_queries: Sequence[str],
+                min_words: int = MIN_QUERY_WORDS) -> str | None:
     """The first usable line of a completion: numbering and quotes stripped, copies rejected."""
     for line in raw.replace("\r", "\n").split("\n"):
         line = line.strip()
@@ -119,7 +120,7 @@ def parse_query(raw: str, passage: str, example_queries: Sequence[str]) -> str |
                 continue
         line = _NUMBERING.sub("", line).strip().strip("\"'`").strip()
         words = line.split()
-        if not (MIN_QUERY_WORDS <= len(words) <= MAX_QUERY_WORDS):
+        if not (min_words <= len(words) <= MAX_QUERY_WORDS):
             return None
         if any(line.lower() == example.lower() for example in example_queries):
             return None

@@ -228,6 +228,9 @@ def synthetic_queries(context: dg.AssetExecutionContext, artifacts: ArtifactStor
     passages = corpus_texts(sample)
     prompt_spec = PromptSpec(spec.queries.form, spec.queries.relevance,
                              tuple((e.passage, e.query) for e in spec.queries.examples))
+    if not prompt_spec.examples:
+        context.log.warning(f"{spec.source_file} has no [[queries.examples]]: the LLM is prompted "
+                            "zero-shot, and a base model then writes few usable queries")
     prompts = build_prompts(prompt_spec, list(sample["doc_id"]), passages,
                             sizes.queries_per_document, settings.seed)
     params = llm.params(settings.seed)
@@ -236,7 +239,8 @@ def synthetic_queries(context: dg.AssetExecutionContext, artifacts: ArtifactStor
     rows = generate_frame(prompts, backend_factory, cache_dir, params)
     by_doc = dict(zip(sample["doc_id"], passages, strict=True))
     examples = [e.query for e in spec.queries.examples]
-    rows["query"] = [parse_query(raw, by_doc[d], examples) if isinstance(raw, str) else None
+    rows["query"] = [parse_query(raw, by_doc[d], examples, spec.queries.min_words)
+                     if isinstance(raw, str) else None
                      for raw, d in zip(rows["text"], rows["doc_id"], strict=True)]
     parsed = rows[rows["query"].notna()]
     parsed = parsed[dedupe_queries(list(parsed["query"]))].reset_index(drop=True)
@@ -285,6 +289,7 @@ def synthetic_queries(context: dg.AssetExecutionContext, artifacts: ArtifactStor
     return dg.MaterializeResult(
         metadata={
             **{f"queries_{k}": dg.MetadataValue.int(v) for k, v in counts.items()},
+            "few_shot_examples": dg.MetadataValue.int(len(prompt_spec.examples)),
             "prompt_tokens": dg.MetadataValue.int(prompt_tokens),
             "completion_tokens": dg.MetadataValue.int(completion_tokens),
             "cache_hits": dg.MetadataValue.int(int(generated["cached"].astype(bool).sum())),
