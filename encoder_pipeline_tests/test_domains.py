@@ -1,11 +1,13 @@
 """Domain specs: the built-ins load, and bad spec files fail with the file and the field named."""
 
+from pathlib import Path
+
 import dagster as dg
 import pytest
 from spec_files import write_spec
 
 from encoder_pipeline.domains import SpecError, domain_names, load_domain, load_spec
-from encoder_pipeline.lib.sources import CorpusError, read_corpus
+from encoder_pipeline.lib.sources import CorpusError, read_corpus, read_judged
 
 BUILT_INS = ("code", "web_qa", "legal", "biomedical")
 
@@ -16,6 +18,21 @@ def test_built_in_specs_load(name):
     assert spec.targets.ndcg_at_10 > 0
     if spec.corpus.format != "python_stdlib":
         assert not spec.corpus.path.startswith("/"), "built-ins name corpora relative to the data root"
+
+
+@pytest.mark.parametrize("name", BUILT_INS)
+def test_built_ins_prompt_few_shot_with_examples_that_are_not_judged_queries(name):
+    # the local LLM is a base model: zero-shot it writes few usable queries; and an example copied
+    # from the judged set would leak it into the prompt
+    spec = load_domain(name)
+    assert len(spec.queries.examples) >= 2
+    if spec.judged is None:
+        return
+    if not Path(spec.judged_location()).is_dir():
+        pytest.skip(f"{spec.judged_location()} is not here")
+    queries, _ = read_judged(spec.judged_location(), spec.judged.split)
+    judged = {" ".join(q.lower().split()) for q in queries.values()}
+    assert not [e.query for e in spec.queries.examples if " ".join(e.query.lower().split()) in judged]
 
 
 def test_built_ins_are_listed():
