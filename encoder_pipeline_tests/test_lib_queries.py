@@ -51,10 +51,10 @@ def test_parse_rejects_unusable_output(raw):
     assert parse_query(raw, PASSAGE, EXAMPLES) is None
 
 
-def test_min_words_comes_from_the_spec_so_names_survive():
-    # a gene or term name is one word; as a default such a line is a fragment, not a query
-    assert parse_query("Mop", "aldehyde dehydrogenase activity", []) is None
-    assert parse_query("Mop", "aldehyde dehydrogenase activity", [], min_words=1) == "Mop"
+def test_min_words_lets_one_word_names_through():
+    # a gene or enzyme name is one word; by default such a line is a fragment, not a query
+    assert parse_query("urease", "urea amidohydrolase activity", []) is None
+    assert parse_query("urease", "urea amidohydrolase activity", [], min_words=1) == "urease"
     assert parse_query("1. ornithine cycle", "urea cycle", [], min_words=1) == "ornithine cycle"
 
 
