@@ -17,6 +17,7 @@ from encoder_pipeline.defs.pairs.assets import read_pairs
 from encoder_pipeline.defs.training.assets import dev_set
 from encoder_pipeline.lib import encoders
 from encoder_pipeline.lib.train import TrainingConfig, train_encoder
+from encoder_pipeline.profiles import get_profile
 from encoder_pipeline.resources import ArtifactStoreResource
 
 
@@ -36,7 +37,8 @@ def main() -> None:
         for weight in args.gor:
             out = Path(work) / f"gor{weight}"
             train_encoder(encoders.DEFAULT_BASE_MODEL, read_pairs(store, args.domain)[0], out,
-                          TrainingConfig(gor_weight=weight, seed=args.seed), dev_set(store, args.domain, 0))
+                          TrainingConfig(gor_weight=weight, seed=args.seed),
+                          dev_set(store, args.domain, 0, get_profile("default").dev_distractors))
             rows.append((f"heuristic rung, GOR {weight}", str(out / "model")))
         for label, model in rows:
             scores = [ndcg(model, store, args.domain, d) for d in dims]

@@ -125,7 +125,7 @@ def main() -> None:
                 train_encoder(encoders.DEFAULT_BASE_MODEL, rows, work,
                               TrainingConfig(epochs=sizes.epochs, min_batch_size=sizes.batch_size, seed=seed,
                                              fine_tuned_weight=1.0),
-                              dev_set(store, args.domain, 0))
+                              dev_set(store, args.domain, 0, sizes.dev_distractors))
                 took = time.perf_counter() - started
                 trained = encoders.load_encoder(str(Path(work) / "model"), fresh=True)
                 fine_tuned = {key: tensor.clone() for key, tensor in trained.state_dict().items()}

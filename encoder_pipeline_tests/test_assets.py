@@ -7,6 +7,9 @@ import pandas as pd
 import pytest
 
 from encoder_pipeline.definitions import defs
+from encoder_pipeline.defs.pairs.assets import read_pairs
+from encoder_pipeline.defs.shared import read_corpus_units, read_eval_split
+from encoder_pipeline.defs.training.assets import dev_set
 from encoder_pipeline.domains import domain_partitions
 from encoder_pipeline.lib.index import EncoderMismatch, load_index
 from encoder_pipeline.resources import ArtifactStoreResource, LLMResource, PipelineSettings
@@ -39,6 +42,18 @@ def test_no_training_row_touches_the_eval_set(tiny_code_run):
     pairs = pd.read_parquet(store.latest("code", "heuristic_pairs") / "pairs.parquet")
     assert not set(pairs["doc_id"]) & set(split["eval_doc_ids"])
     assert not set(pairs["query"]) & set(split["queries"].values())
+
+
+def test_dev_slice_scores_against_its_positives_and_sampled_training_units(tiny_code_run):
+    _, store = tiny_code_run
+    _, dev_pairs = read_pairs(store, "code")
+    units = read_corpus_units(store, "code")
+    parent_of = dict(zip(units["doc_id"], units["parent_id"], strict=True))
+    dev = dev_set(store, "code", seed=0, distractors=5)
+    assert set(dev_pairs["doc_id"]) <= set(dev.corpus)
+    assert len(dev.corpus) == len(set(dev_pairs["doc_id"])) + 5
+    assert not {parent_of[d] for d in dev.corpus} & read_eval_split(store, "code").eval_doc_ids
+    assert dev_set(store, "code", seed=0, distractors=5).corpus == dev.corpus  # seeded
 
 
 def test_synthetic_queries_are_real_generations(tiny_code_run):

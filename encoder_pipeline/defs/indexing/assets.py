@@ -101,7 +101,7 @@ def index_sweep(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResou
 
     # Dev queries search the whole corpus, like served queries; their positives judged at the
     # document level, as the eval set is.
-    dev = dev_set(store, spec.name, settings.seed)
+    dev = dev_set(store, spec.name, settings.seed, settings.sizes().dev_distractors)
     parent_of = dict(zip(ids, parents, strict=True))
     dev_qrels = {q: {parent_of[d]: 1 for d in docs if d in parent_of} for q, docs in dev.relevant.items()}
     split = read_eval_split(store, spec.name)

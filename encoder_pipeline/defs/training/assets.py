@@ -33,7 +33,6 @@ from encoder_pipeline.resources import ArtifactStoreResource, PipelineSettings
 GROUP = "training"
 MODEL_DIR = "model"
 RESULT_FILE = "training.json"
-DEV_CORPUS_DISTRACTORS = 1000
 
 RowsFn = Callable[[ArtifactStore, str], pd.DataFrame]
 
@@ -56,15 +55,16 @@ LADDER: list[tuple[str, str, RowsFn, list]] = [
 RUNGS = [name for name, *_ in LADDER]
 
 
-def dev_set(store: ArtifactStore, domain: str, seed: int) -> DevSet:
-    """Dev queries against their positives plus distractors from the training corpus (no eval docs)."""
+def dev_set(store: ArtifactStore, domain: str, seed: int, distractors: int) -> DevSet:
+    """Dev queries against their positives plus `distractors` sampled from the training corpus (no
+    eval docs). Each rung encodes this corpus twice (best-epoch choice, then after the rotation)."""
     _, dev = read_pairs(store, domain)
     units = read_corpus_units(store, domain)
     eval_docs = read_eval_split(store, domain).eval_doc_ids
     pool = units[~units["parent_id"].isin(eval_docs)]
-    distractors = pool[~pool["doc_id"].isin(set(dev["doc_id"]))]
-    distractors = distractors.sample(min(DEV_CORPUS_DISTRACTORS, len(distractors)), random_state=seed)
-    chosen = pd.concat([pool[pool["doc_id"].isin(set(dev["doc_id"]))], distractors])
+    others = pool[~pool["doc_id"].isin(set(dev["doc_id"]))]
+    sampled = others.sample(min(distractors, len(others)), random_state=seed)
+    chosen = pd.concat([pool[pool["doc_id"].isin(set(dev["doc_id"]))], sampled])
     corpus = dict(zip(chosen["doc_id"], corpus_texts(chosen), strict=True))
     queries = {f"dev{i}": q for i, q in enumerate(dev["query"])}
     relevant = {f"dev{i}": {d} for i, d in enumerate(dev["doc_id"])}
@@ -102,7 +102,7 @@ def build_rung(name: str, data_label: str, rows_fn: RowsFn, deps: list) -> dg.As
         # The batch grows with the pairs (auto_batch_size), from the profile's batch as its floor.
         config = TrainingConfig(epochs=sizes.epochs, min_batch_size=sizes.batch_size, seed=settings.seed,
                                 fine_tuned_weight=spec.training.fine_tuned_weight)
-        dev = dev_set(store, spec.name, settings.seed)
+        dev = dev_set(store, spec.name, settings.seed, sizes.dev_distractors)
         upstream = ["heuristic_pairs"] + [d.key.to_user_string() for d in deps
                                           if d.key.to_user_string() != "heuristic_pairs"]
         with publish(context, artifacts, settings,
