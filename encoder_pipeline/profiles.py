@@ -1,4 +1,4 @@
-"""Size profiles: `tiny` for tests, `default` for the 20-minute run on 2 cores, `full` for real use."""
+"""Size profiles: `tiny` for tests, `default` for the main job (about 21 minutes for `code` on 2 cores), `full` for real use."""
 
 from __future__ import annotations
 
