@@ -1,4 +1,5 @@
-"""Size profiles: `tiny` for tests, `default` for the main job (about 21 minutes for `code` on 2 cores), `full` for real use."""
+"""Size profiles: `tiny` for tests, `default` for the main job (about 21 minutes for `code` on 2
+cores), `full` for real use."""
 
 from __future__ import annotations
 
