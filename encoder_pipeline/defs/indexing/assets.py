@@ -19,7 +19,7 @@ from encoder_pipeline.defs.shared import (
 )
 from encoder_pipeline.defs.training.assets import (
     RUNGS,
-    dev_set,
+    dev_queries,
     ladder_encoders,
     read_training_result,
     rung_model_path,
@@ -101,15 +101,15 @@ def index_sweep(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResou
 
     # Dev queries search the whole corpus, like served queries; their positives judged at the
     # document level, as the eval set is.
-    dev = dev_set(store, spec.name, settings.seed, settings.sizes().dev_distractors)
+    dev, dev_positives = dev_queries(store, spec.name)
     parent_of = dict(zip(ids, parents, strict=True))
-    dev_qrels = {q: {parent_of[d]: 1 for d in docs if d in parent_of} for q, docs in dev.relevant.items()}
+    dev_qrels = {q: {parent_of[d]: 1 for d in docs if d in parent_of} for q, docs in dev_positives.items()}
     split = read_eval_split(store, spec.name)
-    query_sets = {"dev": query_set(dev.queries, dev_qrels), "eval": query_set(split.queries, split.qrels)}
+    query_sets = {"dev": query_set(dev, dev_qrels), "eval": query_set(split.queries, split.qrels)}
 
     # Timing: distinct queries encoded one at a time as `search` serves them (torch, bf16 autocast
     # where the CPU has it natively, no cache).
-    timing = latency_queries([*dev.queries.values(), *split.queries.values()], titles,
+    timing = latency_queries([*dev.values(), *split.queries.values()], titles,
                              settings.sizes().latency_queries, settings.seed)
     latency_vectors, encode_ms = time_encoding(
         lambda q: encoders.encode(model, [q], batch_size=1, bf16=settings.bf16_inference), timing)
@@ -123,7 +123,7 @@ def index_sweep(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResou
         "rung": rung, "model_path": model_path, "revision": revision, "latency_queries": len(timing),
         "encode_p50_ms": float(np.percentile(encode_ms, 50)),
         "encode_p95_ms": float(np.percentile(encode_ms, 95)),
-        "dev_queries": len(dev.queries), "eval_queries": len(split.queries),
+        "dev_queries": len(dev), "eval_queries": len(split.queries),
         "rescore_multiplier": RESCORE_MULTIPLIER, "targets": spec.targets.model_dump(),
         "dev_ndcg_at_10_by_rung": dev_scores,
         "points": points, "chosen": chosen, "rule": CHOICE_RULE, "reason": reason,

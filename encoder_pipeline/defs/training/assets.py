@@ -55,19 +55,25 @@ LADDER: list[tuple[str, str, RowsFn, list]] = [
 RUNGS = [name for name, *_ in LADDER]
 
 
+def dev_queries(store: ArtifactStore, domain: str) -> tuple[dict[str, str], dict[str, set[str]]]:
+    """The dev slice's queries {qid: text} and their positives {qid: {doc_id}}."""
+    _, dev = read_pairs(store, domain)
+    queries = {f"dev{i}": q for i, q in enumerate(dev["query"])}
+    return queries, {f"dev{i}": {d} for i, d in enumerate(dev["doc_id"])}
+
+
 def dev_set(store: ArtifactStore, domain: str, seed: int, distractors: int) -> DevSet:
     """Dev queries against their positives plus `distractors` sampled from the training corpus (no
     eval docs). Each rung encodes this corpus twice (best-epoch choice, then after the rotation)."""
-    _, dev = read_pairs(store, domain)
+    queries, relevant = dev_queries(store, domain)
+    positives = set().union(*relevant.values())
     units = read_corpus_units(store, domain)
     eval_docs = read_eval_split(store, domain).eval_doc_ids
     pool = units[~units["parent_id"].isin(eval_docs)]
-    others = pool[~pool["doc_id"].isin(set(dev["doc_id"]))]
+    others = pool[~pool["doc_id"].isin(positives)]
     sampled = others.sample(min(distractors, len(others)), random_state=seed)
-    chosen = pd.concat([pool[pool["doc_id"].isin(set(dev["doc_id"]))], sampled])
+    chosen = pd.concat([pool[pool["doc_id"].isin(positives)], sampled])
     corpus = dict(zip(chosen["doc_id"], corpus_texts(chosen), strict=True))
-    queries = {f"dev{i}": q for i, q in enumerate(dev["query"])}
-    relevant = {f"dev{i}": {d} for i, d in enumerate(dev["doc_id"])}
     return DevSet(queries, corpus, relevant)
 
 
