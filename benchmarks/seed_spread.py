@@ -4,11 +4,16 @@ standard deviation of nDCG@10 on the eval set per variant, against the off-the-s
     python benchmarks/seed_spread.py --domain code --seeds 0 1 2                  # the ladder
     python benchmarks/seed_spread.py --domain web_qa --ablation synthetic --materialize
     python benchmarks/seed_spread.py --domain biomedical --fine-tuned-weights 1.0 0.5   # WiSE-FT
+    python benchmarks/seed_spread.py --domain biomedical --teacher all-mpnet-base-v2 \
+        --variants encoder_hard_negatives                 # re-mine with another teacher, top rung only
 
 Ablations:
 - `ladder`: the three rungs (heuristic -> + synthetic -> + hard negatives), as the pipeline trains them.
 - `synthetic`: heuristic only; + unfiltered synthetic queries (every parsed query, seed positive);
   + synthetic after relabeling and the round-trip filter.
+
+`--teacher` first re-materializes `mined_negatives` with that mining teacher (a new version in the
+artifact root, which later runs read as the latest). `--variants` keeps only the named variants.
 
 `--fine-tuned-weights` evaluates each trained model at several WiSE-FT weights
 (`interpolate_with_base`; 1.0 is the plain fine-tune) without training it again.
@@ -65,14 +70,14 @@ ABLATIONS: dict[str, tuple[list[str], list[tuple[str, RowsFn]]]] = {
 }
 
 
-def materialize(domain: str, assets: list[str], profile: str) -> None:
+def materialize(domain: str, assets: list[str], profile: str, teacher: str = "") -> None:
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(domain_partitions.name, [domain])
     selected = [a for a in defs.assets if isinstance(a, dg.AssetsDefinition)
                 and a.key.to_user_string() in assets]
+    settings = PipelineSettings(profile=profile, teacher_model=teacher)
     result = dg.materialize(selected, instance=instance, partition_key=domain, resources={
-        "artifacts": ArtifactStoreResource(), "settings": PipelineSettings(profile=profile),
-        "llm": LLMResource()})
+        "artifacts": ArtifactStoreResource(), "settings": settings, "llm": LLMResource()})
     assert result.success
 
 
@@ -95,6 +100,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--profile", default="default")
     parser.add_argument("--materialize", action="store_true")
+    parser.add_argument("--teacher", help="re-mine hard negatives with this teacher before training")
+    parser.add_argument("--variants", nargs="+", help="only these variants (default: all)")
+    parser.add_argument("--distill-weight", type=float,
+                        help="default: the domain spec's training.distill_weight")
     parser.add_argument("--fine-tuned-weights", type=float, nargs="+",
                         help="default: the domain spec's training.fine_tuned_weight")
     args = parser.parse_args()
@@ -106,9 +115,18 @@ def main() -> None:
                 store.latest_version(args.domain, asset)
         except MissingArtifact:
             materialize(args.domain, needed, args.profile)
+    if args.teacher:
+        materialize(args.domain, ["mined_negatives"], args.profile, args.teacher)
+    if args.variants:
+        unknown = set(args.variants) - {variant for variant, _ in variants}
+        if unknown:
+            parser.error(f"unknown variants {sorted(unknown)}; choose from {[v for v, _ in variants]}")
+        variants = [(variant, rows_fn) for variant, rows_fn in variants if variant in args.variants]
     sizes = get_profile(args.profile)
     base = ndcg(encoders.DEFAULT_BASE_MODEL, store, args.domain)
-    weights = args.fine_tuned_weights or [load_domain(args.domain).training.fine_tuned_weight]
+    spec = load_domain(args.domain)
+    weights = args.fine_tuned_weights or [spec.training.fine_tuned_weight]
+    distill_weight = spec.training.distill_weight if args.distill_weight is None else args.distill_weight
 
     def label(variant: str, weight: float) -> str:
         return variant if len(weights) == 1 else f"{variant}, fine-tuned weight {weight:g}"
@@ -124,7 +142,7 @@ def main() -> None:
                 started = time.perf_counter()
                 train_encoder(encoders.DEFAULT_BASE_MODEL, rows, work,
                               TrainingConfig(epochs=sizes.epochs, min_batch_size=sizes.batch_size, seed=seed,
-                                             fine_tuned_weight=1.0),
+                                             fine_tuned_weight=1.0, distill_weight=distill_weight),
                               dev_set(store, args.domain, 0, sizes.dev_distractors))
                 took = time.perf_counter() - started
                 trained = encoders.load_encoder(str(Path(work) / "model"), fresh=True)
@@ -143,7 +161,8 @@ def main() -> None:
     print("| system | rows | nDCG@10 mean | std | vs off-the-shelf | train s |\n|---|---|---|---|---|---|")
     print(f"| off-the-shelf | - | {base:.4f} | 0 | - | - |")
     summary = {"domain": args.domain, "ablation": args.ablation, "seeds": args.seeds,
-               "off_the_shelf": base, "variants": {}}
+               "mining_teacher": store.manifest(args.domain, "mined_negatives")["config"]["teacher"],
+               "distill_weight": distill_weight, "off_the_shelf": base, "variants": {}}
     for name, values in scores.items():
         mean = statistics.mean(values)
         std = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -153,7 +172,10 @@ def main() -> None:
         summary["variants"][name] = {"rows": rows_used[name], "scores": values, "mean": mean, "std": std,
                                      "margin": mean - base, "margin_exceeds_2_std": mean - base > 2 * std}
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"seed_spread_{args.domain}_{args.ablation}.json"
+    suffix = (f"_teacher-{Path(args.teacher).name}" if args.teacher else "") + \
+        (f"_distill-{distill_weight:g}" if distill_weight else "") + \
+        ("".join(f"_{variant}" for variant, _ in variants) if args.variants else "")
+    out = RESULTS / f"seed_spread_{args.domain}_{args.ablation}{suffix}.json"
     out.write_text(json.dumps(summary, indent=2))
     print(f"\nwritten {out}")
 

@@ -136,6 +136,12 @@ class TrainingSpec(_Strict):
         1.0, ge=0, le=1, description="WiSE-FT: each rung's weights become this share of the fine-tuned "
         "ones plus the rest of the base model's. Below 1 when the real queries look unlike the "
         "training pairs and training alone loses to the base model (README: biomedical).")
+    teacher_model: str = Field(
+        "", description="The encoder that mines this domain's hard negatives (and whose scores are "
+        "distilled); empty: the base model. The run's `settings.teacher_model` overrides it.")
+    distill_weight: float = Field(
+        0.0, ge=0, description="Weight of distilling the mining teacher's scores of each mined row "
+        "(positive and hard negatives; KL at the InfoNCE scale) in the hard-negatives rung; 0: off.")
 
 
 class DomainSpec(_Strict):

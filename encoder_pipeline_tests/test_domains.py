@@ -7,7 +7,9 @@ import pytest
 from spec_files import write_spec
 
 from encoder_pipeline.domains import SpecError, domain_names, load_domain, load_spec
+from encoder_pipeline.lib.encoders import DEFAULT_BASE_MODEL
 from encoder_pipeline.lib.sources import CorpusError, read_corpus, read_judged
+from encoder_pipeline.resources import PipelineSettings
 
 BUILT_INS = ("code", "web_qa", "legal", "biomedical")
 
@@ -67,6 +69,24 @@ def test_training_weight_defaults_to_the_plain_fine_tune_and_is_bounded(tmp_path
         load_spec(write_spec(tmp_path, extra="""
             [training]
             fine_tuned_weight = 1.5
+        """))
+
+
+def test_the_run_teacher_overrides_the_domain_teacher_which_overrides_the_base_model(tmp_path):
+    plain = load_spec(write_spec(tmp_path)).training
+    assert (plain.teacher_model, plain.distill_weight) == ("", 0.0)
+    spec = load_spec(write_spec(tmp_path, extra="""
+        [training]
+        teacher_model = "all-mpnet-base-v2"
+        distill_weight = 1.0
+    """)).training
+    assert PipelineSettings().mining_teacher(plain.teacher_model) == DEFAULT_BASE_MODEL
+    assert PipelineSettings().mining_teacher(spec.teacher_model) == "all-mpnet-base-v2"
+    assert PipelineSettings(teacher_model="/models/mine").mining_teacher(spec.teacher_model) == "/models/mine"
+    with pytest.raises(SpecError, match=r"training\.distill_weight"):
+        load_spec(write_spec(tmp_path, extra="""
+            [training]
+            distill_weight = -1
         """))
 
 

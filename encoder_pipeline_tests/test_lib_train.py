@@ -1,5 +1,6 @@
-"""Training: the cached loss's gradients equal the uncached ones (with Matryoshka and GOR), a tiny real
-run lowers the loss and writes a loadable checkpoint, and an interrupted run resumes where it stopped."""
+"""Training: the cached loss's gradients equal the uncached ones (with Matryoshka, GOR and teacher-score
+distillation), a tiny real run lowers the loss and writes a loadable checkpoint, and an interrupted run
+resumes where it stopped."""
 
 import numpy as np
 import pandas as pd
@@ -10,7 +11,7 @@ from sentence_transformers.base.losses.merged_forward import embed_columns
 from transformers import TrainerCallback
 
 from encoder_pipeline.lib import encoders
-from encoder_pipeline.lib.losses import MNRLWithGOR, _gor, contrastive_loss, gor_term
+from encoder_pipeline.lib.losses import MNRLWithGOR, _gor, contrastive_loss, distillation_term, gor_term
 from encoder_pipeline.lib.pairs import extract_pairs
 from encoder_pipeline.lib.train import (
     DevSet,
@@ -55,22 +56,31 @@ def small_model():
     return model.eval()
 
 
-def gradients(model, loss) -> tuple[float, torch.Tensor]:
+# A teacher's scores of each row's (positive, negative), as mined rows carry them.
+TEACHER_SCORES = torch.tensor([[0.62, 0.41], [0.55, 0.50], [0.71, 0.30], [0.48, 0.45],
+                               [0.66, 0.20], [0.52, 0.49], [0.60, 0.35], [0.58, 0.57]])
+
+
+def gradients(model, loss, labels=None) -> tuple[float, torch.Tensor]:
     model.zero_grad()
     features = [model.tokenize(texts) for texts in (QUERIES, POSITIVES, NEGATIVES)]
-    value = loss(features, None)
+    value = loss(features, labels)
     value.backward()
     flat = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
     return float(value.detach()), flat
 
 
-@pytest.mark.parametrize("dims, gor_weight", [((), 0.0), ((384, 192, 96, 48), 0.5)])
-def test_cached_loss_gives_the_uncached_gradients(small_model, dims, gor_weight):
+@pytest.mark.parametrize("dims, gor_weight, distill_weight",
+                         [((), 0.0, 0.0), ((384, 192, 96, 48), 0.5, 0.0), ((384, 192, 96, 48), 0.5, 1.0)])
+def test_cached_loss_gives_the_uncached_gradients(small_model, dims, gor_weight, distill_weight):
+    labels = TEACHER_SCORES if distill_weight else None
     plain_loss, plain = gradients(small_model, contrastive_loss(
-        small_model, gradcache=False, matryoshka_dims=dims, gor_weight=gor_weight))
+        small_model, gradcache=False, matryoshka_dims=dims, gor_weight=gor_weight,
+        distill_weight=distill_weight), labels)
     # 3 texts per mini-batch: each column of 8 is embedded in 3 pieces, the last one ragged
     cached_loss, cached = gradients(small_model, contrastive_loss(
-        small_model, gradcache=True, mini_batch_size=3, matryoshka_dims=dims, gor_weight=gor_weight))
+        small_model, gradcache=True, mini_batch_size=3, matryoshka_dims=dims, gor_weight=gor_weight,
+        distill_weight=distill_weight), labels)
     assert cached_loss == pytest.approx(plain_loss, rel=1e-5)
     assert plain.abs().max() > 0
     # Measured: relative norm of the difference ~3e-6, max abs difference ~1.5e-6 of a max 0.49
@@ -87,6 +97,23 @@ def test_gor_adds_its_weighted_term_to_sentence_transformers_mnrl(small_model):
         term = gor_term(_gor(small_model), embed_columns(small_model, features))
     assert term > 0
     assert float(combined) == pytest.approx(float(reference + 0.5 * term), rel=1e-5)
+
+
+def test_distillation_adds_its_weighted_term_and_vanishes_when_student_agrees_with_teacher(small_model):
+    features = [small_model.tokenize(texts) for texts in (QUERIES, POSITIVES, NEGATIVES)]
+    with torch.no_grad():
+        embeddings = embed_columns(small_model, features)
+        without = MNRLWithGOR(small_model, gor_weight=0.0)(features, TEACHER_SCORES)
+        combined = MNRLWithGOR(small_model, gor_weight=0.0, distill_weight=2.0)(features, TEACHER_SCORES)
+        term = distillation_term(embeddings, TEACHER_SCORES, scale=20.0)
+        anchors, positives, negatives = (torch.nn.functional.normalize(e, dim=-1) for e in embeddings)
+        own = torch.stack([(anchors * positives).sum(-1), (anchors * negatives).sum(-1)], dim=1)
+        agreeing = distillation_term(embeddings, own, scale=20.0)
+        reversed_order = distillation_term(embeddings, own.flip(1), scale=20.0)
+    assert term > 0
+    assert float(combined) == pytest.approx(float(without + 2.0 * term), rel=1e-5)
+    assert float(agreeing) == pytest.approx(0.0, abs=1e-6)
+    assert reversed_order > term > agreeing, "a teacher ranking the other way is the farthest"
 
 
 def test_auto_batch_grows_with_the_pairs_but_keeps_the_step_count():
@@ -162,6 +189,18 @@ def test_checkpoints_of_other_inputs_are_not_resumed(pairs, tmp_path):
     result = train_encoder(encoders.DEFAULT_BASE_MODEL, pairs.iloc[24:48], tmp_path / "b", config,
                            checkpoint_dir=work)
     assert result.resumed_from_step == 0 and result.steps == 2
+
+
+def test_teacher_scores_are_distilled_only_when_the_rows_carry_them(pairs, tmp_path):
+    rows = pairs.head(24).assign(negative_1=lambda df: df["positive"].shift(1, fill_value="None"))
+    config = TrainingConfig(batch_size=8, max_seq_length=32, max_steps=1, matryoshka_dims=(),
+                            gor_weight=0.0, distill_weight=1.0, order_dimensions=False)
+    plain = train_encoder(encoders.DEFAULT_BASE_MODEL, rows, tmp_path / "plain", config)
+    scored = rows.assign(score_positive=0.6, score_negative_1=0.3)
+    distilled = train_encoder(encoders.DEFAULT_BASE_MODEL, scored, tmp_path / "distilled", config)
+    assert plain.loss == "MNRL"
+    assert distilled.loss == "MNRL + 1 KL(teacher scores)"
+    assert distilled.final_loss != plain.final_loss
 
 
 def test_too_few_pairs_is_a_clear_refusal(pairs, tmp_path):

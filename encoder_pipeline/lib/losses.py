@@ -1,5 +1,6 @@
 """The ladder's contrastive loss: InfoNCE over in-batch (and mined) negatives, plus a Global
-Orthogonal Regularization term, optionally GradCache'd, under MatryoshkaLoss.
+Orthogonal Regularization term and, for mined rows that carry the teacher's scores, an optional
+distillation term; optionally GradCache'd, under MatryoshkaLoss.
 
 How the three levers compose (the reason this module exists):
 
@@ -17,6 +18,10 @@ How the three levers compose (the reason this module exists):
   that dim's weight and with GOR's 1/d floor for that dim. The uncached path gets the same: its
   forward is called once per dim on the truncated embeddings. Spreading each prefix out is the point
   for truncated retrieval.
+- The distillation term (`distillation_term`) rides the same way: it reads the row-aligned
+  (anchor, positive, negative_1..N) embeddings and the labels (the teacher's scores), so under
+  GradCache it is computed in `calculate_loss` on the full batch and back-propagated through the
+  cache, and under Matryoshka it applies at every dim.
 - The uncached variant (`MNRLWithGOR`) computes the identical objective; `test_lib_train.py` checks
   the two give the same parameter gradients. With one mini-batch GradCache buys no memory and costs
   an extra no-grad forward pass, so `train.py` uses it only when the batch exceeds `mini_batch_size`.
@@ -28,6 +33,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.losses.merged_forward import embed_columns
 from sentence_transformers.sentence_transformer.losses import (
@@ -51,11 +57,23 @@ def gor_term(gor: GlobalOrthogonalRegularizationLoss, embeddings: list[Tensor]) 
     return sum(gor.compute_loss_from_embeddings(embeddings).values())
 
 
+def distillation_term(embeddings: list[Tensor], teacher_scores: Tensor, scale: float) -> Tensor:
+    """KL(teacher || student) over each row's candidates (positive, negative_1..N), both softmaxed at
+    the InfoNCE scale: the student learns the teacher's ranking of the mined candidates (GPL's use
+    of a teacher's scores, with KL over the row instead of MarginMSE's per-pair margins)."""
+    anchors = F.normalize(embeddings[0], dim=-1)
+    candidates = F.normalize(torch.stack(embeddings[1:], dim=1), dim=-1)
+    student = scale * torch.einsum("bd,bkd->bk", anchors, candidates)
+    return F.kl_div(F.log_softmax(student, dim=-1), F.log_softmax(scale * teacher_scores.to(student), dim=-1),
+                    log_target=True, reduction="batchmean")
+
+
 class MNRLWithGOR(nn.Module):
     def __init__(self, model: SentenceTransformer, gor_weight: float = 0.1, scale: float = 20.0,
-                 gather_across_devices: bool = False) -> None:
+                 gather_across_devices: bool = False, distill_weight: float = 0.0) -> None:
         """
-        MultipleNegativesRankingLoss plus `gor_weight` times a Global Orthogonal Regularization term,
+        MultipleNegativesRankingLoss plus `gor_weight` times a Global Orthogonal Regularization term
+        (and, given the teacher's scores as labels, `distill_weight` times `distillation_term`),
         computed from one forward pass.
 
         Args:
@@ -64,18 +82,22 @@ class MNRLWithGOR(nn.Module):
             scale: InfoNCE logit scale (1 / temperature)
             gather_across_devices: under DDP, every device's candidates are each anchor's negatives
                 (the GOR term stays per device)
+            distill_weight: weight of `distillation_term` when labels (teacher scores) are given
 
         References:
             - InfoNCE with in-batch negatives: https://huggingface.co/papers/1705.00652
             - GOR: https://huggingface.co/papers/1708.06320; EmbeddingGemma's use of it:
               https://huggingface.co/papers/2509.20354
+            - Distilling a teacher's scores of mined negatives (GPL):
+              https://huggingface.co/papers/2112.07577
 
         Inputs:
-            +-------------------------------------------------+--------+
-            | Inputs                                          | Labels |
-            +=================================================+========+
-            | (anchor, positive, negative_1, ..., negative_n) | none   |
-            +-------------------------------------------------+--------+
+            +-------------------------------------------------+-------------------------------------+
+            | Inputs                                          | Labels                              |
+            +=================================================+=====================================+
+            | (anchor, positive, negative_1, ..., negative_n) | none, or the teacher's scores of    |
+            |                                                 | (positive, negative_1..n) per row   |
+            +-------------------------------------------------+-------------------------------------+
 
         Relations:
             - :class:`CachedMNRLWithGOR` is the same objective with GradCache (same gradients).
@@ -88,21 +110,26 @@ class MNRLWithGOR(nn.Module):
         self.gor_weight = gor_weight
         self.mnrl = MultipleNegativesRankingLoss(model, scale=scale, gather_across_devices=gather_across_devices)
         self.gor = _gor(model)
+        self.distill_weight = distill_weight
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None) -> Tensor:
         embeddings = embed_columns(self.model, sentence_features)
         loss = self.mnrl.compute_loss_from_embeddings(embeddings, labels)
         if self.gor_weight:
             loss = loss + self.gor_weight * gor_term(self.gor, embeddings)
+        if self.distill_weight and labels is not None:
+            loss = loss + self.distill_weight * distillation_term(embeddings, labels, self.mnrl.scale)
         return loss
 
     def get_config_dict(self) -> dict[str, Any]:
-        return {"scale": self.mnrl.scale, "gor_weight": self.gor_weight, "gor": self.gor.get_config_dict()}
+        return {"scale": self.mnrl.scale, "gor_weight": self.gor_weight, "gor": self.gor.get_config_dict(),
+                "distill_weight": self.distill_weight}
 
 
 class CachedMNRLWithGOR(CachedMultipleNegativesRankingLoss):
     def __init__(self, model: SentenceTransformer, gor_weight: float = 0.1, scale: float = 20.0,
-                 mini_batch_size: int = 32, gather_across_devices: bool = False) -> None:
+                 mini_batch_size: int = 32, gather_across_devices: bool = False,
+                 distill_weight: float = 0.0) -> None:
         """
         :class:`MNRLWithGOR` with GradCache: the effective batch is whatever the trainer hands in,
         activation memory is bounded by `mini_batch_size` (see the module docstring for how the GOR
@@ -115,17 +142,19 @@ class CachedMNRLWithGOR(CachedMultipleNegativesRankingLoss):
             mini_batch_size: texts per forward pass; bounds activation memory
             gather_across_devices: under DDP, every device's candidates are each anchor's negatives
                 (the GOR term stays per device)
+            distill_weight: weight of `distillation_term` when labels (teacher scores) are given
 
         References:
             - GradCache: https://huggingface.co/papers/2101.06983
             - GOR: https://huggingface.co/papers/1708.06320
 
         Inputs:
-            +-------------------------------------------------+--------+
-            | Inputs                                          | Labels |
-            +=================================================+========+
-            | (anchor, positive, negative_1, ..., negative_n) | none   |
-            +-------------------------------------------------+--------+
+            +-------------------------------------------------+-------------------------------------+
+            | Inputs                                          | Labels                              |
+            +=================================================+=====================================+
+            | (anchor, positive, negative_1, ..., negative_n) | none, or the teacher's scores of    |
+            |                                                 | (positive, negative_1..n) per row   |
+            +-------------------------------------------------+-------------------------------------+
 
         Example:
             ``MatryoshkaLoss(model, CachedMNRLWithGOR(model, 0.1, mini_batch_size=32), [384, 192, 96, 48])``
@@ -134,15 +163,20 @@ class CachedMNRLWithGOR(CachedMultipleNegativesRankingLoss):
                          gather_across_devices=gather_across_devices)
         self.gor_weight = gor_weight
         self.gor = _gor(model)
+        self.distill_weight = distill_weight
 
     def calculate_loss(self, reps: list[list[Tensor]], labels: Tensor | None = None, *,
                        with_backward: bool = False) -> Tensor:
         loss = super().calculate_loss(reps, labels, with_backward=with_backward)
-        if not self.gor_weight:
+        embeddings = [torch.cat(column) for column in reps]
+        term = self.gor_weight * gor_term(self.gor, embeddings) if self.gor_weight else None
+        if self.distill_weight and labels is not None:
+            distill = self.distill_weight * distillation_term(embeddings, labels, self.scale)
+            term = distill if term is None else term + distill
+        if term is None:
             return loss
-        # `reps` are GradCache's detached leaf embeddings; backward() here adds the GOR gradient to
-        # the InfoNCE gradient already accumulated in each `rep.grad` (the cache).
-        term = self.gor_weight * gor_term(self.gor, [torch.cat(column) for column in reps])
+        # `reps` are GradCache's detached leaf embeddings; backward() here adds the GOR and
+        # distillation gradients to the InfoNCE gradient already accumulated in each `rep.grad`.
         if with_backward:
             term.backward()
             term = term.detach()
@@ -150,7 +184,7 @@ class CachedMNRLWithGOR(CachedMultipleNegativesRankingLoss):
 
     def get_config_dict(self) -> dict[str, Any]:
         return {**super().get_config_dict(), "gor_weight": self.gor_weight,
-                "gor": self.gor.get_config_dict()}
+                "gor": self.gor.get_config_dict(), "distill_weight": self.distill_weight}
 
 
 def default_matryoshka_dims(embedding_dim: int) -> tuple[int, ...]:
@@ -161,26 +195,31 @@ def default_matryoshka_dims(embedding_dim: int) -> tuple[int, ...]:
 
 def contrastive_loss(model: SentenceTransformer, *, gradcache: bool, mini_batch_size: int = 32,
                      matryoshka_dims: Sequence[int] = (), gor_weight: float = 0.1,
-                     scale: float = 20.0, gather_across_devices: bool = False) -> nn.Module:
+                     scale: float = 20.0, gather_across_devices: bool = False,
+                     distill_weight: float = 0.0) -> nn.Module:
     """The training loss: (Cached)MNRLWithGOR, under MatryoshkaLoss when `matryoshka_dims` is given.
 
-    Columns in: `query`, `positive`, then optional `negative_1..N`; no labels.
+    Columns in: `query`, `positive`, then optional `negative_1..N`; labels (optional): the teacher's
+    scores of (positive, negative_1..N) per row, distilled with `distill_weight`.
     """
     if gradcache:
-        loss: nn.Module = CachedMNRLWithGOR(model, gor_weight, scale, mini_batch_size, gather_across_devices)
+        loss: nn.Module = CachedMNRLWithGOR(model, gor_weight, scale, mini_batch_size, gather_across_devices,
+                                            distill_weight)
     else:
-        loss = MNRLWithGOR(model, gor_weight, scale, gather_across_devices)
+        loss = MNRLWithGOR(model, gor_weight, scale, gather_across_devices, distill_weight)
     if matryoshka_dims:
         loss = MatryoshkaLoss(model, loss, list(matryoshka_dims))
     return loss
 
 
 def describe_loss(gradcache: bool, mini_batch_size: int, matryoshka_dims: Sequence[int],
-                  gor_weight: float) -> str:
+                  gor_weight: float, distill_weight: float = 0.0) -> str:
     """One line for metadata, e.g. `Matryoshka(384/192/96/48) of CachedMNRL(mini-batch 32) + 0.1 GOR`."""
     core = f"CachedMNRL(mini-batch {mini_batch_size})" if gradcache else "MNRL"
     if gor_weight:
         core += f" + {gor_weight:g} GOR"
+    if distill_weight:
+        core += f" + {distill_weight:g} KL(teacher scores)"
     if matryoshka_dims:
         core = f"Matryoshka({'/'.join(str(d) for d in matryoshka_dims)}) of {core}"
     return core

@@ -85,6 +85,9 @@ class TrainingConfig:
     gradcache: bool | None = None  # None: only when a device's batch exceeds mini_batch_size
     matryoshka_dims: tuple[int, ...] | None = None  # None: full, 1/2, 1/4, 1/8 of the model; (): off
     gor_weight: float = 0.1  # Global Orthogonal Regularization (second moment), 0 turns it off
+    # Weight of distilling the mining teacher's scores of each row's candidates (rows that carry
+    # `score_positive`, `score_negative_1..N`); 0 turns it off.
+    distill_weight: float = 0.0
     learning_rate: float = 5e-5
     warmup_ratio: float = 0.1
     max_seq_length: int = 128
@@ -202,7 +205,9 @@ def train_encoder(base_model: str, rows: pd.DataFrame, output_dir: str | Path, c
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else output_dir / "checkpoints"
     columns = ["query", "positive"] + sorted((c for c in rows.columns if NEGATIVE_COLUMN.match(c)),
                                              key=lambda c: int(c.split("_")[1]))
-    rows = rows[columns].reset_index(drop=True)
+    teacher_scores = [f"score_{c}" for c in columns[1:]]
+    distill = bool(config.distill_weight) and len(columns) > 2 and set(teacher_scores) <= set(rows.columns)
+    rows = rows[columns + (teacher_scores if distill else [])].reset_index(drop=True)
     batch_size = min(config.batch_size or auto_batch_size(len(rows), config.min_batch_size,
                                                            config.max_batch_size), len(rows))
     world_size = distributed_world_size()
@@ -244,7 +249,7 @@ def train_encoder(base_model: str, rows: pd.DataFrame, output_dir: str | Path, c
         resume_from = _prepare_checkpoints(checkpoint_dir, _run_fingerprint(base_model, rows, config, dev))
     clock = _StepClock()
     trainer = SentenceTransformerTrainer(
-        model=model, args=args, train_dataset=Dataset.from_pandas(rows, preserve_index=False),
+        model=model, args=args, train_dataset=_dataset(rows, columns, teacher_scores if distill else []),
         loss=loss, evaluator=dev.evaluator([quarter]) if dev else None,
         callbacks=[clock, _Checkpointer(config.checkpoint_every_s), *callbacks],
     )
@@ -285,12 +290,21 @@ def train_encoder(base_model: str, rows: pd.DataFrame, output_dir: str | Path, c
         matryoshka_dim=quarter,
         dev_ndcg_at_10_truncated=round(kept["ndcg@10_truncated"], 4) if kept else float("nan"),
         loss=describe_loss(_gradcache(config, per_device), config.mini_batch_size,
-                           _matryoshka_dims(config, dim), config.gor_weight),
+                           _matryoshka_dims(config, dim), config.gor_weight,
+                           config.distill_weight if distill else 0.0),
         best_step=int(best_step),
         resumed_from_step=_step_of(resume_from) if resume_from else 0,
         dev_history=history,
         world_size=world_size,
     )
+
+
+def _dataset(rows: pd.DataFrame, columns: list[str], teacher_scores: list[str]) -> Dataset:
+    """The text columns in order, plus the teacher's scores as one `label` list per row."""
+    data = rows[columns]
+    if teacher_scores:
+        data = data.assign(label=rows[teacher_scores].to_numpy().tolist())
+    return Dataset.from_pandas(data, preserve_index=False)
 
 
 def _train_rank(base_model: str, rows: pd.DataFrame, output_dir: str, config: TrainingConfig,
@@ -344,7 +358,8 @@ def training_loss(model: SentenceTransformer, config: TrainingConfig, per_device
     return contrastive_loss(model, gradcache=_gradcache(config, per_device_batch),
                             mini_batch_size=config.mini_batch_size,
                             matryoshka_dims=_matryoshka_dims(config, model.get_embedding_dimension()),
-                            gor_weight=config.gor_weight, gather_across_devices=world_size > 1)
+                            gor_weight=config.gor_weight, gather_across_devices=world_size > 1,
+                            distill_weight=config.distill_weight)
 
 
 def interpolate_with_base(model: SentenceTransformer, base: SentenceTransformer, fine_tuned_weight: float

@@ -317,18 +317,18 @@ def synthetic_queries(context: dg.AssetExecutionContext, artifacts: ArtifactStor
 def mined_negatives(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource,
                     settings: PipelineSettings) -> dg.MaterializeResult:
     """Hard negatives for every heuristic and synthetic pair, mined from the corpus minus eval
-    documents with the teacher (default: the base model); positive-aware: candidates scoring above
-    95% of the positive are dropped as likely false negatives (NV-Retriever's TopK-PercPos), and 3
-    negatives are sampled from the teacher's top 50 survivors. Dropped candidates are counted and
-    sampled in the metadata."""
+    documents with the teacher (the run's, else the spec's, else the base model), its scores kept for
+    distillation; positive-aware: candidates scoring above 95% of the positive are dropped as likely
+    false negatives (NV-Retriever's TopK-PercPos), and 3 negatives are sampled from the teacher's top
+    50 survivors. Dropped candidates are counted and sampled in the metadata."""
     spec = domain_spec(context)
     store = artifacts.store()
     corpus = TrainingCorpus(store, spec, settings)
     train_pairs, _ = read_pairs(store, spec.name)
     pairs = pd.concat([train_pairs[["query", "positive"]],
                        read_synthetic(store, spec.name)[["query", "positive"]]], ignore_index=True)
-    config = MiningConfig(seed=settings.seed, teacher=settings.teacher_model or None)
-    teacher = config.teacher or settings.base_model
+    teacher = settings.mining_teacher(spec.training.teacher_model)
+    config = MiningConfig(seed=settings.seed, teacher=teacher)
     # mine_hard_negatives keys its embedding cache by text only: one folder per teacher revision.
     cache = embeddings_cache(store, spec.name) / f"mining-{encoders.model_fingerprint(teacher)}"
     remove_torn_arrays(cache)  # a run killed while that cache was being written

@@ -107,7 +107,8 @@ def build_rung(name: str, data_label: str, rows_fn: RowsFn, deps: list) -> dg.As
         rows = rows_fn(store, spec.name)
         # The batch grows with the pairs (auto_batch_size), from the profile's batch as its floor.
         config = TrainingConfig(epochs=sizes.epochs, min_batch_size=sizes.batch_size, seed=settings.seed,
-                                fine_tuned_weight=spec.training.fine_tuned_weight)
+                                fine_tuned_weight=spec.training.fine_tuned_weight,
+                                distill_weight=spec.training.distill_weight)
         dev = dev_set(store, spec.name, settings.seed, sizes.dev_distractors)
         upstream = ["heuristic_pairs"] + [d.key.to_user_string() for d in deps
                                           if d.key.to_user_string() != "heuristic_pairs"]
