@@ -2,7 +2,7 @@
 Orthogonal Regularization term and, for mined rows that carry the teacher's scores, an optional
 distillation term; optionally GradCache'd, under MatryoshkaLoss.
 
-How the three levers compose (the reason this module exists):
+How the levers compose (the reason this module exists):
 
 - GOR needs the embeddings of the whole batch. sentence-transformers' `GlobalOrthogonalRegularizationLoss`
   embeds the columns itself with gradients, so pairing it with `CachedMultipleNegativesRankingLoss`

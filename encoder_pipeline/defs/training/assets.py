@@ -96,7 +96,9 @@ def build_rung(name: str, data_label: str, rows_fn: RowsFn, deps: list) -> dg.As
         automation_condition=dg.AutomationCondition.eager(),
         description=f"Encoder fine-tuned from the base model on {data_label} "
                     "(MultipleNegativesRankingLoss + GOR under Matryoshka, GradCache when the batch "
-                    "exceeds the mini-batch, no-duplicates batches); the best epoch on the dev slice "
+                    "exceeds the mini-batch, no-duplicates batches; the mining teacher's scores "
+                    "distilled where the rows carry them and the spec sets `distill_weight`); the "
+                    "best epoch on the dev slice "
                     "is kept, and a crashed run resumes from its last checkpoint.",
     )
     def rung(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource,
