@@ -148,13 +148,7 @@ class CachedMNRLWithGOR(CachedMultipleNegativesRankingLoss):
             - GradCache: https://huggingface.co/papers/2101.06983
             - GOR: https://huggingface.co/papers/1708.06320
 
-        Inputs:
-            +-------------------------------------------------+-------------------------------------+
-            | Inputs                                          | Labels                              |
-            +=================================================+=====================================+
-            | (anchor, positive, negative_1, ..., negative_n) | none, or the teacher's scores of    |
-            |                                                 | (positive, negative_1..n) per row   |
-            +-------------------------------------------------+-------------------------------------+
+        Inputs: as :class:`MNRLWithGOR`.
 
         Example:
             ``MatryoshkaLoss(model, CachedMNRLWithGOR(model, 0.1, mini_batch_size=32), [384, 192, 96, 48])``
