@@ -205,9 +205,11 @@ def train_encoder(base_model: str, rows: pd.DataFrame, output_dir: str | Path, c
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else output_dir / "checkpoints"
     columns = ["query", "positive"] + sorted((c for c in rows.columns if NEGATIVE_COLUMN.match(c)),
                                              key=lambda c: int(c.split("_")[1]))
-    teacher_scores = [f"score_{c}" for c in columns[1:]]
-    distill = bool(config.distill_weight) and len(columns) > 2 and set(teacher_scores) <= set(rows.columns)
-    rows = rows[columns + (teacher_scores if distill else [])].reset_index(drop=True)
+    scores = [f"score_{c}" for c in columns[1:]]
+    # Distilled only where the rows carry the teacher's score of every candidate (mined rows).
+    carried = len(columns) > 2 and set(scores) <= set(rows.columns)
+    teacher_scores = scores if config.distill_weight and carried else []
+    rows = rows[columns + teacher_scores].reset_index(drop=True)
     batch_size = min(config.batch_size or auto_batch_size(len(rows), config.min_batch_size,
                                                            config.max_batch_size), len(rows))
     world_size = distributed_world_size()
@@ -249,7 +251,7 @@ def train_encoder(base_model: str, rows: pd.DataFrame, output_dir: str | Path, c
         resume_from = _prepare_checkpoints(checkpoint_dir, _run_fingerprint(base_model, rows, config, dev))
     clock = _StepClock()
     trainer = SentenceTransformerTrainer(
-        model=model, args=args, train_dataset=_dataset(rows, columns, teacher_scores if distill else []),
+        model=model, args=args, train_dataset=_dataset(rows, columns, teacher_scores),
         loss=loss, evaluator=dev.evaluator([quarter]) if dev else None,
         callbacks=[clock, _Checkpointer(config.checkpoint_every_s), *callbacks],
     )
@@ -291,7 +293,7 @@ def train_encoder(base_model: str, rows: pd.DataFrame, output_dir: str | Path, c
         dev_ndcg_at_10_truncated=round(kept["ndcg@10_truncated"], 4) if kept else float("nan"),
         loss=describe_loss(_gradcache(config, per_device), config.mini_batch_size,
                            _matryoshka_dims(config, dim), config.gor_weight,
-                           config.distill_weight if distill else 0.0),
+                           config.distill_weight if teacher_scores else 0.0),
         best_step=int(best_step),
         resumed_from_step=_step_of(resume_from) if resume_from else 0,
         dev_history=history,
