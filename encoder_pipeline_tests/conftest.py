@@ -10,6 +10,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_CORPORA = PROJECT_ROOT.parent / "shared" / "corpora"
 os.environ.setdefault("ENCODER_PIPELINE_CORPUS_ROOT", str(SHARED_CORPORA))
+# Every test that reads the sample corpora skips the same way when they are absent (CI has them).
+SHARED_MISSING = f"the sample corpora are not at {SHARED_CORPORA} (../shared/corpora beside the repository)"
+requires_shared_corpora = pytest.mark.skipif(not SHARED_CORPORA.is_dir(), reason=SHARED_MISSING)
+
+
+def shared_corpus(relative: str) -> Path:
+    """A folder of ../shared/corpora; the calling test skips with SHARED_MISSING when it is absent."""
+    if not SHARED_CORPORA.is_dir():
+        pytest.skip(SHARED_MISSING)
+    return SHARED_CORPORA / relative
 
 
 @pytest.fixture(scope="session")

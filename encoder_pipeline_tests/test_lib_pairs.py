@@ -66,3 +66,19 @@ def test_held_out_queries_leave_most_structure_for_training():
                           "text": "body", "anchor": ""})
     split = held_out_split(units, "title", num_queries=300, seed=0)
     assert len(split.queries) == 6  # 30% of 20 distinct headings, however many were asked for
+
+
+def test_queries_that_normalize_alike_are_one_eval_query_with_all_their_documents():
+    """Two stdlib functions whose summaries differ by a final period: one eval query, both held out,
+    neither left to train on."""
+    from encoder_pipeline.lib.sources import read_python_stdlib
+
+    units = pd.DataFrame([u for u in read_python_stdlib([])
+                          if u["anchor"] in ("Close the connection", "Close the connection.")])
+    assert len(units) >= 2
+    units["parent_id"] = units["doc_id"]
+    split = held_out_split(units, "docstring", num_queries=5, seed=0, max_fraction=1.0)
+    assert len(split.queries) == 1
+    [relevant] = split.qrels.values()
+    assert set(relevant) == set(units["doc_id"]) == split.eval_doc_ids
+    assert extract_pairs(units, "docstring", split.eval_doc_ids).empty

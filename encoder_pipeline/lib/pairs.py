@@ -16,6 +16,7 @@ import torch
 from sentence_transformers import util
 
 from encoder_pipeline.lib.encoders import document_texts
+from encoder_pipeline.lib.leakage import EvalTexts, normalize
 
 MIN_QUERY_WORDS = 3
 
@@ -64,16 +65,29 @@ def held_out_split(units: pd.DataFrame, extractor: str, num_queries: int, seed: 
     """
     candidates = units[has_structural_query(units, extractor)].drop_duplicates("parent_id")
     texts = structural_query(candidates, extractor)
-    parents_by_query = candidates.groupby(texts.to_numpy(), sort=False)["parent_id"].agg(list)
+    # Queries that normalize to the same text ("Close the connection" / "close the connection.") are
+    # one query: all their documents are relevant and held out together (lib.leakage's definition).
+    keys = texts.map(normalize).to_numpy()
+    parents_by_query = candidates.groupby(keys, sort=False)["parent_id"].agg(list)
+    shown = texts.groupby(keys, sort=False).first()
     wanted = min(num_queries, max(1, int(len(parents_by_query) * max_fraction)))
     chosen = sorted(parents_by_query.index, key=lambda q: _salted(q, seed))[:wanted]
     queries, qrels, held = {}, {}, set()
-    for text in chosen:
-        qid = f"q-{_salted(text, seed)[:12]}"
-        queries[qid] = text
-        qrels[qid] = {parent: 1 for parent in parents_by_query[text]}
-        held.update(parents_by_query[text])
+    for key in chosen:
+        qid = f"q-{_salted(key, seed)[:12]}"
+        queries[qid] = shown[key]
+        qrels[qid] = {parent: 1 for parent in parents_by_query[key]}
+        held.update(parents_by_query[key])
     return EvalSplit(queries, qrels, held, human_judged=False)
+
+
+def eval_texts(split: EvalSplit, units: pd.DataFrame) -> EvalTexts:
+    """What the leakage filter keeps out of training: the eval queries, every form of every eval
+    unit (title + text as the encoder sees it, the text alone as a title -> body positive), and the
+    ids of the eval documents and of their units."""
+    held = units[units["parent_id"].isin(split.eval_doc_ids)]
+    documents = [*document_texts(held["title"], held["text"]), *held["text"]]
+    return EvalTexts.of(split.queries.values(), documents, {*split.eval_doc_ids, *held["doc_id"]})
 
 
 def sample_judged(queries: dict[str, str], qrels: dict[str, dict[str, int]], size: int, seed: int

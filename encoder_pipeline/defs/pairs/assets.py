@@ -19,11 +19,14 @@ from encoder_pipeline.defs.shared import (
     read_corpus_units,
     read_eval_split,
 )
+from encoder_pipeline.defs.pairs.checks import leakage_check, leakage_check_spec
 from encoder_pipeline.domains import DomainSpec, domain_partitions
 from encoder_pipeline.lib import encoders
 from encoder_pipeline.lib.artifacts import ArtifactStore, remove_torn_arrays
+from encoder_pipeline.lib.leakage import LeakFilter
 from encoder_pipeline.lib.negatives import MiningConfig, mine_negatives
 from encoder_pipeline.lib.pairs import (
+    eval_texts,
     extract_pairs,
     positive_texts,
     rank_of_positive,
@@ -51,7 +54,6 @@ SYNTHETIC_FILE = "synthetic.parquet"
 UNFILTERED_FILE = "synthetic_unfiltered.parquet"
 GENERATION_FILE = "generation.json"
 MINED_FILE = "mined.parquet"
-LEAKAGE_CHECK = "no_eval_leakage"
 
 
 class TrainingCorpus:
@@ -88,39 +90,9 @@ class TrainingCorpus:
         return top_k_ids(self._encode(queries), self.embeddings(), self.ids, top_k)
 
 
-class EvalGuard:
-    """Knows the eval queries and eval document texts; finds training rows that touch either.
-
-    Eval documents are already excluded by id; this also catches the same text under another id
-    (a docstring shared by two functions, a copied paragraph) and a training query equal to an eval
-    query.
-    """
-
-    def __init__(self, store: ArtifactStore, spec: DomainSpec):
-        split = read_eval_split(store, spec.name)
-        units = read_corpus_units(store, spec.name)
-        held = units[units["parent_id"].isin(split.eval_doc_ids)]
-        self.queries = {q.strip().lower() for q in split.queries.values()}
-        self.texts = set(corpus_texts(held)) | set(positive_texts(held, spec.queries.pair_extractor))
-
-    def leaking(self, rows: pd.DataFrame) -> pd.Series:
-        leaked = rows["query"].str.strip().str.lower().isin(self.queries)
-        for column in rows.columns:
-            if column == "positive" or column.startswith("negative_"):
-                leaked |= rows[column].isin(self.texts)
-        return leaked
-
-    def drop(self, rows: pd.DataFrame) -> tuple[pd.DataFrame, int]:
-        leaked = self.leaking(rows)
-        return rows[~leaked].reset_index(drop=True), int(leaked.sum())
-
-    def check(self, rows: pd.DataFrame) -> dg.AssetCheckResult:
-        """No eval query and no eval document text in any training row (query, positive, negative)."""
-        leaked = int(self.leaking(rows).sum())
-        return dg.AssetCheckResult(check_name=LEAKAGE_CHECK, passed=leaked == 0,
-                                   severity=dg.AssetCheckSeverity.ERROR,
-                                   metadata={"leaking_rows": leaked, "rows": len(rows)})
-
+def leak_filter(store: ArtifactStore, domain: str) -> LeakFilter:
+    """lib.leakage's filter over this domain's eval split (queries, documents, ids)."""
+    return LeakFilter(eval_texts(read_eval_split(store, domain), read_corpus_units(store, domain)))
 
 
 @dg.asset(
@@ -129,7 +101,7 @@ class EvalGuard:
     kinds={"pandas", "sentence_transformers"},
     owners=["team:retrieval"],
     deps=[clean_corpus, eval_set],
-    check_specs=[dg.AssetCheckSpec(LEAKAGE_CHECK, asset="heuristic_pairs", blocking=True)],
+    check_specs=[leakage_check_spec("heuristic_pairs")],
     # A corpus change alone refreshes the index; retraining is corpus_drift_sensor's call.
     automation_condition=dg.AutomationCondition.eager().ignore(dg.AssetSelection.assets(clean_corpus)),
 )
@@ -142,9 +114,9 @@ def heuristic_pairs(context: dg.AssetExecutionContext, artifacts: ArtifactStoreR
     store = artifacts.store()
     sizes = settings.sizes()
     corpus = TrainingCorpus(store, spec, settings)
-    guard = EvalGuard(store, spec)
-    extracted, overlapping = guard.drop(
+    extracted, leaked = leak_filter(store, spec.name).drop(
         extract_pairs(corpus.units, spec.queries.pair_extractor, corpus.eval.eval_doc_ids))
+    overlapping = leaked.count
     ranks = corpus.ranks(list(extracted["query"]), list(extracted["doc_id"]), sizes.consistency_top_k)
     consistent = extracted[ranks > 0].assign(base_rank=ranks[ranks > 0])
     if len(consistent) > sizes.max_pairs:
@@ -165,7 +137,7 @@ def heuristic_pairs(context: dg.AssetExecutionContext, artifacts: ArtifactStoreR
                 counts["consistent"] / max(1, counts["extracted"])),
             "sample": md_table(train.head(6)[["query", "positive", "base_rank"]]),
         },
-        check_results=[guard.check(train)],
+        check_results=[leakage_check(store, spec.name, "heuristic_pairs", [PAIRS_FILE, DEV_FILE])],
     )
 
 
@@ -201,7 +173,7 @@ def judge_candidates(parsed: pd.DataFrame, hits: list, corpus: TrainingCorpus, s
     kinds={"daft", "openai"},
     owners=["team:retrieval"],
     deps=[heuristic_pairs],
-    check_specs=[dg.AssetCheckSpec(LEAKAGE_CHECK, asset="synthetic_queries", blocking=True)],
+    check_specs=[leakage_check_spec("synthetic_queries")],
     automation_condition=dg.AutomationCondition.eager(),
 )
 def synthetic_queries(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource,
@@ -255,14 +227,17 @@ def synthetic_queries(context: dg.AssetExecutionContext, artifacts: ArtifactStor
                                                        choices)
     positive_of = dict(zip(corpus.units["doc_id"],
                            positive_texts(corpus.units, spec.queries.pair_extractor), strict=True))
-    guard = EvalGuard(store, spec)
+    leaks = leak_filter(store, spec.name)
     kept = parsed[parsed["outcome"] != "dropped_round_trip"]
-    synthetic, overlapping = guard.drop(pd.DataFrame({
+    synthetic, leaked = leaks.drop(pd.DataFrame({
         "query": kept["query"], "positive": kept["positive_id"].map(positive_of),
         "doc_id": kept["positive_id"], "seed_doc_id": kept["doc_id"], "outcome": kept["outcome"],
         "style": kept["style"]}))
-    unfiltered = pd.DataFrame({"query": parsed["query"], "positive": parsed["doc_id"].map(positive_of),
-                               "doc_id": parsed["doc_id"], "outcome": parsed["outcome"]})
+    overlapping = leaked.count
+    # The ablation benchmark trains on the unfiltered queries too: they go through the same filter.
+    unfiltered, _ = leaks.drop(pd.DataFrame({
+        "query": parsed["query"], "positive": parsed["doc_id"].map(positive_of),
+        "doc_id": parsed["doc_id"], "outcome": parsed["outcome"]}))
     config = {"backend": llm.backend, "model": llm.model if llm.is_remote else "local",
               **params.as_dict(), **relabel_config.__dict__}
     generated = rows[rows["text"].notna()]
@@ -301,7 +276,8 @@ def synthetic_queries(context: dg.AssetExecutionContext, artifacts: ArtifactStor
                             "document title and text, to the local model (nothing left the machine)"),
             "sample": md_table(sample_rows[["document", "query", "relabeled_positive"]]),
         },
-        check_results=[guard.check(synthetic)],
+        check_results=[leakage_check(store, spec.name, "synthetic_queries",
+                                     [SYNTHETIC_FILE, UNFILTERED_FILE])],
     )
 
 
@@ -311,7 +287,7 @@ def synthetic_queries(context: dg.AssetExecutionContext, artifacts: ArtifactStor
     kinds={"sentence_transformers", "faiss"},
     owners=["team:retrieval"],
     deps=[heuristic_pairs, synthetic_queries],
-    check_specs=[dg.AssetCheckSpec(LEAKAGE_CHECK, asset="mined_negatives", blocking=True)],
+    check_specs=[leakage_check_spec("mined_negatives")],
     automation_condition=dg.AutomationCondition.eager(),
 )
 def mined_negatives(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource,
@@ -332,11 +308,11 @@ def mined_negatives(context: dg.AssetExecutionContext, artifacts: ArtifactStoreR
     # mine_hard_negatives keys its embedding cache by text only: one folder per teacher revision.
     cache = embeddings_cache(store, spec.name) / f"mining-{encoders.model_fingerprint(teacher)}"
     remove_torn_arrays(cache)  # a run killed while that cache was being written
-    guard = EvalGuard(store, spec)
     mining = mine_negatives(pairs, positive_texts(corpus.units, spec.queries.pair_extractor),
                             teacher, config, cache, bf16=settings.bf16_inference,
                             trust_remote_code=spec.trust_remote_code)
-    mined, overlapping = guard.drop(mining.rows)
+    mined, leaked = leak_filter(store, spec.name).drop(mining.rows)
+    overlapping = leaked.count
     report = mining.report
     with publish(context, artifacts, settings, {**config.__dict__, "teacher": teacher},
                  ["clean_corpus", "eval_set", "heuristic_pairs", "synthetic_queries"]) as staging:
@@ -357,5 +333,5 @@ def mined_negatives(context: dg.AssetExecutionContext, artifacts: ArtifactStoreR
             "dropped_sample": md_table(report.dropped_sample),
             "sample": md_table(mined.head(4)[text_columns]),
         },
-        check_results=[guard.check(mined)],
+        check_results=[leakage_check(store, spec.name, "mined_negatives", [MINED_FILE])],
     )
