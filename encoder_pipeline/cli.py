@@ -8,6 +8,7 @@
     encoder-pipeline export --domain code --out DIR       # the served encoder + a model card
     encoder-pipeline rollback --domain code               # serve the previously promoted index again
     encoder-pipeline promote --domain code [--version V]  # promote the candidate, or serve V again
+    encoder-pipeline promote --domain code --force        # serve a candidate its report refused
     encoder-pipeline gc --domain code --keep 3 --dry-run  # what older artifacts would be deleted
     encoder-pipeline backfill --domains all               # a Dagster backfill, run by the daemon
 
@@ -80,11 +81,11 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     print(f"run {result.run_id}: {'success' if result.success else 'FAILED'}")
     reported = any(e.asset_key.to_user_string() == "eval_report"
                    for e in result.get_asset_materialization_events())
-    if reported:
-        from encoder_pipeline.defs.evaluation.assets import read_report
-        from encoder_pipeline.resources import ArtifactStoreResource
+    from encoder_pipeline.lib.search import read_report
+    from encoder_pipeline.resources import ArtifactStoreResource
 
-        store = ArtifactStoreResource().store()
+    store = ArtifactStoreResource().store()
+    if reported:
         report_dir = store.latest(args.domain, "eval_report")
         print((report_dir / "report.md").read_text())
         print(f"report: {report_dir}")
@@ -92,10 +93,23 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     blocked = [c for c in result.get_asset_check_evaluations()
                if c.check_name == "safe_to_promote" and not c.passed]
     if blocked:
-        print("not promoted: the candidate is worse than what is served or than the off-the-shelf "
-              "model (check safe_to_promote); `search` keeps serving the previous index", file=sys.stderr)
+        print(not_promoted_message(store, args.domain), file=sys.stderr)
         return 3
     return 0 if result.success else 1
+
+
+def not_promoted_message(store, domain: str) -> str:
+    """After `safe_to_promote` failed: why, and what `search` serves now (an earlier promotion, or
+    nothing, with the command that serves the refused candidate anyway)."""
+    from encoder_pipeline.lib.search import NothingServed, read_report, served_index
+
+    try:
+        served = served_index(domain, store)
+    except NothingServed as nothing:
+        return f"not promoted (check safe_to_promote), and nothing is served: {nothing}"
+    reason = read_report(store, domain)["promotion"]["reason"]
+    return (f"{reason} (check safe_to_promote); `search` keeps serving serving_index {served.version} "
+            f"({served.choice.get('rung')}, {served.choice.get('precision')}@{served.choice.get('dims')})")
 
 
 def cmd_domain_add(args: argparse.Namespace) -> int:
@@ -183,11 +197,12 @@ def _record_serving_change(domain: str, before: str, after: str, action: str) ->
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     from encoder_pipeline.lib.promotion import PromotionError, rollback
+    from encoder_pipeline.lib.search import NothingServed
     from encoder_pipeline.resources import ArtifactStoreResource
 
     try:
         before, after = rollback(ArtifactStoreResource().store(), args.domain)
-    except PromotionError as error:
+    except (NothingServed, PromotionError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     _record_serving_change(args.domain, before, after, "rollback")
@@ -199,19 +214,25 @@ def cmd_promote(args: argparse.Namespace) -> int:
     import dagster as dg
 
     from encoder_pipeline.lib.promotion import PromotionError, promote
+    from encoder_pipeline.lib.search import NothingServed
     from encoder_pipeline.resources import ArtifactStoreResource
 
+    if args.version and args.force:
+        print("error: give --force (promote the latest candidate over its report's refusal) or "
+              "--version (serve an earlier promotion again), not both", file=sys.stderr)
+        return 2
     if args.version:
         try:
             before, after = promote(ArtifactStoreResource().store(), args.domain, args.version)
-        except PromotionError as error:
+        except (NothingServed, PromotionError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
         if before != after:
             _record_serving_change(args.domain, before, after, "promote")
         print(f"{args.domain}: now serving serving_index {after} (was {before})")
         return 0
-    # A new candidate goes through the serving_index asset itself: the same gate, lineage in the UI.
+    # A new candidate goes through the serving_index asset itself: the same gate (which `force`
+    # overrides on the record), lineage in the UI.
     from encoder_pipeline.definitions import defs
 
     store = ArtifactStoreResource().store()  # the root rollback and gc act on, read now
@@ -219,7 +240,8 @@ def cmd_promote(args: argparse.Namespace) -> int:
     register_domains(instance)
     result = defs.resolve_job_def("train_encoder_job").execute_in_process(
         instance=instance, partition_key=args.domain, asset_selection=[dg.AssetKey("serving_index")],
-        run_config={"resources": {"artifacts": {"config": {"root": str(store.root)}}}},
+        run_config={"resources": {"artifacts": {"config": {"root": str(store.root)}}},
+                    "ops": {"serving_index": {"config": {"force": args.force}}}},
         raise_on_error=False)
     if not result.success:
         errors = [e.step_failure_data.error for e in result.get_step_failure_events()]
@@ -230,7 +252,9 @@ def cmd_promote(args: argparse.Namespace) -> int:
         return 3
     event = next(e for e in result.get_asset_materialization_events())
     metadata = event.materialization.metadata
-    print(f"{args.domain}: promoted embedding_index {metadata['promoted_version'].value} "
+    forced = (f", FORCED over its report's refusal ({metadata['reason'].value})"
+              if metadata["forced"].value else "")
+    print(f"{args.domain}: promoted embedding_index {metadata['promoted_version'].value}{forced} "
           f"(previously served: {metadata['previous_version'].value}); "
           f"{metadata['gc_deleted_versions'].value} old versions collected")
     return 0
@@ -369,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     promote.add_argument("--domain", required=True)
     promote.add_argument("--version", help="an earlier serving_index version to serve again (an "
                                            "unknown one is refused with the list of promoted versions)")
+    promote.add_argument("--force", action="store_true",
+                         help="promote the latest candidate even though its eval_report refused it "
+                              "(recorded as forced in its promotion.json and in the UI)")
     promote.set_defaults(handler=cmd_promote)
     gc = commands.add_parser("gc", help="delete artifacts older than the last N promoted versions")
     gc.add_argument("--domain", required=True)

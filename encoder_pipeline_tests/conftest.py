@@ -1,6 +1,10 @@
 """Shared fixtures: real data from ../shared, the packaged base model, a throwaway artifact root."""
 
+import contextlib
+import io
+import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -48,12 +52,6 @@ def artifact_root(tmp_path, monkeypatch):
     return root
 
 
-# At tiny scale (30 eval queries, ~10 training steps) a trained, compressed candidate is within noise
-# of the off-the-shelf model, so the promotion gate's tolerance is widened for the graph's mechanics;
-# test_lib_report covers the gate's rule and test_builtin_domains a blocked promotion.
-TINY_RUN_CONFIG = {"ops": {"eval_report": {"config": {"promotion_tolerance": 0.2}}}}
-
-
 @pytest.fixture(scope="session")
 def tiny_dagster_home(tmp_path_factory) -> Path:
     """A DAGSTER_HOME whose dagster.yaml is the project's, its storage folders moved into the home
@@ -92,11 +90,81 @@ def tiny_code_run(tmp_path_factory, tiny_dagster_home):
         [a for a in defs.assets if isinstance(a, dg.AssetsDefinition)],
         instance=instance,
         partition_key="code",
-        run_config=TINY_RUN_CONFIG,
         resources={
             "artifacts": ArtifactStoreResource(root=str(root)),
             "settings": PipelineSettings(profile="tiny"),
             "llm": LLMResource(),
         },
+        raise_on_error=False,  # a refused candidate fails eval_report's blocking check: see tiny_code_served
     )
     return result, ArtifactStore(root)
+
+
+def run_cli(argv: list[str]) -> tuple[int, str, str]:
+    """`encoder-pipeline ARGV` in this process: (exit code, stdout, stderr)."""
+    from encoder_pipeline import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+def refusal_parts(store, domain: str) -> list[str]:
+    """What the sentence refusing to serve a refused candidate must say: the candidate (version,
+    rung, precision@dims), the report's reason, and the command that serves it anyway."""
+    from encoder_pipeline.lib.search import read_report
+
+    version = store.latest_version(domain, "embedding_index")
+    choice = json.loads((store.latest(domain, "embedding_index") / "choice.json").read_text())
+    return [f"embedding_index {version} ({choice['rung']}, {choice['precision']}@{choice['dims']})",
+            read_report(store, domain)["promotion"]["reason"],
+            f"`encoder-pipeline promote --domain {domain} --force`"]
+
+
+@dataclass(frozen=True)
+class TinyServed:
+    result: object  # tiny_code_run's ExecuteInProcessResult
+    store: object  # its ArtifactStore
+    forced: bool  # the run's safe_to_promote failed and `promote --force` served its candidate
+    metadata: dict  # serving_index's materialization metadata (the run's, or the forced promotion's)
+
+
+@pytest.fixture(scope="session")
+def tiny_code_served(tiny_code_run, tiny_dagster_home, tmp_path_factory) -> TinyServed:
+    """tiny_code_run with its candidate served. At this scale the candidate may be promoted or
+    legitimately refused, and which can differ between CPUs (bf16 query encoding on AVX-512 hosts,
+    fp32 on AVX2), so either is checked. Refused: `search`, `export` and `Searcher` refuse with a
+    sentence naming it, `promote` exits 3, and `promote --force` serves it on the record
+    (promotion.json and the instance the UI reads)."""
+    import dagster as dg
+
+    from encoder_pipeline.lib.promotion import read_promotion
+    from encoder_pipeline.lib.search import NothingServed, Searcher
+
+    result, store = tiny_code_run
+    [promotion] = [c for c in result.get_asset_check_evaluations() if c.check_name == "safe_to_promote"]
+    if not promotion.passed:
+        sentence = refusal_parts(store, "code")
+        with pytest.raises(NothingServed) as refused:
+            Searcher.for_domain("code", store)
+        assert all(part in str(refused.value) for part in sentence), str(refused.value)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("ENCODER_PIPELINE_HOME", str(store.root))
+            patch.setenv("DAGSTER_HOME", str(tiny_dagster_home))
+            patch.chdir(Path.cwd())  # the CLI moves to the project root; this moves back
+            for argv in (["search", "--domain", "code", "parse a date"],
+                         ["export", "--domain", "code", "--out", str(tmp_path_factory.mktemp("export"))]):
+                code, _, err = run_cli(argv)
+                assert code == 2 and all(part in err for part in sentence), err
+            assert run_cli(["promote", "--domain", "code"])[0] == 3
+            code, out, err = run_cli(["promote", "--domain", "code", "--force"])
+            assert code == 0 and "FORCED" in out, out + err
+        record = read_promotion(store, "code", store.latest_version("code", "serving_index"))
+        assert record["forced"] is True and record["reason"] == sentence[1]
+    instance = dg.DagsterInstance.from_config(str(tiny_dagster_home))
+    [latest] = instance.fetch_materializations(dg.AssetRecordsFilter(
+        asset_key=dg.AssetKey("serving_index"), asset_partitions=["code"]), limit=1).records
+    metadata = latest.asset_materialization.metadata
+    assert metadata["forced"].value is not promotion.passed
+    return TinyServed(result, store, not promotion.passed, metadata)

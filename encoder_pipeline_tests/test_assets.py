@@ -13,7 +13,6 @@ from encoder_pipeline.defs.training.assets import dev_set
 from encoder_pipeline.domains import domain_partitions
 from encoder_pipeline.lib.index import EncoderMismatch, load_index
 from encoder_pipeline.resources import ArtifactStoreResource, LLMResource, PipelineSettings
-from encoder_pipeline_tests.conftest import TINY_RUN_CONFIG
 
 ALL_ASSETS = {
     "clean_corpus", "eval_set", "heuristic_pairs", "synthetic_queries", "mined_negatives",
@@ -24,10 +23,15 @@ FIGURES = ("ladder.png", "sweep.png", "latency.png")
 
 
 def test_every_asset_materializes_with_lineage(tiny_code_run):
+    """Every asset, serving_index only when safe_to_promote passed (at tiny scale the candidate may
+    be refused legitimately): then eval_report's step fails on its blocking check and nothing else."""
     result, store = tiny_code_run
-    assert result.success
+    [promotion] = [c for c in result.get_asset_check_evaluations() if c.check_name == "safe_to_promote"]
     materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
-    assert materialized == ALL_ASSETS
+    assert materialized == (ALL_ASSETS if promotion.passed else ALL_ASSETS - {"serving_index"})
+    assert [e.step_key for e in result.get_step_failure_events()] == ([] if promotion.passed
+                                                                      else ["eval_report"])
+    assert result.success is promotion.passed
     manifest = store.manifest("code", "eval_report")
     assert set(manifest["upstream"]) >= {"clean_corpus", "eval_set", "embedding_index"}
     assert manifest["corpus_fingerprint"] == store.manifest("code", "clean_corpus")["corpus_fingerprint"]
@@ -135,22 +139,25 @@ def test_report_figures_are_written_and_embedded(tiny_code_run):
     assert markdown.count("](data:image/png;base64,") == len(FIGURES)
 
 
-def test_serving_index_publishes_the_promoted_candidate(tiny_code_run):
-    result, store = tiny_code_run
+def test_serving_index_publishes_the_promoted_candidate(tiny_code_served):
+    """Promoted by the run when its report said safe, else by `promote --force`, which says so."""
+    store = tiny_code_served.store
     report = json.loads((store.latest("code", "eval_report") / "report.json").read_text())
-    assert report["promotion"]["safe"], report["promotion"]["reason"]
+    assert report["promotion"]["safe"] is not tiny_code_served.forced
     served = store.latest("code", "serving_index")
     candidate = store.latest("code", "embedding_index")
     choice = json.loads((served / "choice.json").read_text())
     assert choice == json.loads((candidate / "choice.json").read_text())
     assert load_index(served, choice["revision"]).index.ntotal > 0
     promotion = json.loads((served / "promotion.json").read_text())
-    assert promotion["verdict"] == report["verdict"]
+    assert promotion["verdict"] == report["verdict"] and promotion["reason"] == report["promotion"]["reason"]
+    assert promotion["forced"] is tiny_code_served.forced
     assert promotion["embedding_index_version"] == candidate.name and promotion["previous"] is None
-    event = next(e for e in result.get_asset_materialization_events()
-                 if e.asset_key.to_user_string() == "serving_index")
-    assert event.materialization.metadata["promoted_revision"].value == choice["revision"]
-    assert event.materialization.metadata["previous_revision"].value == "none"
+    metadata = tiny_code_served.metadata
+    assert metadata["promoted_revision"].value == choice["revision"]
+    assert metadata["previous_revision"].value == "none"
+    assert metadata["forced"].value is tiny_code_served.forced
+    assert metadata["reason"].value == report["promotion"]["reason"]
 
 
 def test_index_refuses_another_encoder(tiny_code_run):
@@ -162,27 +169,35 @@ def test_index_refuses_another_encoder(tiny_code_run):
         load_index(index_dir, "some-other-encoder")
 
 
-def test_a_second_promotion_compares_with_what_is_served(tiny_code_run):
+def test_a_second_promotion_compares_with_what_is_served(tiny_code_served):
     """Last in this module: re-runs the report and the promotion on the same artifacts, so the
-    report now measures against the served index and serving_index records its predecessor."""
-    _, store = tiny_code_run
+    report now measures against the served index (the same candidate: it scores the same) and
+    serving_index records its predecessor. A candidate refused the first time is refused again, by
+    the off-the-shelf model alone, and stays served only as the forced promotion it was."""
+    store = tiny_code_served.store
     first = store.latest("code", "serving_index")
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(domain_partitions.name, ["code"])
     assets = [a for a in defs.assets if isinstance(a, dg.AssetsDefinition)
               and {k.to_user_string() for k in a.keys} & {"eval_report", "serving_index"}]
-    again = dg.materialize(assets, instance=instance, partition_key="code", run_config=TINY_RUN_CONFIG,
+    again = dg.materialize(assets, instance=instance, partition_key="code", raise_on_error=False,
                            resources={
         "artifacts": ArtifactStoreResource(root=str(store.root)),
         "settings": PipelineSettings(profile="tiny"),
         "llm": LLMResource(),
     })
-    assert again.success
     report = json.loads((store.latest("code", "eval_report") / "report.json").read_text())
     assert report["currently_served"]["remeasured"] and "currently_served" in report["systems"]
+    assert report["systems"]["currently_served"] == report["systems"]["served_index"]
     assert report["migration"]["old"].startswith("currently served")
     assert report["migration"]["top10_overlap"] == 1.0  # the same encoder and index as the candidate
+    assert report["promotion"]["safe"] is not tiny_code_served.forced
+    assert again.success is report["promotion"]["safe"]
     second = store.latest("code", "serving_index")
+    if tiny_code_served.forced:
+        assert "currently served" not in report["promotion"]["reason"]
+        assert second == first  # skipped: a refused candidate is only ever served by --force
+        return
     assert second != first and first.exists()
     promotion = json.loads((second / "promotion.json").read_text())
-    assert promotion["previous"]["version"] == first.name
+    assert promotion["previous"]["version"] == first.name and promotion["forced"] is False

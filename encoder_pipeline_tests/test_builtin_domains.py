@@ -12,9 +12,9 @@ from encoder_pipeline.domains import domain_partitions, load_domain
 from encoder_pipeline.lib.artifacts import ArtifactStore
 from encoder_pipeline.lib.encoders import DEFAULT_BASE_MODEL
 from encoder_pipeline.resources import ArtifactStoreResource, LLMResource, PipelineSettings
-from encoder_pipeline_tests.conftest import SHARED_CORPORA
+from encoder_pipeline_tests.conftest import requires_shared_corpora
 
-pytestmark = pytest.mark.skipif(not SHARED_CORPORA.is_dir(), reason="../shared/corpora is not beside the repo")
+pytestmark = [requires_shared_corpora, pytest.mark.slow]  # ~95 s each on 2 cores
 
 
 @pytest.mark.parametrize("domain", ["web_qa", "biomedical", "legal"])

@@ -9,9 +9,7 @@ import pytest
 from encoder_pipeline import cli
 from encoder_pipeline.domains import load_domain
 from encoder_pipeline.lib.sources import read_corpus
-from encoder_pipeline_tests.conftest import SHARED_CORPORA
-
-LEGAL = SHARED_CORPORA / "legal" / "privacy_policies"
+from encoder_pipeline_tests.conftest import shared_corpus
 
 
 @pytest.fixture
@@ -31,7 +29,8 @@ def partitions(workspace) -> list[str]:
 
 
 def test_jsonl_with_mapped_fields_becomes_a_partition(workspace, capsys):
-    rows = [json.loads(line) for line in (LEGAL / "corpus.jsonl").read_text().splitlines()[:80]]
+    legal = shared_corpus("legal/privacy_policies")
+    rows = [json.loads(line) for line in (legal / "corpus.jsonl").read_text().splitlines()[:80]]
     with (workspace / "policies.jsonl").open("w") as out:
         for row in rows:
             out.write(json.dumps({"key": row["_id"], "section": row["title"], "body": row["text"]}) + "\n")
@@ -58,7 +57,7 @@ def test_wrong_field_writes_nothing_and_names_the_fields(workspace, capsys):
 
 
 def test_beir_folder_with_judged_set_is_detected(workspace, capsys):
-    web_qa = SHARED_CORPORA / "web_qa" / "python_docs"
+    web_qa = shared_corpus("web_qa/python_docs")
     assert cli.main(["domain", "add", "docs", "--corpus", str(web_qa), "--judged", str(web_qa)]) == 0
     printed = capsys.readouterr().out
     assert "judged set: 175 queries over 175 documents, 0 of them missing" in printed

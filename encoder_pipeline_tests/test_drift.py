@@ -4,8 +4,9 @@ that embedding_index does when only the corpus moved.
 
 A small real domain: documented functions of the running Python's standard library (qualified name
 -> docstring) as a JSONL corpus, cleaned by the real clean_corpus asset, indexed by the real
-embedding_index asset with the packaged MiniLM; the encoders, sweep and eval set are stood in for by
-hand-published artifacts (the base model plays the trained encoder), so no training runs here.
+embedding_index asset with the packaged MiniLM; the encoders, sweep, eval set and the promotion of
+that index are stood in for by hand-published artifacts (the base model plays the trained encoder),
+so no training runs here.
 """
 
 import inspect
@@ -37,7 +38,7 @@ from encoder_pipeline.lib.artifacts import ArtifactStore, Manifest
 from encoder_pipeline.lib.encoders import DEFAULT_BASE_MODEL, model_fingerprint, resolve_model_path
 from encoder_pipeline.lib.index import UPDATABLE_PRECISIONS, build_quantized, update_index
 from encoder_pipeline.lib.pairs import EvalSplit
-from encoder_pipeline.lib.search import Searcher
+from encoder_pipeline.lib.search import Searcher, index_version
 from encoder_pipeline.resources import ArtifactStoreResource, PipelineSettings
 
 DOMAIN = "notes"
@@ -110,6 +111,12 @@ def built(tmp_path_factory):
         assert result.success
         [built_index] = result.asset_materializations_for_node("embedding_index")
         assert built_index.metadata["build_mode"].value == "full"
+        # Promoted as serving_index would: the drift canary measures what is served, nothing else.
+        index_dir = store.latest(DOMAIN, "embedding_index")
+        copies = {item.name: lambda path, item=item: shutil.copy2(item, path)
+                  for item in index_dir.iterdir() if item.name != "manifest.json"}
+        publish(store, "serving_index", {"embedding_index": index_dir.name},
+                {**copies, "promotion.json": lambda path: path.write_text(json.dumps({"previous": None}))})
     return base, docs
 
 
@@ -176,6 +183,18 @@ def test_sensor_decisions_on_a_changing_corpus(domain):
     assert request.run_key != small.run_requests[0].run_key
 
 
+def test_no_canary_before_a_first_promotion(domain):
+    """Nothing served (the candidate index was never promoted): the drift is measured, the canary
+    is not, and the candidate is not measured in its place."""
+    corpus, store, instance, docs = domain
+    shutil.rmtree(store.asset_dir(DOMAIN, "serving_index"))
+    write_corpus(corpus, [*docs, new_document(0)])
+    metadata = observed(tick(instance, store))
+    assert (metadata["added"], metadata["changed"], metadata["removed"]) == (1, 0, 0)
+    assert "canary_recall_drop" not in metadata
+    assert metadata["canary"] == "no served index with a corpus snapshot"
+
+
 def test_never_floods(domain):
     corpus, store, instance, docs = domain
     first = tick(instance, store)
@@ -220,7 +239,9 @@ def test_incremental_index_refresh(domain):
     assert metadata["build_mode"].value == "incremental"
     assert (metadata["units_embedded"].value, metadata["units_removed"].value) == (3, 2)
 
-    searcher = Searcher.for_domain(DOMAIN, store)
+    # the refreshed candidate (a report and a promotion would serve it; not run here)
+    searcher = Searcher(index_version(store, DOMAIN, "embedding_index",
+                                      store.latest_version(DOMAIN, "embedding_index")))
     index = searcher.index
     assert index.index.ntotal == len(index.ids) == before.index.ntotal + 1
     assert removed["_id"] not in index.ids and {"added.0", "added.1"} <= set(index.ids)

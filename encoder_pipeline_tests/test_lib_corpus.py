@@ -117,11 +117,11 @@ def test_sample_keeps_protected_ids():
 
 
 def test_beir_corpus_reads_with_judged_docs(tmp_path):
-    from conftest import SHARED_CORPORA
+    from conftest import shared_corpus
 
     from encoder_pipeline.lib.sources import read_judged
 
-    location = SHARED_CORPORA / "web_qa" / "python_docs"
+    location = shared_corpus("web_qa/python_docs")
     queries, qrels = read_judged(str(location))
     assert len(queries) == 175 and all(len(r) == 1 for r in qrels.values())
     judged = {d for r in qrels.values() for d in r}

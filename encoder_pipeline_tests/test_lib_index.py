@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import SHARED_CORPORA
+from conftest import shared_corpus
 
 from encoder_pipeline.lib import encoders
 from encoder_pipeline.lib.index import (
@@ -33,7 +33,7 @@ from encoder_pipeline.lib.sweep import (
     time_encoding,
 )
 
-GO = SHARED_CORPORA / "biomedical" / "gene_ontology"
+GO = "biomedical/gene_ontology"
 KNOWN_QUERY = "goq1"  # "(+)-kotanin biosynthesis" -> GO:1900596
 SMALL = [p for p in PRECISIONS if p != "ivfpq"]
 
@@ -41,22 +41,21 @@ SMALL = [p for p in PRECISIONS if p != "ivfpq"]
 @pytest.fixture(scope="module")
 def go(base_model):
     """~300 GO terms (the 60 judged ones plus the file's first terms), embedded by the base model."""
-    if not GO.exists():
-        pytest.skip(f"no Gene Ontology sample at {GO}")
+    go_folder = shared_corpus(GO)
     qrels: dict[str, dict[str, int]] = {}
-    for line in (GO / "qrels" / "dev.tsv").read_text().splitlines()[1:]:
+    for line in (go_folder / "qrels" / "dev.tsv").read_text().splitlines()[1:]:
         query, doc, score = line.split("\t")
         qrels.setdefault(query, {})[doc] = int(score)
     qids = list(qrels)[:60]
     assert KNOWN_QUERY in qids
     wanted = {d for q in qids for d in qrels[q]}
     queries = {}
-    for line in (GO / "queries.jsonl").open():
+    for line in (go_folder / "queries.jsonl").open():
         row = json.loads(line)
         if row["_id"] in qids:
             queries[row["_id"]] = row["text"]
     docs = []
-    with (GO / "corpus.jsonl").open() as lines:
+    with (go_folder / "corpus.jsonl").open() as lines:
         for number, line in enumerate(lines):
             row = json.loads(line)
             if row["_id"] in wanted or number < 240:

@@ -313,6 +313,7 @@ def gemma(tmp_path_factory: pytest.TempPathFactory) -> LocalGGUFBackend:
     return LocalGGUFBackend(path, batch_size=2)
 
 
+@pytest.mark.slow
 def test_local_gemma_generates_a_batch_reproducibly(
     gemma: LocalGGUFBackend, tmp_path: Path
 ) -> None:
@@ -338,6 +339,7 @@ def test_local_gemma_generates_a_batch_reproducibly(
     assert generate_cached(gemma, cache, prompts, params).cache_hits == 2
 
 
+@pytest.mark.slow
 def test_prefix_cache_and_decode_rounds_keep_the_greedy_tokens(
     gemma: LocalGGUFBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -8,14 +8,15 @@ import pandas as pd
 import pytest
 
 from encoder_pipeline.lib.sources import CORPUS_COLUMNS, CorpusError, parse_document_file, read_corpus
-from encoder_pipeline_tests.conftest import SHARED_CORPORA
+from encoder_pipeline_tests.conftest import shared_corpus
 
-LEGAL = "legal/privacy_policies/corpus.jsonl"
+LEGAL = "legal/privacy_policies"
 
 
 @pytest.fixture(scope="module")
 def legal_docs() -> pd.DataFrame:
-    rows = [json.loads(line) for line in (SHARED_CORPORA / LEGAL).read_text().splitlines()[:60]]
+    lines = (shared_corpus(LEGAL) / "corpus.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines[:60]]
     return pd.DataFrame(rows)
 
 

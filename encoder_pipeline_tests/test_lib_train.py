@@ -131,6 +131,7 @@ def mnrl_loss(model, pairs: pd.DataFrame) -> float:
         return float(losses.MultipleNegativesRankingLoss(model)(features, None))
 
 
+@pytest.mark.slow
 def test_training_lowers_loss_and_writes_a_loadable_model(pairs, tmp_path):
     dev = DevSet({f"q{i}": q for i, q in enumerate(pairs["query"][:20])},
                  dict(zip(pairs["doc_id"], pairs["positive"], strict=True)),
@@ -208,6 +209,7 @@ def test_too_few_pairs_is_a_clear_refusal(pairs, tmp_path):
         train_encoder(encoders.DEFAULT_BASE_MODEL, pairs.head(5), tmp_path, TrainingConfig())
 
 
+@pytest.mark.slow
 def test_variance_ordering_keeps_full_width_scores_and_sorts_dimensions(stdlib_units, tmp_path):
     from sentence_transformers import SentenceTransformer
 

@@ -1,29 +1,36 @@
 """Operating the served index: publish history, rollback and re-promotion, garbage collection that
-keeps every served version loadable, the promotion gate that keeps a worse index out, and a CLI
-backfill that lands on the Dagster instance. Artifact trees are handmade (real ArtifactStore, real
-files); the last store test reads the session's real tiny build."""
+keeps every served version loadable, the promotion gate that keeps a worse index out (and serves
+nothing rather than a refused candidate, unless forced, on the record), and a CLI backfill that
+lands on the Dagster instance. Artifact trees are handmade (real ArtifactStore, real files); the
+last store tests read the session's real tiny build."""
 
 import json
+import shutil
 
 import dagster as dg
 import pytest
 
 from encoder_pipeline import cli
+from encoder_pipeline.definitions import defs
 from encoder_pipeline.defs.evaluation.serving import serving_index
 from encoder_pipeline.domains import domain_partitions
 from encoder_pipeline.lib.artifacts import ArtifactStore, Manifest
+from encoder_pipeline.lib.index import load_index, save_index
 from encoder_pipeline.lib.promotion import (
     PromotionError,
     garbage_collect,
     needed_versions,
     promote,
     promoted_versions,
+    read_promotion,
     rollback,
 )
-from encoder_pipeline.lib.search import served_index
+from encoder_pipeline.lib.search import NothingServed, Searcher, read_report, served_index
 from encoder_pipeline.resources import ArtifactStoreResource, LLMResource, PipelineSettings
+from encoder_pipeline_tests.conftest import refusal_parts
 
 D = "notes"
+REFUSED = "not promoted: 0.8880 is below the off-the-shelf model's 0.9350 by more than 0.01"
 
 
 def put(store: ArtifactStore, asset: str, version: str, upstream: dict | None = None,
@@ -35,7 +42,7 @@ def put(store: ArtifactStore, asset: str, version: str, upstream: dict | None = 
 
 
 def candidate(store: ArtifactStore, index: str, encoder: str, upstream_encoder: str | None = None,
-              safe: bool = True, ndcg: float = 0.7) -> None:
+              safe: bool = True, ndcg: float = 0.7, reason: str = "checked") -> None:
     """An embedding_index built by `encoder` (its choice.json names the model folder; the manifest
     may record another encoder version, as when a rung is retrained between sweep and index) and the
     eval_report that judged it."""
@@ -45,7 +52,7 @@ def candidate(store: ArtifactStore, index: str, encoder: str, upstream_encoder: 
         {"choice.json": {"rung": "encoder_heuristic", "model_path": str(model), "revision": encoder,
                          "dims": 96, "precision": "int8"}, "index.faiss": "vectors"})
     put(store, "eval_report", f"r-{index}", {"embedding_index": index},
-        {"report.json": {"verdict": "train", "promotion": {"safe": safe, "reason": "checked"},
+        {"report.json": {"verdict": "train", "promotion": {"safe": safe, "reason": reason},
                          "after": {"ndcg@10": ndcg, "p95_ms": 5.0, "index_mb": 0.1}}})
 
 
@@ -181,19 +188,74 @@ def test_the_gate_keeps_a_worse_index_from_replacing_the_served_one(store):
     assert served_index(D, store).model_path.is_dir()
 
 
-def test_the_real_build_is_fully_referenced(tiny_code_run):
+def test_the_real_build_is_fully_referenced(tiny_code_served):
     """On the session's real build the references resolve: the served encoder (a real choice.json
     path) is needed, and collection deletes nothing that any current version was built from."""
-    result, store = tiny_code_run
+    store = tiny_code_served.store
     served = served_index("code", store)
     needed = needed_versions(store, "code", keep_promoted=1)
     assert (served.choice["rung"], served.model_path.parent.name) in needed
     assert garbage_collect(store, "code", keep_promoted=1, dry_run=True).deleted == []
-    [event] = [e for e in result.get_asset_materialization_events()
-               if e.asset_key.to_user_string() == "serving_index"]
-    assert event.materialization.metadata["gc_deleted_versions"].value == 0
+    assert tiny_code_served.metadata["gc_deleted_versions"].value == 0
     for asset in ("clean_corpus", "encoder_hard_negatives", "eval_report", "serving_index"):
         assert store.versions("code", asset)[-1] == store.latest_version("code", asset)
+
+
+def test_a_blocked_promotion_keeps_serving_and_force_is_on_the_record(tiny_code_served, tmp_path,
+                                                                       dagster_home, capsys):
+    """The blocked path, deterministically, on a copy of the real build: a candidate whose units all
+    name a document nobody judged scores nDCG@10 0, so the real eval_report refuses it against the
+    index served now and the off-the-shelf model; serving_index is skipped and `search` keeps
+    serving the same version; `promote` exits 3; `promote --force` serves it, recorded as forced."""
+    store = ArtifactStore(tmp_path / "artifacts")  # where dagster_home points the CLI
+    shutil.copytree(tiny_code_served.store.domain_dir("code"), store.domain_dir("code"), symlinks=True)
+    before = served_index("code", store)
+    built = store.latest("code", "embedding_index")
+    index = load_index(built, before.revision)
+    manifest = store.manifest("code", "embedding_index")
+    with store.publish(Manifest("code", "embedding_index", "blind", 0, {}, manifest["corpus_fingerprint"],
+                                manifest["upstream"])) as staging:
+        save_index(staging, index, index.ids, ["judged-by-nobody"] * len(index.ids), index.titles,
+                   before.revision)
+        shutil.copy2(built / "choice.json", staging / "choice.json")
+
+    instance = dg.DagsterInstance.from_config(str(dagster_home))
+    instance.add_dynamic_partitions(domain_partitions.name, ["code"])
+    blocked = dg.materialize(
+        [a for a in defs.assets if isinstance(a, dg.AssetsDefinition)
+         and {k.to_user_string() for k in a.keys} & {"eval_report", "serving_index"}],
+        instance=instance, partition_key="code", raise_on_error=False,
+        resources={"artifacts": ArtifactStoreResource(root=str(store.root)),
+                   "settings": PipelineSettings(profile="tiny"), "llm": LLMResource()})
+    report = read_report(store, "code")
+    reason = report["promotion"]["reason"]
+    assert report["after"]["ndcg@10"] == 0.0 and report["promotion"]["safe"] is False
+    assert "below the off-the-shelf model's" in reason and "below the currently served index's" in reason
+    assert "serving_index" not in {e.step_key for e in blocked.all_events if e.is_step_start}
+    assert served_index("code", store).version == before.version
+    assert cli.main(["search", "--domain", "code", "parse a date", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["served"]["version"] == before.version
+    assert cli.not_promoted_message(store, "code").startswith(
+        f"{reason} (check safe_to_promote); `search` keeps serving serving_index {before.version} ")
+
+    assert cli.main(["promote", "--domain", "code"]) == 3
+    assert "says not to promote" in capsys.readouterr().err
+    assert served_index("code", store).version == before.version
+    assert cli.main(["promote", "--domain", "code", "--force"]) == 0
+    assert "FORCED over its report's refusal" in capsys.readouterr().out
+    forced = served_index("code", store)
+    assert forced.version != before.version and forced.choice == before.choice
+    promotion = read_promotion(store, "code", forced.version)
+    assert promotion["forced"] is True and promotion["reason"] == reason
+    assert promotion["embedding_index_version"] == "blind"
+    assert promotion["previous"]["version"] == before.version
+    [record] = instance.fetch_materializations(dg.AssetKey("serving_index"), limit=5).records
+    assert record.asset_materialization.metadata["forced"].value is True
+    # the history says which promotions were forced: the build's (forced iff its report refused it)
+    history = [read_promotion(store, "code", v)["forced"] for v in promoted_versions(store, "code")]
+    assert history[-1] is True and all(f is tiny_code_served.forced for f in history[:-1])
+    assert cli.main(["rollback", "--domain", "code"]) == 0
+    assert served_index("code", store).version == before.version
 
 
 @pytest.fixture
@@ -229,13 +291,114 @@ def test_cli_rollback_promote_gc(store, dagster_home, capsys):
 
     # without --version: the newest candidate, through the serving_index asset and its gate
     instance.add_dynamic_partitions(domain_partitions.name, [D])
-    candidate(store, "i5", "e4", safe=False)
+    candidate(store, "i5", "e4", safe=False, reason=REFUSED)
     assert cli.main(["promote", "--domain", D]) == 3
     assert "says not to promote" in capsys.readouterr().err
+    # what `materialize` prints when the gate held: the reason, and the version still served
+    assert cli.not_promoted_message(store, D) == (f"{REFUSED} (check safe_to_promote); `search` keeps "
+                                                  f"serving serving_index s4 (encoder_heuristic, int8@96)")
+    assert cli.main(["promote", "--domain", D, "--force", "--version", "s3"]) == 2
+    assert "not both" in capsys.readouterr().err and served_index(D, store).version == "s4"
     candidate(store, "i6", "e4")
     assert cli.main(["promote", "--domain", D]) == 0
     assert "promoted embedding_index i6 (previously served: s4)" in capsys.readouterr().out
     assert len(promoted_versions(store, D)) == 3  # the setting's default keeps three
+    assert read_promotion(store, D, served_index(D, store).version)["forced"] is False
+
+
+def test_nothing_is_served_before_a_promotion_unless_forced(tmp_path, dagster_home, capsys):
+    """Before a first promotion nothing is served, whatever the candidate: every reader refuses
+    with a sentence that names the candidate, says why it is not served and what to run. A refused
+    candidate is served only by `promote --force`, which promotion.json and the UI record."""
+    store = ArtifactStore(tmp_path / "artifacts")  # where dagster_home points the CLI
+    put(store, "clean_corpus", "c1")
+    put(store, "encoder_heuristic", "e1", {"clean_corpus": "c1"}, {"model/weights": "w"})
+    candidate(store, "i1", "e1")
+    with pytest.raises(NothingServed, match=r"no index has been promoted\. Its candidate, embedding_index i1 "
+                       r"\(encoder_heuristic, int8@96\), passed its eval_report \(checked\) but was not "
+                       r"promoted: `encoder-pipeline promote --domain notes` serves it"):
+        served_index(D, store)
+    candidate(store, "i2", "e1", safe=False, reason=REFUSED)
+    store.set_latest(D, "eval_report", "r-i1", reason="rollback")  # the latest report judged i1
+    with pytest.raises(NothingServed, match="embedding_index i2 .* has not been judged by an eval_report "
+                                            "yet: `encoder-pipeline materialize --domain notes`"):
+        served_index(D, store)
+    store.set_latest(D, "eval_report", "r-i2", reason="promote")
+
+    sentence = refusal_parts(store, D)
+    assert REFUSED in sentence
+    for read in (lambda: served_index(D, store), lambda: Searcher.for_domain(D, store)):
+        with pytest.raises(NothingServed) as refused:
+            read()
+        assert all(part in str(refused.value) for part in sentence), str(refused.value)
+    for argv in (["search", "--domain", D, "a query"], ["export", "--domain", D, "--out", str(tmp_path)],
+                 ["rollback", "--domain", D], ["promote", "--domain", D, "--version", "i1"]):
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert all(part in err for part in sentence), (argv, err)
+    message = cli.not_promoted_message(store, D)
+    assert "nothing is served" in message and all(part in message for part in sentence)
+    assert cli.main(["gc", "--domain", D, "--dry-run"]) == 0  # nothing served: no rollback target to keep
+    assert "would delete embedding_index/i1" in capsys.readouterr().out
+
+    instance = dg.DagsterInstance.from_config(str(dagster_home))
+    instance.add_dynamic_partitions(domain_partitions.name, [D])
+    assert cli.main(["promote", "--domain", D]) == 3
+    assert f"`encoder-pipeline promote --domain {D} --force` serves it anyway" in capsys.readouterr().err
+    with pytest.raises(NothingServed):
+        served_index(D, store)
+    assert cli.main(["promote", "--domain", D, "--force"]) == 0
+    out = capsys.readouterr().out
+    assert f"promoted embedding_index i2, FORCED over its report's refusal ({REFUSED})" in out
+    [version] = promoted_versions(store, D)
+    assert served_index(D, store).version == version
+    promotion = read_promotion(store, D, version)
+    assert (promotion["forced"], promotion["reason"], promotion["previous"]) == (True, REFUSED, None)
+    [record] = instance.fetch_materializations(dg.AssetKey("serving_index"), limit=5).records
+    metadata = record.asset_materialization.metadata
+    assert metadata["forced"].value is True and metadata["reason"].value == REFUSED
+
+
+def _refusing_build(store: ArtifactStore) -> dg.Definitions:
+    """In place of train_encoder_job's graph: a run that builds candidate i9 and reports it refused,
+    failing the blocking check as the real eval_report does, then the real serving_index."""
+
+    @dg.asset(name="eval_report", partitions_def=domain_partitions,
+              check_specs=[dg.AssetCheckSpec("safe_to_promote", asset="eval_report", blocking=True)])
+    def refusing_report() -> dg.MaterializeResult:
+        candidate(store, "i9", "e1", safe=False, reason=REFUSED)
+        (store.latest(D, "eval_report") / "report.md").write_text("# notes")
+        return dg.MaterializeResult(check_results=[dg.AssetCheckResult(
+            check_name="safe_to_promote", passed=False, severity=dg.AssetCheckSeverity.ERROR)])
+
+    return dg.Definitions(
+        assets=[refusing_report, serving_index],
+        jobs=[dg.define_asset_job("train_encoder_job", partitions_def=domain_partitions)],
+        resources={"artifacts": ArtifactStoreResource(root=str(store.root)), "settings": PipelineSettings(),
+                   "llm": LLMResource()})
+
+
+@pytest.mark.parametrize("served_before", [True, False])
+def test_materialize_says_what_a_refused_candidate_leaves_served(served_before, tmp_path, dagster_home,
+                                                                  capsys, monkeypatch):
+    """`materialize` exits 3 when safe_to_promote held the candidate back, and its sentence is true:
+    the version `search` keeps serving, or that nothing is served, why, and the command that serves
+    the candidate anyway."""
+    store = ArtifactStore(tmp_path / "artifacts")
+    put(store, "encoder_heuristic", "e1", {}, {"model/weights": "w"})
+    if served_before:
+        candidate(store, "i1", "e1")
+        serve(store, "s1", "i1")
+    monkeypatch.setattr("encoder_pipeline.definitions.defs", _refusing_build(store))
+    monkeypatch.setattr("encoder_pipeline.domains.load_domain", lambda name: None)  # no spec file for D
+    dg.DagsterInstance.from_config(str(dagster_home)).add_dynamic_partitions(domain_partitions.name, [D])
+    assert cli.main(["materialize", "--domain", D]) == 3
+    err = capsys.readouterr().err
+    if served_before:
+        assert f"{REFUSED} (check safe_to_promote); `search` keeps serving serving_index s1 " in err
+    else:
+        assert "nothing is served" in err and all(part in err for part in refusal_parts(store, D))
+    assert promoted_versions(store, D) == (["s1"] if served_before else [])
 
 
 def test_cli_backfill_lands_on_the_instance(dagster_home, capsys):

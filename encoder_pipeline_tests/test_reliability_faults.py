@@ -21,10 +21,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from spec_files import write_spec
 from test_lib_llm import FAKE_KEY, FakeOpenAIServer
 from test_promotion import D, candidate, put, serve
 from transformers import TrainerCallback
 
+from encoder_pipeline.definitions import defs
 from encoder_pipeline.defs.evaluation.assets import SAFE_TO_PROMOTE
 from encoder_pipeline.defs.evaluation.serving import serving_index
 from encoder_pipeline.domains import domain_partitions
@@ -32,12 +34,14 @@ from encoder_pipeline.lib import encoders
 from encoder_pipeline.lib.artifacts import ArtifactStore, Manifest, remove_torn_arrays
 from encoder_pipeline.lib.index import build_quantized, load_index, save_index
 from encoder_pipeline.lib.llm import GenerationParams, OpenAIBackend, ResponseCache
+from encoder_pipeline.lib.promotion import garbage_collect
 from encoder_pipeline.lib.queries import generate_frame
 from encoder_pipeline.lib.train import TrainingConfig, train_encoder
 from encoder_pipeline.resources import ArtifactStoreResource, LLMResource, PipelineSettings
-from encoder_pipeline_tests.conftest import PROJECT_ROOT, SHARED_CORPORA
+from encoder_pipeline_tests.conftest import PROJECT_ROOT, shared_corpus
 
 POLL_S = 0.005
+ASSETS = [a for a in defs.assets if isinstance(a, dg.AssetsDefinition)]
 
 
 def spawn(log: Path, script: str, *args: object, env: dict | None = None) -> subprocess.Popen:
@@ -212,6 +216,7 @@ class StepsSeen(TrainerCallback):
         self.steps.append(state.global_step)
 
 
+@pytest.mark.slow
 def test_killed_training_resumes_from_its_last_checkpoint(tmp_path):
     """A checkpoint after every step; the kill comes once one is complete. A torn checkpoint (its
     trainer_state.json cut off, as a kill during the save leaves it) is ignored and deleted."""
@@ -313,6 +318,118 @@ def test_a_mining_cache_file_cut_short_is_removed(tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "query_embeddings_a.npy"), vectors)
 
 
+# --- work folders of killed processes: scratch and half-deleted versions ----------------------------
+
+HOLD_SCRATCH = """
+    import sys, time
+    from pathlib import Path
+    from encoder_pipeline.lib.artifacts import ArtifactStore
+    with ArtifactStore(sys.argv[1]).scratch(sys.argv[2]) as scratch:
+        (scratch / "units.parquet").write_bytes(b"part of a file")  # what clean_corpus streams there
+        Path(sys.argv[3]).touch()
+        time.sleep(600)
+"""
+
+
+def stdlib_corpus(path: Path, documents: int = 40) -> Path:
+    """A small JSONL corpus of real standard-library docstrings (no sample corpus needed)."""
+    pairs = docstring_pairs(documents)
+    assert len(pairs) == documents
+    with path.open("w") as out:
+        for number, (query, doc) in enumerate(zip(pairs["query"], pairs["positive"], strict=True)):
+            out.write(json.dumps({"_id": f"d{number}", "title": query, "text": doc}) + "\n")
+    return path
+
+
+def test_a_killed_runs_scratch_folder_is_removed_by_the_next_clean_corpus(tmp_path, monkeypatch):
+    """README: the next publish on the same machine deletes work folders whose owner process has
+    exited, scratch (clean_corpus) among them. A process SIGKILLed inside `ArtifactStore.scratch`
+    leaves its `.scratch-*` folder; the next clean_corpus run of the domain removes it and keeps the
+    scratch folder of a process still alive."""
+    root, domain = tmp_path / "artifacts", "mine"
+    children = {}
+    for name in ("killed", "alive"):
+        children[name] = spawn(tmp_path / f"{name}.log", HOLD_SCRATCH, root, domain, tmp_path / name)
+    for name, child in children.items():
+        wait_until((tmp_path / name).exists, child, tmp_path / f"{name}.log", "a file in its scratch folder")
+    scratch_of = {name: [p for p in root.joinpath(domain).glob(".scratch-*") if f"-{child.pid}-" in p.name]
+                  for name, child in children.items()}
+    assert [len(found) for found in scratch_of.values()] == [1, 1]
+    sigkill(children["killed"])
+    try:
+        assert scratch_of["killed"][0].is_dir(), "a SIGKILL leaves the folder behind"
+        (tmp_path / "domains").mkdir()
+        write_spec(tmp_path / "domains", name=domain, path=str(stdlib_corpus(tmp_path / "corpus.jsonl")))
+        monkeypatch.setenv("ENCODER_PIPELINE_DOMAINS", str(tmp_path / "domains"))
+        instance = dg.DagsterInstance.ephemeral()
+        instance.add_dynamic_partitions(domain_partitions.name, [domain])
+        clean = next(a for a in ASSETS if a.key.to_user_string() == "clean_corpus")
+        result = dg.materialize([clean], instance=instance, partition_key=domain, resources={
+            "artifacts": ArtifactStoreResource(root=str(root)), "settings": PipelineSettings(profile="tiny")})
+        assert result.success
+        assert not scratch_of["killed"][0].exists(), "the killed process's scratch folder was removed"
+        assert scratch_of["alive"][0].is_dir(), "a live process's scratch folder is left alone"
+        assert [p.name for p in hidden_leftovers(root)] == [scratch_of["alive"][0].name] + \
+            [p.name for p in hidden_leftovers(scratch_of["alive"][0])]
+    finally:
+        sigkill(children["alive"])
+
+
+DELETE_SLOWLY = """
+    import shutil, sys, time
+    from pathlib import Path
+    from encoder_pipeline.lib.artifacts import ArtifactStore
+    from encoder_pipeline.lib.promotion import garbage_collect
+    rmtree = shutil.rmtree
+
+    def stuck_rmtree(path, *args, **kwargs):  # a deletion that gets one file in, then hangs
+        if Path(path).name.startswith(".deleting-"):
+            next(p for p in sorted(Path(path).rglob("*")) if p.is_file()).unlink()
+            Path(sys.argv[3]).write_text(str(path))
+            time.sleep(600)
+        return rmtree(path, *args, **kwargs)
+
+    shutil.rmtree = stuck_rmtree
+    garbage_collect(ArtifactStore(sys.argv[1]), sys.argv[2], keep_promoted=1)
+"""
+
+
+@pytest.mark.parametrize("next_step", ["gc", "publish"])
+def test_a_gc_killed_mid_deletion_leaves_nothing_after_the_next_gc_or_publish(tmp_path, next_step):
+    """README: a version `gc` was deleting when it was killed sits renamed out of sight as
+    `.deleting-*` (readers never see it half-deleted); the next gc, or the next publish of that
+    asset, on the same machine removes it. The child's deletion hangs after its first file (its
+    rmtree is wrapped) so that the SIGKILL lands mid-deletion every time."""
+    store = ArtifactStore(tmp_path / "artifacts")
+    put(store, "clean_corpus", "c1")
+    for n in range(1, 4):
+        put(store, "encoder_heuristic", f"e{n}", {"clean_corpus": "c1"},
+            {"model/weights": "w" * 1000, "model/config.json": {"n": n}})
+        candidate(store, f"i{n}", f"e{n}")
+        serve(store, f"s{n}", f"i{n}")
+    latest = {asset: store.latest_version(D, asset) for asset in
+              ("clean_corpus", "encoder_heuristic", "embedding_index", "eval_report", "serving_index")}
+    doomed = {(a, v) for a, v in garbage_collect(store, D, keep_promoted=1, dry_run=True).deleted}
+    assert doomed
+    marker, log = tmp_path / "deleting", tmp_path / "gc.log"
+    child = spawn(log, DELETE_SLOWLY, store.root, D, marker)
+    wait_until(marker.exists, child, log, "a version half deleted")
+    sigkill(child)
+    leftover = Path(marker.read_text())
+    asset = leftover.parent.name
+    assert leftover.is_dir() and leftover.name.startswith(".deleting-")
+    assert {latest_asset: store.latest_version(D, latest_asset) for latest_asset in latest} == latest
+    assert all(not v.startswith(".") for v in store.versions(D, asset)), "readers never list it"
+
+    if next_step == "gc":
+        garbage_collect(store, D, keep_promoted=1)
+        assert not {(a, v) for a, v in doomed if (store.asset_dir(D, a) / v).exists()}
+    else:
+        put(store, asset, "next")
+    assert not leftover.exists()
+    assert hidden_leftovers(store.root) == [], "no work folder is left"
+
+
 # --- two domains at once --------------------------------------------------------------------------
 
 MATERIALIZE = """
@@ -340,12 +457,13 @@ def small_domain(domains: Path, name: str, builtin: str, documents: int = 120) -
     corpus_path = tomllib.loads(spec)["corpus"]["path"]
     folder = domains / name
     folder.mkdir(parents=True)
-    lines = (SHARED_CORPORA / corpus_path / "corpus.jsonl").read_text().splitlines(keepends=True)
+    lines = (shared_corpus(corpus_path) / "corpus.jsonl").read_text().splitlines(keepends=True)
     (folder / "corpus.jsonl").write_text("".join(lines[:: len(lines) // documents][:documents]))
     spec = re.sub(r"\[judged\][^\[]*", "", spec).replace(f'name = "{builtin}"', f'name = "{name}"')
     (domains / f"{name}.toml").write_text(spec.replace(f'"{corpus_path}"', f'"{folder}"'))
 
 
+@pytest.mark.slow
 def test_two_domains_materialize_at_once_without_sharing_files(tmp_path):
     home, domains = tmp_path / "home", tmp_path / "domains"
     for name, builtin in DOMAINS.items():

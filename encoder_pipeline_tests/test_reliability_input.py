@@ -21,15 +21,15 @@ from encoder_pipeline.lib.queries import generate_frame, parse_query
 from encoder_pipeline.lib.sources import CorpusError, read_corpus
 from encoder_pipeline.lib.train import MIN_TRAINING_PAIRS
 from encoder_pipeline.resources import ArtifactStoreResource, PipelineSettings
-from encoder_pipeline_tests.conftest import SHARED_CORPORA
+from encoder_pipeline_tests.conftest import shared_corpus
 
-WEB_QA = SHARED_CORPORA / "web_qa" / "python_docs"
 ASSETS = {a.key.to_user_string(): a for a in defs.assets if isinstance(a, dg.AssetsDefinition)}
 
 
 @functools.cache
 def documents() -> tuple[dict, ...]:
-    lines = (WEB_QA / "corpus.jsonl").read_text(encoding="utf-8").splitlines()
+    """The first 60 web_qa documents; the calling test skips when ../shared/corpora is absent."""
+    lines = (shared_corpus("web_qa/python_docs") / "corpus.jsonl").read_text(encoding="utf-8").splitlines()
     return tuple(json.loads(line) for line in lines[:60])
 
 
@@ -197,10 +197,32 @@ def test_judged_set_naming_unknown_documents(tmp_path, monkeypatch):
     assert f"{judged / 'qrels' / 'dev.tsv'}:2:" in message
 
 
+def test_a_bad_judged_query_line_is_named(tmp_path, monkeypatch):
+    """README: a bad query line reads `queries.jsonl:LINE: ...`, in clean_corpus's step failure."""
+    docs = list(documents()[:30])
+    judged = tmp_path / "judged"
+    (judged / "qrels").mkdir(parents=True)
+    (judged / "qrels" / "dev.tsv").write_text(f"query-id\tcorpus-id\tscore\nq1\t{docs[0]['_id']}\t1\n")
+    queries = judged / "queries.jsonl"
+    queries.write_text(json.dumps({"_id": "q1", "text": "what is it"}) + "\n"
+                       + '{"_id": "q2", "text": "cut off\n')
+    message = failure(clean(tmp_path, monkeypatch, records=docs, extra=f'[judged]\npath = "{judged}"\n'))
+    assert f"{queries}:2: not valid JSON" in message
+    queries.write_text(json.dumps({"_id": "q1", "text": "what is it"}) + "\n\n"
+                       + json.dumps({"_id": "q3", "title": "no text"}) + "\n")
+    message = failure(clean(tmp_path / "b", monkeypatch, records=docs,
+                            extra=f'[judged]\npath = "{judged}"\n'))
+    assert f"{queries}:3: a query needs _id and text" in message  # blank line 2 still counts
+
+
 def test_too_small_a_corpus_is_refused_with_the_minimum(tmp_path, monkeypatch):
-    message = failure(clean(tmp_path, monkeypatch, records=documents()[:10]))
-    assert "units are left after cleaning" in message and "only 1" in message
+    """One unit short of the minimum is refused naming the exact count; the minimum itself passes."""
+    short = MIN_TRAINING_PAIRS - 1  # short documents: one unit each, none dropped
+    message = failure(clean(tmp_path, monkeypatch, records=documents()[:short]))
+    assert re.search(rf"\bonly {short} units are left after cleaning \(", message), message
     assert f"at least {MIN_TRAINING_PAIRS} are needed" in message
+    result = clean(tmp_path / "enough", monkeypatch, records=documents()[:MIN_TRAINING_PAIRS])
+    assert result.success and metadata(result, "clean_corpus")["documents"] == MIN_TRAINING_PAIRS
 
 
 # --- spec files and models -------------------------------------------------------------------------
@@ -217,6 +239,55 @@ def test_unknown_key_and_domain_typo(tmp_path, monkeypatch, capsys):
     assert cli.main(["materialize", "--domain", "mnie"]) == 2
     err = capsys.readouterr().err
     assert f"{tmp_path / 'mnie.toml'}: no spec for domain 'mnie' (known domains: mine)" in err
+
+
+@pytest.fixture
+def cli_home(tmp_path, monkeypatch):
+    """Throwaway DAGSTER_HOME (sqlite, no daemon), artifact root and spec folder for the CLI."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    monkeypatch.setenv("ENCODER_PIPELINE_HOME", str(tmp_path / "artifacts"))
+    monkeypatch.setenv("ENCODER_PIPELINE_DOMAINS", str(tmp_path / "domains"))
+    (tmp_path / "domains").mkdir()
+    monkeypatch.chdir(tmp_path)  # the CLI moves to the project root; this restores the directory
+    return home
+
+
+def test_cli_domains_lists_an_invalid_spec_and_exits_1(tmp_path, cli_home, capsys):
+    """README: `encoder-pipeline domains` lists a spec with an unknown key as INVALID and exits with
+    1; the valid spec beside it is listed and registered all the same."""
+    (tmp_path / "good.jsonl").write_text('{"_id": "1", "title": "t", "text": "some words here"}\n')
+    write_spec(tmp_path / "domains", name="good", path=str(tmp_path / "good.jsonl"))
+    spec_for(tmp_path / "domains", tmp_path / "good.jsonl", corpus_keys='on_malformd = "skip"') \
+        .rename(tmp_path / "domains" / "mine.toml")
+    assert cli.main(["domains"]) == 1
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert re.match(r"mine\s+INVALID\s+.*mine\.toml: field 'corpus\.on_malformd': unknown field",
+                    lines["mine"]), lines["mine"]
+    assert "[ok]" in lines["good"] and "INVALID" not in lines["good"]
+    with dg.DagsterInstance.from_config(str(cli_home)) as instance:
+        assert "good" in instance.get_dynamic_partitions(domain_partitions.name)
+    (tmp_path / "domains" / "mine.toml").unlink()
+    assert cli.main(["domains"]) == 0  # the same folder without the bad spec
+
+
+def test_cli_materialize_exits_1_when_the_run_fails(tmp_path, cli_home, capsys):
+    """README: the CLI exits with 1 when a run fails (here clean_corpus, on a malformed line that
+    only the run reads), after the run was recorded, failed, on the instance."""
+    lines = [json.dumps({"_id": f"d{i}", "title": f"title {i}", "text": f"text number {i} of the corpus"})
+             for i in range(30)]
+    lines.insert(5, '{"_id": "x", "text": "cut off')
+    (tmp_path / "corpus.jsonl").write_text("\n".join(lines) + "\n")
+    write_spec(tmp_path / "domains", path=str(tmp_path / "corpus.jsonl"))
+    assert cli.main(["materialize", "--domain", "mine", "--profile", "tiny"]) == 1
+    out = capsys.readouterr().out
+    with dg.DagsterInstance.from_config(str(cli_home)) as instance:
+        [record] = instance.get_run_records()
+    assert f"run {record.dagster_run.run_id}: FAILED" in out
+    assert record.dagster_run.status == dg.DagsterRunStatus.FAILURE
+    assert record.dagster_run.tags["dagster/partition"] == "mine"
 
 
 def test_base_model_that_is_missing_or_not_a_model(tmp_path):
@@ -287,4 +358,23 @@ def test_llm_failure_stops_generation_with_its_cause(server, tmp_path):
     server.script = [401] * 50
     with pytest.raises(LLMError, match=r"refused the API key \(HTTP 401\)"):
         generate(server, tmp_path, [f"q{i}" for i in range(20)], max_concurrency=1)
+    assert server.requests == 1
+
+
+def test_llm_endpoint_404_names_the_status_and_the_servers_message(server, tmp_path):
+    """README: other HTTP errors (400, 404: a wrong model name) read `the LLM endpoint URL failed
+    with HTTP 404: MESSAGE`, with the server's own message, raised through the Daft generator as
+    synthetic_queries runs it. The client does not retry it."""
+    expected = rf"the LLM endpoint {re.escape(server.base_url)}/? failed with HTTP 404: [^(]*scripted 404\b"
+    server.script = [404] * 20
+    with pytest.raises(LLMError) as raised:
+        generate(server, tmp_path, [f"q{i}" for i in range(3)], max_concurrency=1, max_retries=2)
+    assert re.match(expected, str(raised.value)), str(raised.value)
+    assert "retries" not in str(raised.value) and FAKE_KEY not in str(raised.value)
+
+    server.requests, server.script = 0, [404] * 5
+    backend = OpenAIBackend(server.base_url, "fake-model", FAKE_KEY, max_retries=2, timeout_s=5)
+    with pytest.raises(Exception) as raised:
+        backend.generate(["q0"], GenerationParams(max_new_tokens=8))
+    assert re.match(expected, str(backend.explain(raised.value)))
     assert server.requests == 1

@@ -3,7 +3,6 @@ when the domain opts in, spec paths stay under the corpus root, no code path unp
 files, and a model folder's own code never runs."""
 
 import ast
-import dataclasses
 import json
 import logging
 import re
@@ -20,11 +19,15 @@ from test_lib_llm import FakeOpenAIServer
 
 from encoder_pipeline import definitions
 from encoder_pipeline.domains import DomainSpec, SpecError, domain_partitions, load_domain, load_spec
+from encoder_pipeline.defs.indexing.assets import SWEEP_FILE
+from encoder_pipeline.defs.training.assets import RUNGS
+from encoder_pipeline.lib import encoders
+from encoder_pipeline.lib.artifacts import ArtifactStore, Manifest
 from encoder_pipeline.lib.encoders import DEFAULT_BASE_MODEL, load_encoder, resolve_model_path
 from encoder_pipeline.lib.llm import GenerationParams, OpenAIBackend
-from encoder_pipeline.lib.search import ServedIndex
+from encoder_pipeline.lib.search import Searcher
 from encoder_pipeline.resources import ArtifactStoreResource, PipelineSettings
-from encoder_pipeline_tests.conftest import PROJECT_ROOT, SHARED_CORPORA
+from encoder_pipeline_tests.conftest import PROJECT_ROOT, shared_corpus
 
 ASSETS = {a.key.to_user_string(): a for a in definitions.defs.assets if isinstance(a, dg.AssetsDefinition)}
 UPSTREAM = ["clean_corpus", "eval_set", "heuristic_pairs", "synthetic_queries"]
@@ -66,8 +69,8 @@ def secret_runs(tmp_path_factory):
         "telemetry": {"enabled": False},
     }))
     corpus = base / "corpus.jsonl"
-    corpus.write_text("".join(line + "\n" for line in
-                              (SHARED_CORPORA / "web_qa/python_docs/corpus.jsonl").read_text().splitlines()[:60]))
+    web_qa = (shared_corpus("web_qa/python_docs") / "corpus.jsonl").read_text().splitlines()
+    corpus.write_text("".join(line + "\n" for line in web_qa[:60]))
     (base / "domains").mkdir()
     spec = write_spec(base / "domains", path=str(corpus))
     spec.write_text("remote_llm_allowed = true\n" + spec.read_text())
@@ -134,6 +137,7 @@ def step_error(result, step: str) -> str:
     return "\n".join(parts)
 
 
+@pytest.mark.slow
 def test_key_is_used_but_never_written_or_logged(secret_runs):
     key, base, server = secret_runs["key"], secret_runs["base"], secret_runs["server"]
     built = secret_runs["built"]
@@ -152,6 +156,7 @@ def test_key_is_used_but_never_written_or_logged(secret_runs):
         assert key not in json.dumps(run.run_config, default=str) and key not in str(run.tags)
 
 
+@pytest.mark.slow
 def test_refused_key_fails_with_the_cause_and_stops_sending(secret_runs):
     refused = secret_runs["refused"]
     assert not refused.success
@@ -161,6 +166,7 @@ def test_refused_key_fails_with_the_cause_and_stops_sending(secret_runs):
     assert 1 <= secret_runs["requests"][1] <= secret_runs["llm"].max_concurrency
 
 
+@pytest.mark.slow
 def test_documents_stay_local_unless_the_domain_opts_in(secret_runs):
     not_allowed = secret_runs["not_allowed"]
     assert not not_allowed.success
@@ -298,36 +304,84 @@ def test_a_model_folders_own_code_never_runs(tmp_path):
     assert marker.exists()
 
 
+def hand_made_sweep(store: ArtifactStore, domain: str, model: Path) -> None:
+    """What embedding_index reads from upstream, by hand (a real sweep needs the trained ladder):
+    index_sweep choosing fp32 at full width for `model`, and a version of each rung."""
+    for rung in RUNGS:
+        with store.publish(Manifest(domain, rung, f"{rung}-v1", 0, {})):
+            pass
+    sweep = {"rung": RUNGS[0], "model_path": str(model), "revision": encoders.model_fingerprint(str(model)),
+             "chosen": {"dims": 384, "precision": "fp32", "dev": {"ndcg@10": 0.5}},
+             "dev_ndcg_at_10_by_rung": {}}
+    with store.publish(Manifest(domain, "index_sweep", "sweep-v1", 0, {})) as staging:
+        (staging / SWEEP_FILE).write_text(json.dumps(sweep))
+
+
+def hand_made_report(store: ArtifactStore, domain: str) -> None:
+    """An eval_report that judged the latest embedding_index safe to promote (serving_index's input)."""
+    candidate = store.latest_version(domain, "embedding_index")
+    report = {"verdict": "train", "promotion": {"safe": True, "reason": "hand-made"},
+              "after": {"ndcg@10": 0.5, "p95_ms": 5.0, "index_mb": 0.1}}
+    with store.publish(Manifest(domain, "eval_report", f"report-{candidate}", 0, {},
+                                upstream={"embedding_index": candidate})) as staging:
+        (staging / "report.json").write_text(json.dumps(report))
+
+
 def test_only_the_domain_spec_turns_on_a_model_folders_code(tmp_path, monkeypatch):
     """`trust_remote_code` is off unless the spec sets it; heuristic_pairs (which encodes with the
-    base model) passes the spec's value on: the custom code base model runs its code only then."""
+    base model) passes the spec's value on: the custom code base model runs its code only then.
+    embedding_index records the spec's value in its choice.json, serving_index promotes it, and
+    `search` (which has no spec) loads the served encoder with what was recorded."""
     folder, marker = custom_code_model(tmp_path)
     corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(line + "\n" for line in
-                              (SHARED_CORPORA / "web_qa/python_docs/corpus.jsonl").read_text().splitlines()[:40]))
+    corpus.write_text("".join(line + "\n" for line in (shared_corpus("web_qa/python_docs") / "corpus.jsonl")
+                              .read_text().splitlines()[:40]))
     (tmp_path / "domains").mkdir()
     spec = write_spec(tmp_path / "domains", path=str(corpus))
     assert load_spec(spec).trust_remote_code is False
     monkeypatch.setenv("ENCODER_PIPELINE_DOMAINS", str(tmp_path / "domains"))
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(domain_partitions.name, ["mine"])
-    resources = {"artifacts": ArtifactStoreResource(root=str(tmp_path / "artifacts")),
+    store = ArtifactStore(tmp_path / "artifacts")
+    resources = {"artifacts": ArtifactStoreResource(root=str(store.root)),
                  "settings": PipelineSettings(profile="tiny", base_model=str(folder))}
 
     def run(assets):
         return dg.materialize([ASSETS[a] for a in assets], instance=instance, partition_key="mine",
                               resources=resources)
 
+    def search_loads_with() -> list[bool]:
+        """The trust_remote_code values `Searcher` passes to load_encoder for the served encoder."""
+        passed, load = [], encoders.load_encoder
+        with monkeypatch.context() as patch:
+            patch.setattr(encoders, "load_encoder", lambda model, *args, **kwargs: (
+                passed.append(kwargs.get("trust_remote_code", False)), load(model, *args, **kwargs))[1])
+            searcher = Searcher.for_domain("mine", store)
+        assert searcher.served.model_path == folder and searcher.search("what is it", k=3)
+        return passed
+
+    def index_and_promote() -> dict:
+        """embedding_index, then serving_index over a hand-made report; the served choice.json."""
+        assert run(["embedding_index"]).success
+        hand_made_report(store, "mine")
+        assert run(["serving_index"]).success
+        return json.loads((store.latest("mine", "serving_index") / "choice.json").read_text())
+
     assert run(["clean_corpus", "eval_set", "heuristic_pairs"]).success
-    assert not marker.exists()
+    hand_made_sweep(store, "mine", folder)
+    assert index_and_promote()["trust_remote_code"] is False
+    assert search_loads_with() == [False] and not marker.exists()
+
     spec.write_text("trust_remote_code = true\n" + spec.read_text())
     assert load_spec(spec).trust_remote_code is True
     assert run(["heuristic_pairs"]).success
     assert marker.exists()
-    # serving has no spec: it reads the opt-in recorded with the index, off when absent
-    served = ServedIndex("mine", "embedding_index", "v1", tmp_path, folder, {"revision": "r"})
-    assert served.trust_remote_code is False
-    assert dataclasses.replace(served, choice={"trust_remote_code": True}).trust_remote_code is True
+    assert index_and_promote()["trust_remote_code"] is True and search_loads_with() == [True]
+    # an index recorded before the field existed: served with the folder's code off
+    choice = store.latest("mine", "serving_index") / "choice.json"
+    choice.write_text(json.dumps({k: v for k, v in json.loads(choice.read_text()).items()
+                                  if k != "trust_remote_code"}))
+    assert search_loads_with() == [False]
 
 
 def test_ui_command_binds_to_localhost():

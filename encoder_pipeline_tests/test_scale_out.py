@@ -82,10 +82,12 @@ def runs(ray_cluster, tmp_path_factory) -> tuple[Path, dict, Path]:
     return ray_root, json.loads((ray_root / "run.json").read_text()), native_root
 
 
+@pytest.mark.slow
 def test_ray_cluster_is_local(ray_cluster):
     assert ray_cluster.startswith("127.0.0.1:"), ray_cluster
 
 
+@pytest.mark.slow
 def test_clean_corpus_on_ray_equals_native(runs):
     ray_root, run, native_run = runs
     assert run["runner"] == "ray"
@@ -95,6 +97,7 @@ def test_clean_corpus_on_ray_equals_native(runs):
     pd.testing.assert_frame_equal(on_ray, native)
 
 
+@pytest.mark.slow
 def test_corpus_embedding_on_ray_equals_native(runs):
     ray_root, _, native_run = runs
     order = {name: pd.read_parquet(root / "units.parquet")["doc_id"].tolist()
@@ -140,14 +143,58 @@ def test_a_mistyped_executor_config_is_refused_naming_the_file(tmp_path):
         executor_from_env({EXECUTOR_ENV: "dask"})
 
 
-def test_default_executor_is_multiprocess_with_a_cap():
+def built_executor(job: dg.JobDefinition):
+    """The executor Dagster builds for a run of `job` with no executor config of its own."""
+    from dagster._core.definitions.job_base import InMemoryJob
+    from dagster._core.executor.init import InitExecutorContext
+    from dagster._core.system_config.objects import ResolvedRunConfig
+
+    config = ResolvedRunConfig.build(job, {}).execution.execution_engine_config
+    return job.executor_def.executor_creation_fn(InitExecutorContext(
+        job=InMemoryJob(job), executor_def=job.executor_def, executor_config=config,
+        instance=dg.DagsterInstance.ephemeral()))
+
+
+def cap_of(executor: dg.ExecutorDefinition) -> int:
+    from dagster._core.executor.multiprocess import MultiprocessExecutor
+
+    built = built_executor(dg.Definitions(assets=[_probe], executor=executor)
+                           .resolve_implicit_global_asset_job_def())
+    assert isinstance(built, MultiprocessExecutor)
+    return built._max_concurrent  # what the executor limits its step processes to
+
+
+CAP_OF_THE_PROJECT = """
+from encoder_pipeline.definitions import defs
+from encoder_pipeline_tests.test_scale_out import built_executor
+print(built_executor(defs.resolve_job_def("train_encoder_job"))._max_concurrent)
+"""
+
+
+def test_default_executor_is_multiprocess_with_a_cap(monkeypatch):
+    """README: `multiprocess` (default), at most ENCODER_PIPELINE_MAX_CONCURRENT (default 2) steps at
+    once: read back from the executors Dagster builds, not from the config handed to them."""
     from encoder_pipeline.definitions import defs
 
     job = defs.resolve_job_def("train_encoder_job")
     assert job.executor_def.name == "multiprocess_configured"
-    capped = executor_from_env({executors.CONCURRENCY_ENV: "3"})
-    assert capped.name == "multiprocess_configured"
-    assert executors.validated_config("multiprocess", {"max_concurrent": 3}, "env") == {"max_concurrent": 3}
+    assert built_executor(job)._max_concurrent == int(os.environ.get(executors.CONCURRENCY_ENV,
+                                                                     executors.DEFAULT_MAX_CONCURRENT))
+    monkeypatch.delenv(executors.CONCURRENCY_ENV, raising=False)
+    assert cap_of(executor_from_env()) == executors.DEFAULT_MAX_CONCURRENT == 2
+    for cap in (1, 3):
+        monkeypatch.setenv(executors.CONCURRENCY_ENV, str(cap))
+        assert cap_of(executor_from_env()) == cap
+    # The code location as `dagster dev` loads it with the variable set.
+    env = {**os.environ, executors.CONCURRENCY_ENV: "3"}
+    env.pop(EXECUTOR_ENV, None), env.pop(CONFIG_ENV, None)
+    loaded = subprocess.run([sys.executable, "-c", CAP_OF_THE_PROJECT], env=env, cwd=PROJECT_ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert loaded.stdout.split()[-1] == "3"
+    # A config file's value is checked against the schema: a wrong type is refused, naming the file.
+    with pytest.raises(ExecutorConfigError, match=r"executor\.yaml: not a valid multiprocess"):
+        executors.validated_config("multiprocess", {"max_concurrent": "three"}, "executor.yaml")
 
 
 @dg.asset

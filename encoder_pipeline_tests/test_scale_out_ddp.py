@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # torchrun and spawned ranks: ~25 s on 2 cores
+
 WORLD_SIZE = 2
 PER_DEVICE = 4
 
@@ -40,6 +42,7 @@ def _rank_main(out: Path) -> None:
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
+    from sentence_transformers import SentenceTransformer
     from sentence_transformers.util import cos_sim
     from transformers import TrainerCallback
 
@@ -55,12 +58,21 @@ def _rank_main(out: Path) -> None:
             self.checksum = _checksum(model)
 
     weights = Weights()
+    # Every model folder this rank writes (checkpoints and the final model), as the rank saw it.
+    saves, save = [], SentenceTransformer.save_pretrained
+
+    def recorded_save(self, path, *args, **kwargs):
+        saves.append(str(Path(path).relative_to(out)))
+        return save(self, path, *args, **kwargs)
+
+    SentenceTransformer.save_pretrained = recorded_save
     # Train first: the trainer sets up the process group (gloo, since there is no GPU).
     config = TrainingConfig(max_steps=3, batch_size=WORLD_SIZE * PER_DEVICE, gradcache=True,
                             mini_batch_size=2, gor_weight=0.0, matryoshka_dims=(384, 96),
                             order_dimensions=False, checkpoint_every_s=0.0, seed=0)
     result = train_encoder(DEFAULT_BASE_MODEL, rows, out / "train", config, checkpoint_dir=out / "ckpt",
                            callbacks=[weights])
+    SentenceTransformer.save_pretrained = save
     assert dist.is_initialized() and dist.get_backend() == "gloo", "DDP did not start on gloo"
 
     # The loss as train_encoder builds it, on this rank's slice of one global batch.
@@ -88,6 +100,8 @@ def _rank_main(out: Path) -> None:
         "rank": rank, "world": world, "steps": result.steps, "world_size": result.world_size,
         "loss": result.loss, "gathered_loss": gathered_loss, "expected": expected,
         "local_only": local_expected, "trained_checksum": weights.checksum,
+        "saves": saves,
+        # rank 0's reload of what it saved (rank 1 might read it mid-write); who saved: "saves"
         "saved_checksum": _checksum(load_encoder(str(saved), fresh=True)) if rank == 0 else None,
         "base_checksum": _checksum(model),
     }))
@@ -131,6 +145,9 @@ def test_two_process_training_runs_in_step_and_saves_once(ddp_run):
     assert first["trained_checksum"] == pytest.approx(second["trained_checksum"], rel=1e-9)
     assert first["trained_checksum"] != pytest.approx(first["base_checksum"], rel=1e-9)
     assert first["saved_checksum"] == pytest.approx(first["trained_checksum"], rel=1e-6)
+    # Each rank recorded the model folders it wrote itself: the final model once, by rank 0 only.
+    final = str(Path("train") / "model")
+    assert [r["saves"].count(final) for r in ddp_run] == [1, 0], [r["saves"] for r in ddp_run]
 
 
 def test_train_encoder_launches_one_process_per_device_by_itself(tmp_path):

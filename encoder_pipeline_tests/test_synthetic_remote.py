@@ -60,6 +60,7 @@ def test_remote_llm_needs_the_domain_to_opt_in(tmp_path, server, monkeypatch):
     assert server.requests == 0
 
 
+@pytest.mark.slow
 def test_remote_generation_with_llm_judge(tmp_path, server, monkeypatch):
     monkeypatch.setenv("ENCODER_PIPELINE_DOMAINS", str(tmp_path / "domains"))
     result = run(tmp_path, server, allow_remote=True)

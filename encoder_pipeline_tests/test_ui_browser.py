@@ -1,7 +1,8 @@
 """The UI in a real browser: `dagster dev` on 127.0.0.1 over the session's tiny `code` instance, driven
 headless by Debian's chromium through Playwright. From the asset graph, a `code` partition of
 clean_corpus is launched and runs to success; the eval_report page shows the report's figures and its
-plots as images. Screenshots of every step land in test-artifacts/ui/."""
+plots as images; the serving_index page says whether its promotion was forced. Screenshots of every
+step land in test-artifacts/ui/."""
 
 import contextlib
 import json
@@ -221,3 +222,15 @@ def test_eval_report_shows_its_figures_and_plots(ui, ui_page, tiny_code_run):
             assert width > 100 and height > 100, f"{alt} plot did not render ({width}x{height})"
         dialog.get_by_role("img", name="ladder", exact=True).scroll_into_view_if_needed()
         snap(page, "06-report-with-plots")
+
+
+def test_serving_index_says_whether_its_promotion_was_forced(ui, ui_page, tiny_code_served):
+    """The promotion as the UI shows it: `forced` (the report refused the candidate and
+    `promote --force` served it anyway, which tiny_code_served does when the tiny build's report
+    refuses it) and the report's reason."""
+    page = ui_page
+    with shown_on_failure(page, ui, "serving"):
+        page.goto(f"{ui.url}/assets/serving_index?view=partitions&partition=code")
+        expect(metadata_row(page, "forced")).to_contain_text(str(tiny_code_served.forced).lower())
+        expect(metadata_row(page, "reason")).to_contain_text(tiny_code_served.metadata["reason"].value)
+        snap(page, "07-serving-index-promotion")

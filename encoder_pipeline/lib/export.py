@@ -5,11 +5,12 @@
     folder = export_model("code", "exports/code-encoder")
     SentenceTransformer(str(folder))  # loads like any sentence-transformers model
 
-The folder is a copy of the model folder the served index was built with (`serving_index` when
-published, else `embedding_index`; see `lib.search`), so its revision (`encoders.model_fingerprint`)
-is the index's: `load_index(index_dir, model_fingerprint(folder))` accepts it. Its README.md is a model
-card: base model, the training data's sources and licences, the ladder and the report's figures, the
-index configuration, and the artifact versions it came from.
+The folder is a copy of the model folder the served index was built with (`serving_index`'s LATEST
+version; before a first promotion nothing is served and the export is refused, see `lib.search`), so
+its revision (`encoders.model_fingerprint`) is the index's: `load_index(index_dir,
+model_fingerprint(folder))` accepts it. Its README.md is a model card: base model, the training
+data's sources and licences, the ladder and the report's figures, the index configuration, the
+artifact versions it came from, and whether the index was promoted with `--force`.
 
 Licences come from the domain spec's `corpus.license` (the built-ins state theirs); a spec without one
 gets "see the corpus source" with the corpus path and format.
@@ -25,7 +26,15 @@ from pathlib import Path
 from typing import Any
 
 from encoder_pipeline.lib.artifacts import ArtifactStore, MissingArtifact
-from encoder_pipeline.lib.search import ServedIndex, default_store, served_index
+from encoder_pipeline.lib.promotion import PROMOTION_FILE
+from encoder_pipeline.lib.search import (
+    CANDIDATE_ASSET,
+    REPORT_ASSET,
+    ServedIndex,
+    default_store,
+    read_report,
+    served_index,
+)
 
 # What the packaged models are, for the card (a path or another name is shown as given).
 KNOWN_MODELS = {
@@ -239,11 +248,9 @@ Domain spec: `{getattr(spec, 'source_file', '') or domain}`. Artifact versions:
 
 def _report(store: ArtifactStore, domain: str) -> tuple[dict | None, str, dict]:
     """The domain's report (via `read_report`), its version and its manifest; (None, "", {}) if none."""
-    from encoder_pipeline.defs.evaluation.assets import read_report
-
     try:
-        return read_report(store, domain), store.latest_version(domain, "eval_report"), \
-            store.manifest(domain, "eval_report")
+        return read_report(store, domain), store.latest_version(domain, REPORT_ASSET), \
+            store.manifest(domain, REPORT_ASSET)
     except (MissingArtifact, FileNotFoundError):
         return None, "", {}
 
@@ -262,15 +269,17 @@ def export_model(domain: str, out_dir: str | Path, store: ArtifactStore | None =
     """Copy the domain's served encoder to `out_dir` with a model card (README.md); returns the folder.
 
     Written to a staging folder beside `out_dir` and renamed into place; refuses an existing
-    non-empty `out_dir` unless `overwrite`. The copy's revision is checked against the index's."""
+    non-empty `out_dir` unless `overwrite`. The copy's revision is checked against the index's.
+    Raises NothingServed, naming the candidate and the command that serves it, before a promotion."""
     from encoder_pipeline.lib.encoders import model_fingerprint
 
     store = store or default_store()
     served = served_index(domain, store)
+    model_path = served.encoder_folder()
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"{out} exists and is not empty (pass overwrite=True / --overwrite to replace it)")
-    rung_dir = served.model_path.parent
+    rung_dir = model_path.parent
     manifest = _read_json(rung_dir / "manifest.json")
     training = _read_json(rung_dir / "training.json")
     # What the encoder was trained from (its own lineage, not the index's, which spans every rung).
@@ -282,14 +291,17 @@ def export_model(domain: str, out_dir: str | Path, store: ArtifactStore | None =
                          / "manifest.json").get("config", {})
     report, report_version, report_manifest = _report(store, domain)
     index_info = _read_json(served.index_dir / "index.json")
-    pooling = _read_json(served.model_path / "1_Pooling" / "config.json")
-    evaluated = report_manifest.get("upstream", {}).get("embedding_index")
-    index_version = (served.version if served.asset == "embedding_index"
-                     else versions.get("embedding_index", served.version))
+    pooling = _read_json(model_path / "1_Pooling" / "config.json")
+    evaluated = report_manifest.get("upstream", {}).get(CANDIDATE_ASSET)
+    index_version = versions.get(CANDIDATE_ASSET, served.version)
+    promotion = _read_json(served.index_dir / PROMOTION_FILE)
     note = ""
     if report and evaluated and evaluated != index_version:
         note = (f" Note: this report evaluated `embedding_index` version `{evaluated}`; the exported "
                 f"encoder is that of version `{index_version}`.")
+    if promotion.get("forced"):  # a refused candidate is never served, nor exported, silently
+        note += (f" This index was promoted with `--force` over its report's refusal: "
+                 f"{promotion.get('reason')}.")
     card = model_card(domain, served, _spec(domain), report, report_version, manifest, training,
                       trained_from, versions, llm, index_info, pooling.get("word_embedding_dimension"),
                       note)
@@ -298,12 +310,12 @@ def export_model(domain: str, out_dir: str | Path, store: ArtifactStore | None =
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.export-"))
     try:
         target = staging / "model"
-        shutil.copytree(served.model_path, target, ignore=shutil.ignore_patterns("README.md"))
+        shutil.copytree(model_path, target, ignore=shutil.ignore_patterns("README.md"))
         (target / "README.md").write_text(card, encoding="utf-8")
         copied = model_fingerprint(str(target))
         if copied != served.revision:
             raise ExportError(f"the copy's revision {copied} differs from the served index's "
-                              f"{served.revision}: {served.model_path} changed during the export?")
+                              f"{served.revision}: {model_path} changed during the export?")
         if out.exists():
             shutil.rmtree(out)
         os.replace(target, out)

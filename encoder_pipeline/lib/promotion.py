@@ -5,7 +5,8 @@ one's `promotion.json` records `previous`, the version served when it was promot
 
 - `rollback` serves that previous version again; repeated, it walks further back.
 - `promote` serves an earlier promoted version again (undoing a rollback, say). Promoting a new
-  candidate is the `serving_index` asset's job, behind the report's blocking `safe_to_promote` check.
+  candidate is the `serving_index` asset's job, behind the report's blocking `safe_to_promote` check;
+  its `force` config serves a refused candidate anyway, and its promotion.json then says `forced`.
 - `garbage_collect` deletes the versions of every asset of the domain that none of these needs: the
   last N promoted versions, the version served now and its rollback target, and what any asset's
   LATEST points to, each with everything it was built from (manifest `upstream`, followed
@@ -27,13 +28,11 @@ from pathlib import Path
 from encoder_pipeline.lib.artifacts import (
     LATEST_FILE,
     ArtifactStore,
-    MissingArtifact,
     remove_abandoned,
     work_dir,
 )
-from encoder_pipeline.lib.search import CHOICE_FILE, SERVED_ASSETS
+from encoder_pipeline.lib.search import CHOICE_FILE, SERVING_ASSET, NothingServed, served_index
 
-SERVING_ASSET = SERVED_ASSETS[0]
 PROMOTION_FILE = "promotion.json"
 
 
@@ -46,18 +45,16 @@ def promoted_versions(store: ArtifactStore, domain: str) -> list[str]:
     return store.versions(domain, SERVING_ASSET)
 
 
-def served_version(store: ArtifactStore, domain: str) -> str:
-    try:
-        return store.latest_version(domain, SERVING_ASSET)
-    except MissingArtifact as error:
-        raise PromotionError(f"domain '{domain}' has never been promoted ({error})") from error
+def read_promotion(store: ArtifactStore, domain: str, version: str) -> dict:
+    """One promotion's record: the candidate, its report's verdict and reason, `forced` (served over
+    the report's refusal; absent in promotions made before the flag existed), `previous`."""
+    return json.loads((store.asset_dir(domain, SERVING_ASSET) / version / PROMOTION_FILE).read_text())
 
 
 def rollback_target(store: ArtifactStore, domain: str) -> str:
-    """The version that was served when the one served now was promoted."""
-    current = served_version(store, domain)
-    promotion_file = store.asset_dir(domain, SERVING_ASSET) / current / PROMOTION_FILE
-    previous = json.loads(promotion_file.read_text()).get("previous")
+    """The version that was served when the one served now was promoted (NothingServed when nothing is)."""
+    current = served_index(domain, store).version
+    previous = read_promotion(store, domain, current).get("previous")
     if not previous:
         raise PromotionError(f"{domain}: serving_index {current} was the first promotion; there is "
                              f"nothing earlier to roll back to")
@@ -69,14 +66,14 @@ def rollback_target(store: ArtifactStore, domain: str) -> str:
 
 def rollback(store: ArtifactStore, domain: str) -> tuple[str, str]:
     """Serve the previously promoted version again; returns (from, to)."""
-    current, target = served_version(store, domain), rollback_target(store, domain)
+    current, target = served_index(domain, store).version, rollback_target(store, domain)
     store.set_latest(domain, SERVING_ASSET, target, reason="rollback")
     return current, target
 
 
 def promote(store: ArtifactStore, domain: str, version: str) -> tuple[str, str]:
-    """Serve an earlier promoted version again; returns (from, to)."""
-    current, known = served_version(store, domain), promoted_versions(store, domain)
+    """Serve an earlier promoted version again; returns (from, to) (NothingServed when nothing is)."""
+    current, known = served_index(domain, store).version, promoted_versions(store, domain)
     if version not in known:
         raise PromotionError(f"{domain}: '{version}' is not a promoted version; promoted (oldest "
                              f"first): {', '.join(known)}")
@@ -122,7 +119,7 @@ def needed_versions(store: ArtifactStore, domain: str, keep_promoted: int) -> se
     roots |= {(SERVING_ASSET, v) for v in promoted_versions(store, domain)[-keep_promoted:]}
     try:
         roots.add((SERVING_ASSET, rollback_target(store, domain)))
-    except PromotionError:  # nothing promoted, or nothing earlier: no rollback to keep possible
+    except (NothingServed, PromotionError):  # nothing promoted, or nothing earlier: no rollback to keep
         pass
     needed, todo = set(), list(roots)
     while todo:

@@ -6,12 +6,14 @@
     for hit in searcher.search("parse a date", k=5):
         print(hit.score, hit.id, hit.title)
 
-What is served: the `serving_index` asset when it has a published version (the candidate that passed
-the report's blocking checks), otherwise `embedding_index`. Either folder holds the FAISS index
-(`lib.index`) and `choice.json` (rung, model_path, revision, ...). The encoder is the model folder the
-index was built with; `load_index` refuses any other revision, so a query is never embedded by one
-encoder and matched against another's vectors. Query embeddings go in at full dimension:
-the index truncates to its Matryoshka width and rescores itself.
+What is served: the `serving_index` asset's LATEST version, and nothing else (`served_index`). Before a
+first promotion nothing is: a candidate `embedding_index` that the report refused, or that was never
+promoted, is not searched; `served_index` raises NothingServed with a sentence that names it, why it
+is not served, and the command that serves it anyway. The folder holds the FAISS index (`lib.index`)
+and `choice.json` (rung, model_path, revision, ...). The encoder is the model folder the index was
+built with; `load_index` refuses any other revision, so a query is never embedded by one encoder and
+matched against another's vectors. Query embeddings go in at full dimension: the index truncates to
+its Matryoshka width and rescores itself.
 """
 
 from __future__ import annotations
@@ -20,13 +22,21 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from encoder_pipeline.lib.artifacts import ArtifactStore, MissingArtifact
+from encoder_pipeline.lib.artifacts import LATEST_FILE, ArtifactStore, MissingArtifact
 
-SERVED_ASSETS = ("serving_index", "embedding_index")  # in order of preference
+SERVING_ASSET = "serving_index"  # its versions are the promotions; LATEST is what users search
+CANDIDATE_ASSET = "embedding_index"  # what serving_index promotes once the report allows it
+REPORT_ASSET = "eval_report"
 CHOICE_FILE = "choice.json"
+REPORT_FILE = "report.json"
 
 
-class DomainNotBuilt(MissingArtifact):
+class NothingServed(MissingArtifact):
+    """The domain has no promoted index: its candidate was refused or never promoted, or nothing is
+    built (DomainNotBuilt). The message says which, and what to run."""
+
+
+class DomainNotBuilt(NothingServed):
     """No published index for the domain: it has not been materialized (into this artifact root)."""
 
 
@@ -40,13 +50,13 @@ class Hit:
 
 @dataclass(frozen=True)
 class ServedIndex:
-    """Where a domain's served index and its encoder are."""
+    """Where one index version and its encoder are (`served_index`: the served one)."""
 
     domain: str
-    asset: str  # serving_index or embedding_index
+    asset: str  # serving_index, or embedding_index for a candidate opened by name (`index_version`)
     version: str
     index_dir: Path
-    model_path: Path
+    model_path: Path  # as recorded in choice.json, or under this store's root if the root has moved
     choice: dict
 
     @property
@@ -58,6 +68,13 @@ class ServedIndex:
         """The domain spec's opt-in as recorded when the index was built (absent: off)."""
         return self.choice.get("trust_remote_code", False) is True
 
+    def encoder_folder(self) -> Path:
+        """The encoder folder, or MissingArtifact when it is gone (collected, or the root moved away)."""
+        if not self.model_path.is_dir():
+            raise MissingArtifact(f"the encoder folder of {self.asset} {self.version} no longer exists: "
+                                  f"{self.choice['model_path']}")
+        return self.model_path
+
 
 def default_store() -> ArtifactStore:
     """The artifact root the pipeline writes to (what `ArtifactStoreResource()` defaults to)."""
@@ -66,44 +83,73 @@ def default_store() -> ArtifactStore:
     return ArtifactStore(artifact_root())
 
 
-def built_domains(store: ArtifactStore) -> list[str]:
-    """Domains with a published index under this store's root."""
+def served_domains(store: ArtifactStore) -> list[str]:
+    """Domains with a promoted index under this store's root."""
     if not store.root.is_dir():
         return []
-    return sorted(d.name for d in store.root.iterdir()
-                  if any((d / asset / "LATEST").exists() for asset in SERVED_ASSETS))
+    return sorted(d.name for d in store.root.iterdir() if (d / SERVING_ASSET / LATEST_FILE).exists())
+
+
+def read_report(store: ArtifactStore, domain: str) -> dict:
+    """The latest eval_report's report.json."""
+    return json.loads((store.latest(domain, REPORT_ASSET) / REPORT_FILE).read_text())
 
 
 def _model_folder(store: ArtifactStore, recorded: str) -> Path:
-    """The encoder folder recorded in choice.json; if the artifact root has moved since, the same
-    `<domain>/<asset>/<version>/model` under this store's root."""
+    """The encoder folder recorded in choice.json; if the artifact root has moved since and the
+    recorded one is gone, the same `<domain>/<asset>/<version>/model` under this store's root."""
     path = Path(recorded)
-    if path.is_dir():
-        return path
     relocated = store.root.joinpath(*path.parts[-4:])
-    if relocated.is_dir():
-        return relocated
-    raise MissingArtifact(f"the served encoder's folder {recorded} no longer exists (nor {relocated})")
+    return relocated if not path.is_dir() and relocated.is_dir() else path
+
+
+def index_version(store: ArtifactStore, domain: str, asset: str, version: str) -> ServedIndex:
+    """One published index version (serving_index or embedding_index) and its encoder, by name."""
+    index_dir = store.asset_dir(domain, asset) / version
+    choice = json.loads((index_dir / CHOICE_FILE).read_text())
+    return ServedIndex(domain, asset, version, index_dir, _model_folder(store, choice["model_path"]), choice)
+
+
+def _why_nothing_is_served(store: ArtifactStore, domain: str) -> NothingServed:
+    """The error for a domain without a promotion: what its candidate is, why it is not served, and
+    the command that changes that."""
+    try:
+        candidate = store.latest_version(domain, CANDIDATE_ASSET)
+    except MissingArtifact:
+        served = served_domains(store)
+        return DomainNotBuilt(
+            f"domain '{domain}' has no index under {store.root}: build it with "
+            f"`encoder-pipeline materialize --domain {domain}`"
+            + (f" (served here: {', '.join(served)})" if served else ""))
+    choice = json.loads((store.asset_dir(domain, CANDIDATE_ASSET) / candidate / CHOICE_FILE).read_text())
+    named = (f"{CANDIDATE_ASSET} {candidate} ({choice.get('rung')}, "
+             f"{choice.get('precision')}@{choice.get('dims')})")
+    head = f"domain '{domain}' serves nothing: no index has been promoted. Its candidate, {named}, "
+    try:
+        judged = store.manifest(domain, REPORT_ASSET)["upstream"].get(CANDIDATE_ASSET)
+        promotion = read_report(store, domain)["promotion"]
+    except FileNotFoundError:
+        judged, promotion = None, None
+    if judged != candidate or promotion is None:
+        return NothingServed(head + f"has not been judged by an eval_report yet: "
+                                    f"`encoder-pipeline materialize --domain {domain}` judges it")
+    if promotion["safe"]:
+        return NothingServed(head + f"passed its eval_report ({promotion['reason']}) but was not "
+                                    f"promoted: `encoder-pipeline promote --domain {domain}` serves it")
+    return NothingServed(head + f"was refused by its eval_report ({promotion['reason']}). "
+                                f"`encoder-pipeline promote --domain {domain} --force` serves it anyway "
+                                f"(recorded as forced in its promotion.json and in the UI)")
 
 
 def served_index(domain: str, store: ArtifactStore | None = None) -> ServedIndex:
-    """The domain's served index: `serving_index` if published, else `embedding_index`."""
+    """What users search: the `serving_index` asset's LATEST version. Raises NothingServed (a
+    MissingArtifact) when nothing has been promoted; there is no fallback to the candidate."""
     store = store or default_store()
-    for asset in SERVED_ASSETS:
-        try:
-            version = store.latest_version(domain, asset)
-        except MissingArtifact:
-            continue
-        index_dir = store.asset_dir(domain, asset) / version
-        choice = json.loads((index_dir / CHOICE_FILE).read_text())
-        return ServedIndex(domain, asset, version, index_dir, _model_folder(store, choice["model_path"]),
-                           choice)
-    built = built_domains(store)
-    raise DomainNotBuilt(
-        f"domain '{domain}' has no index under {store.root}: build it with "
-        f"`encoder-pipeline materialize --domain {domain}`"
-        + (f" (built here: {', '.join(built)})" if built else "")
-    )
+    try:
+        version = store.latest_version(domain, SERVING_ASSET)
+    except MissingArtifact:
+        raise _why_nothing_is_served(store, domain) from None
+    return index_version(store, domain, SERVING_ASSET, version)
 
 
 class Searcher:
@@ -115,9 +161,10 @@ class Searcher:
 
         self.served = served
         self.backend = backend
+        model_path = str(served.encoder_folder())
         # The revision check runs against the folder's own fingerprint, not only what choice.json says.
-        self.index = load_index(served.index_dir, encoders.model_fingerprint(str(served.model_path)))
-        self.encoder = encoders.load_encoder(str(served.model_path), backend=backend,
+        self.index = load_index(served.index_dir, encoders.model_fingerprint(model_path))
+        self.encoder = encoders.load_encoder(model_path, backend=backend,
                                              onnx_cache=onnx_cache,
                                              trust_remote_code=served.trust_remote_code)
 
@@ -125,7 +172,7 @@ class Searcher:
     def for_domain(cls, domain: str, store: ArtifactStore | None = None, backend: str = "torch",
                    onnx_cache: str | Path | None = None) -> Searcher:
         """Load the domain's served encoder + index from `store` (default: the pipeline's root).
-        Raises DomainNotBuilt, naming the command to run, when there is none."""
+        Raises NothingServed, naming the command to run, when nothing has been promoted."""
         return cls(served_index(domain, store), backend=backend, onnx_cache=onnx_cache)
 
     def embed(self, queries: list[str]):

@@ -42,7 +42,7 @@ from encoder_pipeline.lib.drift import (
 )
 from encoder_pipeline.lib.encoders import document_texts
 from encoder_pipeline.lib.index import UPDATABLE_PRECISIONS, load_index
-from encoder_pipeline.lib.search import served_index
+from encoder_pipeline.lib.search import CANDIDATE_ASSET, NothingServed, served_index
 from encoder_pipeline.lib.sources import CorpusError, fingerprint_files, read_corpus
 from encoder_pipeline.resources import PipelineSettings
 
@@ -106,17 +106,14 @@ def training_snapshot(store: ArtifactStore, domain: str) -> Snapshot | None:
 
 
 def indexed_manifest(store: ArtifactStore, domain: str) -> dict | None:
-    """The manifest of the embedding_index version users search now (what serving_index copied)."""
+    """The manifest of the embedding_index version users search now (what serving_index copied);
+    None when nothing is served (no canary then) or that version has been collected."""
     try:
         served = served_index(domain, store)
-        manifest = json.loads((served.index_dir / "manifest.json").read_text())
-        if served.asset != "embedding_index":
-            version = manifest["upstream"]["embedding_index"]
-            manifest = json.loads((store.asset_dir(domain, "embedding_index") / version
-                                   / "manifest.json").read_text())
-    except FileNotFoundError:
+        version = json.loads((served.index_dir / "manifest.json").read_text())["upstream"][CANDIDATE_ASSET]
+        return json.loads((store.asset_dir(domain, CANDIDATE_ASSET) / version / "manifest.json").read_text())
+    except (NothingServed, FileNotFoundError):
         return None
-    return manifest
 
 
 def versions(store: ArtifactStore, domain: str) -> dict[str, str | None]:

@@ -14,7 +14,6 @@ import pandas as pd
 from pydantic import Field
 
 from encoder_pipeline.defs.indexing.assets import (
-    CHOICE_FILE,
     embedding_index,
     index_sweep,
     read_index_choice,
@@ -33,7 +32,7 @@ from encoder_pipeline.defs.training.assets import RUNGS, read_training_result, r
 from encoder_pipeline.domains import DomainSpec, domain_partitions
 from encoder_pipeline.lib import encoders
 from encoder_pipeline.lib import report as lib_report
-from encoder_pipeline.lib.artifacts import ArtifactStore, MissingArtifact
+from encoder_pipeline.lib.artifacts import ArtifactStore
 from encoder_pipeline.lib.index import IDS_FILE, LoadedIndex, build_index, load_index, served_bytes
 from encoder_pipeline.lib.metrics import (
     Run,
@@ -44,6 +43,8 @@ from encoder_pipeline.lib.metrics import (
     to_parent_run,
     usd_per_1k_queries,
 )
+from encoder_pipeline.lib.promotion import read_promotion
+from encoder_pipeline.lib.search import REPORT_FILE, NothingServed, served_index
 from encoder_pipeline.lib.sweep import latency_queries
 from encoder_pipeline.resources import ArtifactStoreResource, PipelineSettings
 
@@ -52,8 +53,6 @@ TOP_K = 100
 TARGET_CHECKS = ("ndcg_at_10_target", "p95_latency_target", "index_size_target", "cost_target")
 BEATS_BASELINE = "beats_off_the_shelf"
 SAFE_TO_PROMOTE = "safe_to_promote"
-SERVING_ASSET = "serving_index"
-PROMOTION_FILE = "promotion.json"
 HYBRID = "hybrid_bm25_served"
 CURRENTLY_SERVED = "currently_served"
 FIGURES = ("ladder.png", "sweep.png", "latency.png")
@@ -67,19 +66,6 @@ class ReportConfig(dg.Config):
         "model or the currently served index and still be promoted.")
     randomization_iterations: int = Field(
         10_000, ge=100, description="Relabelings in each paired randomization test.")
-
-
-def read_report(store: ArtifactStore, domain: str) -> dict:
-    return json.loads((store.latest(domain, "eval_report") / "report.json").read_text())
-
-
-def read_served(store: ArtifactStore, domain: str) -> tuple[Path, dict] | None:
-    """The folder users search now (`serving_index`'s latest version) and its choice, or None."""
-    try:
-        folder = store.latest(domain, SERVING_ASSET)
-    except MissingArtifact:
-        return None
-    return folder, json.loads((folder / CHOICE_FILE).read_text())
 
 
 def build_costs(store: ArtifactStore, domain: str, usd_per_hour: float) -> dict[str, float]:
@@ -235,22 +221,24 @@ def eval_report(context: dg.AssetExecutionContext, config: ReportConfig,
 
     choice = read_index_choice(store, spec.name)
     index_dir = store.latest(spec.name, "embedding_index")
-    runs["served_index"], served_index, served_model = index_run(index_dir, choice["revision"],
-                                                                 choice["model_path"])
+    runs["served_index"], candidate_index, served_model = index_run(index_dir, choice["revision"],
+                                                                    choice["model_path"])
     runs[HYBRID] = lib_report.rrf_fuse([runs["bm25"], runs["served_index"]], depth=TOP_K)
 
     # What users search now: re-measured on this eval set while its encoder is on disk.
-    current = read_served(store, spec.name)
+    try:
+        current = served_index(spec.name, store)
+    except NothingServed:  # a first promotion: judged against the off-the-shelf model alone
+        current = None
     current_info: dict | None = None
     if current is not None:
-        current_dir, current_choice = current
-        promotion = json.loads((current_dir / PROMOTION_FILE).read_text())
-        current_info = {"version": current_dir.name, "rung": current_choice["rung"],
-                        "revision": current_choice["revision"],
+        promotion = read_promotion(store, spec.name, current.version)
+        current_info = {"version": current.version, "rung": current.choice["rung"],
+                        "revision": current.revision,
                         "recorded_ndcg@10": promotion["ndcg@10"], "remeasured": False}
-        if Path(current_choice["model_path"]).exists():
-            runs[CURRENTLY_SERVED], _, _ = index_run(current_dir, current_choice["revision"],
-                                                     current_choice["model_path"])
+        if current.model_path.is_dir():
+            runs[CURRENTLY_SERVED], _, _ = index_run(current.index_dir, current.revision,
+                                                     str(current.model_path))
             current_info["remeasured"] = True
 
     evaluated = {name: evaluate(run, split.qrels) for name, run in runs.items()}
@@ -279,7 +267,8 @@ def eval_report(context: dg.AssetExecutionContext, config: ReportConfig,
     timing = latency_queries(query_texts, list(units["title"]), settings.sizes().latency_queries,
                              settings.seed)
     served_times: list[float] = []
-    served_latency = latency_ms(_recording(_served(served_model, served_index, settings.bf16_inference), served_times), timing)
+    served_latency = latency_ms(_recording(_served(served_model, candidate_index, settings.bf16_inference),
+                                           served_times), timing)
     served_times = served_times[len(served_times) - len(timing):]  # the warm-up calls left out
     base_model = encoders.load_encoder(settings.base_model, trust_remote_code=trust)
     base_vectors = encoders.cached_embeddings(settings.base_model, texts, cache,
@@ -423,7 +412,7 @@ def eval_report(context: dg.AssetExecutionContext, config: ReportConfig,
                  {"top_k": TOP_K, "promotion_tolerance": config.promotion_tolerance,
                   "randomization_iterations": iterations, "extra_models": spec.extra_models},
                  ["clean_corpus", "eval_set", *RUNGS, "index_sweep", "embedding_index"]) as staging:
-        (staging / "report.json").write_text(json.dumps(report, indent=2))
+        (staging / REPORT_FILE).write_text(json.dumps(report, indent=2))
         (staging / "report.md").write_text(markdown_file)
         for name, png in figures.items():
             (staging / name).write_bytes(png)

@@ -1,27 +1,40 @@
 """serving_index: the version users search. A copy of the candidate `embedding_index` folder (index
-files, ids, choice.json) plus the report's verdict, published only once the report says it is safe."""
+files, ids, choice.json) plus the report's verdict, published only once the report says it is safe,
+or when an operator forces it (`encoder-pipeline promote --domain D --force`), which it records."""
 
 import json
 import shutil
 
 import dagster as dg
+from pydantic import Field
 
-from encoder_pipeline.defs.evaluation.assets import (
-    PROMOTION_FILE,
-    SERVING_ASSET,
-    eval_report,
-    read_report,
-    read_served,
-)
-from encoder_pipeline.defs.indexing.assets import CHOICE_FILE
+from encoder_pipeline.defs.evaluation.assets import eval_report
 from encoder_pipeline.defs.shared import publish
 from encoder_pipeline.domains import domain_partitions
 from encoder_pipeline.lib.index import served_bytes
-from encoder_pipeline.lib.promotion import garbage_collect
+from encoder_pipeline.lib.promotion import PROMOTION_FILE, garbage_collect
+from encoder_pipeline.lib.search import (
+    CANDIDATE_ASSET,
+    CHOICE_FILE,
+    REPORT_ASSET,
+    SERVING_ASSET,
+    NothingServed,
+    read_report,
+    served_index,
+)
 from encoder_pipeline.resources import ArtifactStoreResource, PipelineSettings
 
 GROUP = "serving"
 NOT_COPIED = {"manifest.json"}  # the new version writes its own
+
+
+class PromotionConfig(dg.Config):
+    """How this promotion treats the report's verdict."""
+
+    force: bool = Field(
+        False, description="Promote the latest candidate even though its eval_report refused it "
+        "(safe_to_promote failed). Recorded as `forced` with the refusal's reason in promotion.json "
+        "and in this materialization's metadata. `encoder-pipeline promote --domain D --force` sets it.")
 
 
 @dg.asset(
@@ -35,44 +48,54 @@ NOT_COPIED = {"manifest.json"}  # the new version writes its own
                           & dg.AutomationCondition.all_deps_blocking_checks_passed()
                           ).with_label("eager, once the report's blocking checks pass"),
 )
-def serving_index(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource,
-                  settings: PipelineSettings) -> dg.MaterializeResult:
+def serving_index(context: dg.AssetExecutionContext, config: PromotionConfig,
+                  artifacts: ArtifactStoreResource, settings: PipelineSettings) -> dg.MaterializeResult:
     """Promote the candidate index: copy the `embedding_index` version the latest report judged
     (same layout: index files, ids.json.gz, index.json, choice.json) and record the verdict in
     promotion.json. In a run with `eval_report`, Dagster skips this asset when the blocking
     `safe_to_promote` check fails; materialized on its own, it refuses a report that is not safe to
-    promote or that judged another `embedding_index` version. The previous version stays on disk:
+    promote (unless `force`, which promotion.json and the metadata then record as `forced`) or that
+    judged another `embedding_index` version. The previous version stays on disk:
     `encoder-pipeline rollback` serves it again. After a promotion, artifacts that neither the last
     `settings.keep_promoted_versions` promotions nor any asset's current version needs are deleted
     (`lib.promotion.garbage_collect`)."""
     domain = context.partition_key
     store = artifacts.store()
     report = read_report(store, domain)
-    candidate_version = store.latest_version(domain, "embedding_index")
-    judged_version = store.manifest(domain, "eval_report")["upstream"]["embedding_index"]
+    candidate_version = store.latest_version(domain, CANDIDATE_ASSET)
+    judged_version = store.manifest(domain, REPORT_ASSET)["upstream"][CANDIDATE_ASSET]
     if judged_version != candidate_version:
         raise dg.Failure(f"the latest eval_report judged embedding_index {judged_version}, not the "
                          f"latest {candidate_version}: materialize eval_report first")
-    if not report["promotion"]["safe"]:
-        raise dg.Failure(f"eval_report says not to promote: {report['promotion']['reason']}")
+    refused = not report["promotion"]["safe"]
+    if refused and not config.force:
+        raise dg.Failure(f"eval_report says not to promote: {report['promotion']['reason']} "
+                         f"(`encoder-pipeline promote --domain {domain} --force` serves it anyway)")
+    forced = refused  # only a refusal is overridden; a safe candidate is promoted as usual
+    if forced:
+        context.log.warning(f"forced promotion of embedding_index {candidate_version} over its "
+                            f"report's refusal: {report['promotion']['reason']}")
 
-    source = store.latest(domain, "embedding_index")
+    source = store.latest(domain, CANDIDATE_ASSET)
     choice = json.loads((source / CHOICE_FILE).read_text())
-    previous = read_served(store, domain)
-    previous_info = ({"version": previous[0].name, "rung": previous[1]["rung"],
-                      "revision": previous[1]["revision"]} if previous else None)
+    try:
+        previous = served_index(domain, store)
+        previous_info = {"version": previous.version, "rung": previous.choice["rung"],
+                         "revision": previous.revision}
+    except NothingServed:
+        previous_info = None
     promotion = {
         "embedding_index_version": candidate_version,
-        "eval_report_version": store.latest_version(domain, "eval_report"),
+        "eval_report_version": store.latest_version(domain, REPORT_ASSET),
         "rung": choice["rung"], "revision": choice["revision"],
         "dims": choice.get("dims"), "precision": choice.get("precision"),
-        "verdict": report["verdict"], "reason": report["promotion"]["reason"],
+        "verdict": report["verdict"], "reason": report["promotion"]["reason"], "forced": forced,
         "ndcg@10": report["after"]["ndcg@10"], "p95_ms": report["after"]["p95_ms"],
         "index_mb": report["after"]["index_mb"], "previous": previous_info,
     }
-    fingerprint = store.manifest(domain, "embedding_index")["corpus_fingerprint"]
-    with publish(context, artifacts, settings, {"embedding_index": candidate_version},
-                 ["embedding_index", "eval_report"], corpus_fingerprint=fingerprint) as staging:
+    fingerprint = store.manifest(domain, CANDIDATE_ASSET)["corpus_fingerprint"]
+    with publish(context, artifacts, settings, {CANDIDATE_ASSET: candidate_version, "forced": forced},
+                 [CANDIDATE_ASSET, REPORT_ASSET], corpus_fingerprint=fingerprint) as staging:
         for item in source.iterdir():
             if item.name in NOT_COPIED:
                 continue
@@ -92,6 +115,8 @@ def serving_index(context: dg.AssetExecutionContext, artifacts: ArtifactStoreRes
         "previous_version": previous_info["version"] if previous_info else "none",
         "rung": choice["rung"],
         "verdict": report["verdict"],
+        "forced": dg.MetadataValue.bool(forced),
+        "reason": report["promotion"]["reason"],
         "ndcg_at_10": dg.MetadataValue.float(report["after"]["ndcg@10"]),
         "index_mb": dg.MetadataValue.float(served_bytes(published) / 1e6),
         "path": dg.MetadataValue.path(str(published)),
