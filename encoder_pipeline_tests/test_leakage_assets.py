@@ -177,7 +177,7 @@ def test_the_filter_keeps_every_planted_leak_out_of_every_training_file(run):
 
 
 def test_a_broken_filter_is_caught_by_each_assets_blocking_check(run, monkeypatch):
-    materialize, store = run
+    materialize, _ = run
     monkeypatch.setattr(leakage.LeakFilter, "find",
                         lambda self, rows: leakage.LeakReport(leakage.np.zeros(len(rows), dtype=bool)))
     # one asset at a time: each reads what its upstream published, leaks included
