@@ -4,7 +4,9 @@
 
 Prints wall seconds per stage (from Dagster's step events) and, as a machine-independent ratio, each
 stage in units of one baseline measured in the same run: encoding the cleaned corpus once with the
-base model (fp32, no cache).
+base model (fp32, no cache). The whole-corpus encodes inside a stage (the candidate rung in
+`index_sweep`, the off-the-shelf model in `eval_report`: the units the training sample did not
+already cache) get their own lines, from the stages' metadata.
 
 Each result records the device it ran on (GPU model and count, or the CPU model). To measure a GPU's
 speed-up, run it twice on the GPU machine and compare:
@@ -35,9 +37,26 @@ from encoder_pipeline.resources import ArtifactStoreResource, LLMResource, Pipel
 RESULTS = Path(__file__).parent / "results"
 
 
-def step_seconds(instance: dg.DagsterInstance, run_id: str) -> dict[str, float]:
-    return {stat.step_key: stat.end_time - stat.start_time
-            for stat in instance.get_run_step_stats(run_id) if stat.end_time}
+# metadata prefix (defs.shared.ProgressLog) -> what was encoded
+ENCODES = {"corpus": "whole-corpus encode, candidate rung",
+           "off_the_shelf_corpus": "whole-corpus encode, off-the-shelf model"}
+
+
+def step_seconds(instance: dg.DagsterInstance, result: dg.ExecuteInProcessResult) -> dict[str, float]:
+    """Seconds per step, and after a step the whole-corpus encodes it did (`  of which: ...`)."""
+    seconds = {}
+    encodes = {e.asset_key.to_user_string(): e.materialization.metadata
+               for e in result.get_asset_materialization_events()}
+    for stat in instance.get_run_step_stats(result.run_id):
+        if not stat.end_time:
+            continue
+        seconds[stat.step_key] = stat.end_time - stat.start_time
+        metadata = encodes.get(stat.step_key, {})
+        for prefix, label in ENCODES.items():
+            if f"{prefix}_encode_seconds" in metadata:
+                units = metadata[f"{prefix}_units_encoded"].value
+                seconds[f"  of which: {label} ({units:,} units)"] = metadata[f"{prefix}_encode_seconds"].value
+    return seconds
 
 
 def device() -> dict:
@@ -84,7 +103,7 @@ def main() -> None:
         began = time.perf_counter()
         encoders.encode(model, texts, bf16=False)
         baseline = time.perf_counter() - began
-    seconds = step_seconds(instance, result.run_id)
+    seconds = step_seconds(instance, result)
     ran_on = device()
     before = json.loads(args.compare.read_text()) if args.compare else None
     print(f"device: {ran_on['name']}")

@@ -163,8 +163,10 @@ def cmd_search(args: argparse.Namespace) -> int:
              "title": hit.title} for rank, hit in enumerate(hits, 1)]}, indent=2))
         return 0
     served = searcher.describe()
+    of_corpus = (f" of the corpus's {served['corpus_units']:,} ({served['corpus_documents']:,} documents)"
+                 if served["corpus_units"] is not None else "")
     print(f"# {served['domain']}: {served['rung']} (revision {served['revision']}), "
-          f"{served['precision']}@{served['dims']}, {served['documents']} units, "
+          f"{served['precision']}@{served['dims']}, {served['documents']:,} units{of_corpus}, "
           f"{served['asset']} {served['version']}")
     width = max([len(h.id) for h in hits] + [2])
     print(f"{'rank':>4}  {'score':>6}  {'id':<{width}}  title")

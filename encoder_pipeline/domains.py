@@ -49,6 +49,10 @@ class CorpusSource(_Strict):
     exclude: list[str] = Field(
         default_factory=list, description="python_stdlib: package folders left out of the corpus."
     )
+    include: list[str] = Field(
+        default_factory=list, description="python_stdlib: only these top-level packages or modules "
+        "(empty: the whole standard library but `exclude`)."
+    )
     license: str = Field(
         "", description="The corpus's licence or terms of use, repeated in the exported model card."
     )

@@ -11,7 +11,7 @@ ProfileName = Literal["tiny", "default", "full"]
 
 @dataclass(frozen=True)
 class Profile:
-    max_documents: int  # corpus sample before cleaning (0: the whole corpus)
+    training_documents: int  # the training stages' stable sample of documents (0: all); serving covers all
     eval_queries: int  # held-out queries when the domain has no judged set
     judged_queries: int  # judged queries evaluated on (0: all of them)
     max_pairs: int  # structural pairs kept after the consistency filter
@@ -28,16 +28,16 @@ class Profile:
 
 
 PROFILES: dict[str, Profile] = {
-    "tiny": Profile(max_documents=250, eval_queries=30, judged_queries=30, max_pairs=64, consistency_top_k=20,
+    "tiny": Profile(training_documents=250, eval_queries=30, judged_queries=30, max_pairs=64, consistency_top_k=20,
                     dev_fraction=0.1, dev_max_pairs=15, dev_distractors=100, synthetic_documents=4,
                     queries_per_document=2, round_trip_top_k=10, epochs=1, batch_size=16,
                     latency_queries=40),
-    "default": Profile(max_documents=3000, eval_queries=300, judged_queries=0, max_pairs=2000, consistency_top_k=20,
+    "default": Profile(training_documents=3000, eval_queries=300, judged_queries=0, max_pairs=2000, consistency_top_k=20,
                        dev_fraction=0.1, dev_max_pairs=100, dev_distractors=1000,
                        synthetic_documents=512,
                        queries_per_document=1, round_trip_top_k=10, epochs=1, batch_size=32,
                        latency_queries=300),
-    "full": Profile(max_documents=0, eval_queries=1000, judged_queries=0, max_pairs=100_000, consistency_top_k=20,
+    "full": Profile(training_documents=0, eval_queries=1000, judged_queries=0, max_pairs=100_000, consistency_top_k=20,
                     dev_fraction=0.05, dev_max_pairs=500, dev_distractors=1000,
                     synthetic_documents=2000,
                     queries_per_document=2, round_trip_top_k=10, epochs=1, batch_size=64,

@@ -71,11 +71,17 @@ def tiny_dagster_home(tmp_path_factory) -> Path:
     return home
 
 
+# The tiny `code` build's corpus: these packages of the standard library (~1,200 functions) instead
+# of all of it (~13,600): the served index and the report embed every unit, twice.
+TINY_CODE_PACKAGES = ["email", "http", "logging", "json", "csv", "shutil", "textwrap", "calendar"]
+
+
 @pytest.fixture(scope="session")
 def tiny_code_run(tmp_path_factory, tiny_dagster_home):
     """The whole graph for the `code` partition, tiny profile, real components, in a throwaway
     artifact root and a persistent instance in `tiny_dagster_home` (so the UI test can show its
-    materializations): built once per session and shared by the graph, report, serving and UI tests."""
+    materializations): built once per session and shared by the graph, report, serving and UI tests.
+    The spec is the built-in one with its corpus cut to TINY_CODE_PACKAGES."""
     import dagster as dg
 
     from encoder_pipeline.definitions import defs
@@ -84,19 +90,24 @@ def tiny_code_run(tmp_path_factory, tiny_dagster_home):
     from encoder_pipeline.resources import ArtifactStoreResource, LLMResource, PipelineSettings
 
     root = tmp_path_factory.mktemp("artifacts")
+    domains = tmp_path_factory.mktemp("domains")
+    spec = (PROJECT_ROOT / "data" / "domains" / "code.toml").read_text()
+    (domains / "code.toml").write_text(spec.replace("[corpus]\n", f"[corpus]\ninclude = {TINY_CODE_PACKAGES}\n"))
     instance = dg.DagsterInstance.from_config(str(tiny_dagster_home))
     instance.add_dynamic_partitions(domain_partitions.name, ["code"])
-    result = dg.materialize(
-        [a for a in defs.assets if isinstance(a, dg.AssetsDefinition)],
-        instance=instance,
-        partition_key="code",
-        resources={
-            "artifacts": ArtifactStoreResource(root=str(root)),
-            "settings": PipelineSettings(profile="tiny"),
-            "llm": LLMResource(),
-        },
-        raise_on_error=False,  # a refused candidate fails eval_report's blocking check: see tiny_code_served
-    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ENCODER_PIPELINE_DOMAINS", str(domains))
+        result = dg.materialize(
+            [a for a in defs.assets if isinstance(a, dg.AssetsDefinition)],
+            instance=instance,
+            partition_key="code",
+            resources={
+                "artifacts": ArtifactStoreResource(root=str(root)),
+                "settings": PipelineSettings(profile="tiny"),
+                "llm": LLMResource(),
+            },
+            raise_on_error=False,  # a refused candidate fails eval_report's blocking check: see tiny_code_served
+        )
     return result, ArtifactStore(root)
 
 

@@ -74,9 +74,14 @@ def test_report_is_written_and_complete(tiny_code_run):
     result, store = tiny_code_run
     report_dir = store.latest("code", "eval_report")
     report = json.loads((report_dir / "report.json").read_text())
-    assert set(report["systems"]) == {"bm25", "off_the_shelf", "encoder_heuristic",
-                                      "encoder_synthetic", "encoder_hard_negatives", "served_index",
-                                      "hybrid_bm25_served"}
+    # the ladder on the training sample, what users get on the whole corpus (the sample is smaller)
+    haystacks = {name: metrics["haystack"] for name, metrics in report["systems"].items()}
+    assert haystacks == {"bm25": "sample", "off_the_shelf": "sample", "encoder_heuristic": "sample",
+                         "encoder_synthetic": "sample", "encoder_hard_negatives": "sample",
+                         "bm25@corpus": "corpus", "off_the_shelf@corpus": "corpus",
+                         "served_index": "corpus", "hybrid_bm25_served": "corpus"}
+    assert report["haystacks"]["sample"]["units"] < report["haystacks"]["corpus"]["units"]
+    assert report["before"]["ndcg@10"] == report["systems"]["off_the_shelf@corpus"]["ndcg@10"]
     for metrics in report["systems"].values():
         assert 0.0 <= metrics["ndcg@10"] <= 1.0 and 0.0 <= metrics["recall@100"] <= 1.0
     assert report["after"]["p95_ms"] > 0 and report["after"]["index_mb"] > 0
@@ -107,12 +112,13 @@ def test_report_ladder_has_paired_tests(tiny_code_run):
     assert len(report["regressions"]) == len(worse)
     markdown = (store.latest("code", "eval_report") / "report.md").read_text()
     assert "p vs below" in markdown and "## Targets" in markdown and "## Migration" in markdown
+    assert "## What users get (the whole corpus:" in markdown and "## Ladder (the training sample:" in markdown
 
 
 def test_report_hybrid_sweep_and_migration(tiny_code_run):
     _, store = tiny_code_run
     report = json.loads((store.latest("code", "eval_report") / "report.json").read_text())
-    assert report["hybrid"]["runs"] == ["bm25", "served_index"]
+    assert report["hybrid"]["runs"] == ["bm25@corpus", "served_index"]
     assert 0.0 <= report["hybrid"]["ndcg@10"] <= 1.0
     migration = report["migration"]
     assert migration["old"].startswith("off-the-shelf")  # nothing was served before this run

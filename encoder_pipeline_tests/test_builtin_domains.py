@@ -1,8 +1,14 @@
 """The other three built-in partitions materialize end to end at small scale on their real sample
 corpora (../shared/corpora): BEIR with a judged set (web_qa, biomedical) and without (legal). The
-`code` partition's run is test_assets.py."""
+`code` partition's run is test_assets.py.
+
+The served index covers the whole corpus, so each corpus is cut to every judged document plus
+OTHER_DOCUMENTS others (gene_ontology's 43,558 terms would take minutes to embed twice)."""
 
 import json
+from pathlib import Path
+
+import pandas as pd
 
 import dagster as dg
 import pytest
@@ -12,18 +18,42 @@ from encoder_pipeline.domains import domain_partitions, load_domain
 from encoder_pipeline.lib.artifacts import ArtifactStore
 from encoder_pipeline.lib.encoders import DEFAULT_BASE_MODEL
 from encoder_pipeline.resources import ArtifactStoreResource, LLMResource, PipelineSettings
-from encoder_pipeline_tests.conftest import requires_shared_corpora
+from encoder_pipeline_tests.conftest import requires_shared_corpora, shared_corpus
 
 pytestmark = [requires_shared_corpora, pytest.mark.slow]  # ~95 s each on 2 cores
 
 
+OTHER_DOCUMENTS = 400
+
+
+def _cut_corpus(domain: str, root: Path) -> None:
+    """The domain's BEIR folder under `root` (its spec path), with every judged document and a
+    sample of the others."""
+    relative = load_domain(domain).corpus.path
+    source, target = shared_corpus(relative), root / relative
+    target.mkdir(parents=True)
+    corpus = pd.read_json(source / "corpus.jsonl", lines=True, dtype={"_id": str})
+    judged = set()
+    if (source / "qrels").is_dir():
+        qrels = pd.read_csv(source / "qrels" / "dev.tsv", sep="\t", dtype=str)
+        judged = set(qrels["corpus-id"])
+        (target / "qrels").mkdir()
+        (target / "qrels" / "dev.tsv").write_text((source / "qrels" / "dev.tsv").read_text())
+        (target / "queries.jsonl").write_text((source / "queries.jsonl").read_text())
+    others = corpus[~corpus["_id"].isin(judged)].sample(OTHER_DOCUMENTS, random_state=0)
+    pd.concat([corpus[corpus["_id"].isin(judged)], others]).to_json(
+        target / "corpus.jsonl", orient="records", lines=True, force_ascii=False)
+
+
 @pytest.mark.parametrize("domain", ["web_qa", "biomedical", "legal"])
-def test_builtin_domain_materializes_end_to_end(domain, tmp_path):
+def test_builtin_domain_materializes_end_to_end(domain, tmp_path, monkeypatch):
+    _cut_corpus(domain, tmp_path / "corpora")
+    monkeypatch.setenv("ENCODER_PIPELINE_CORPUS_ROOT", str(tmp_path / "corpora"))
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(domain_partitions.name, [domain])
     assets = [a for a in defs.assets if isinstance(a, dg.AssetsDefinition)]
     result = dg.materialize(assets, instance=instance, partition_key=domain, resources={
-        "artifacts": ArtifactStoreResource(root=str(tmp_path)),
+        "artifacts": ArtifactStoreResource(root=str(tmp_path / "artifacts")),
         # The base model mines in every domain here, biomedical's spec teacher (mpnet, ~10x slower to
         # encode) included: which teacher mines is test_domains' concern; the teacher's scores are
         # still distilled where the spec asks (biomedical).
@@ -37,7 +67,7 @@ def test_builtin_domain_materializes_end_to_end(domain, tmp_path):
     assert materialized >= graph - {"serving_index"}
     promotion = next(c for c in result.get_asset_check_evaluations() if c.check_name == "safe_to_promote")
     assert ("serving_index" in materialized) == promotion.passed
-    store = ArtifactStore(tmp_path)
+    store = ArtifactStore(tmp_path / "artifacts")
     spec = load_domain(domain)
     report = json.loads((store.latest(domain, "eval_report") / "report.json").read_text())
     # the spec's columns are used, not just stored: the report's header and the human-judged flag
@@ -53,3 +83,8 @@ def test_builtin_domain_materializes_end_to_end(domain, tmp_path):
     assert leakage and all(c.passed for c in leakage)
     prompts = (store.latest(domain, "synthetic_queries") / "generation.json").read_text()
     assert json.loads(prompts)["prompts"] > 0
+    # trained on the profile's sample, indexed and judged on every unit of the corpus
+    units = pd.read_parquet(store.latest(domain, "clean_corpus") / "corpus.parquet")
+    assert units["in_sample"].sum() < len(units)
+    choice = json.loads((store.latest(domain, "embedding_index") / "choice.json").read_text())
+    assert choice["vectors"] == choice["corpus_units"] == len(units) == report["haystacks"]["corpus"]["units"]

@@ -13,7 +13,8 @@ from encoder_pipeline.lib.corpus import (
     near_duplicate_groups,
     sample_ids,
 )
-from encoder_pipeline.lib.sources import read_corpus, read_python_stdlib, summary_line
+from encoder_pipeline.lib.extractors.docstring import summary_line
+from encoder_pipeline.lib.sources import read_corpus, read_python_stdlib
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +137,7 @@ def test_streaming_clean_writes_one_ordered_file_and_a_content_fingerprint(tmp_p
     gone, and the fingerprint follows the content (same input, same print; one edit, a new one)."""
     import pyarrow.parquet as pq
 
-    from encoder_pipeline.lib.corpus import UNIT_COLUMNS, clean_corpus_to_parquet
+    from encoder_pipeline.lib.corpus import SAMPLE_COLUMN, UNIT_COLUMNS, clean_corpus_to_parquet
 
     docs = [{"_id": f"d{i:05d}", "title": f"T{i}", "text": f"unit {i} " + " ".join(f"w{i * 7 + j}" for j in range(12))}
             for i in range(5000)]
@@ -150,7 +151,8 @@ def test_streaming_clean_writes_one_ordered_file_and_a_content_fingerprint(tmp_p
 
     assert sorted(p.name for p in out.parent.iterdir()) == ["units.parquet"]
     table = pq.read_table(out)
-    assert table.column_names == UNIT_COLUMNS
+    assert table.column_names == [*UNIT_COLUMNS, SAMPLE_COLUMN]
+    assert all(table.column(SAMPLE_COLUMN).to_pylist())  # no sample asked for: every unit is in it
     ids = table.column("doc_id").to_pylist()
     assert ids == sorted(ids) and "d00010" not in ids and len(ids) == 4999 == report.counts["kept"]
 
@@ -160,3 +162,31 @@ def test_streaming_clean_writes_one_ordered_file_and_a_content_fingerprint(tmp_p
     path.write_text("\n".join(json.dumps(d) for d in docs))
     edited = clean_corpus_to_parquet(read_corpus("jsonl", str(path)), CleaningConfig(), tmp_path / "c.parquet")
     assert edited.fingerprint != report.fingerprint
+
+
+def test_the_training_sample_marks_every_unit_keeps_judged_documents_and_survives_growth(tmp_path):
+    """clean_corpus keeps the whole corpus and marks a stable sample of documents for training: the
+    same ids give the same sample whatever their order, judged documents are always in it, and a
+    corpus grown by 10% keeps about 90% of its sample (new documents enter in proportion)."""
+    import pyarrow.parquet as pq
+
+    from encoder_pipeline.lib.corpus import SAMPLE_COLUMN, clean_corpus_to_parquet
+
+    def cleaned(count: int, name: str, reverse: bool = False) -> tuple[list[str], set[str]]:
+        docs = [{"_id": f"d{i:05d}", "title": f"Title {i}", "text": f"document {i} " + " ".join(
+            f"w{i * 11 + j}" for j in range(20))} for i in range(count)]
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("\n".join(json.dumps(d) for d in (reversed(docs) if reverse else docs)))
+        out = tmp_path / f"{name}.parquet"
+        report = clean_corpus_to_parquet(read_corpus("jsonl", str(path)), CleaningConfig(sample_documents=500),
+                                         out, protected={"d01999", "d00001"})
+        table = pq.read_table(out).to_pandas()
+        assert report.sample_documents == len(set(table[table[SAMPLE_COLUMN]]["parent_id"]))
+        return list(table["doc_id"]), set(table[table[SAMPLE_COLUMN]]["parent_id"])
+
+    ids, sample = cleaned(2000, "base")
+    assert len(ids) == 2000 and len(sample) == 500 and {"d01999", "d00001"} <= sample
+    assert cleaned(2000, "reversed", reverse=True)[1] == sample
+    grown_ids, grown_sample = cleaned(2200, "grown")
+    assert len(grown_ids) == 2200 and len(grown_sample) == 500
+    assert 0.85 <= len(sample & grown_sample) / 500 < 1.0

@@ -46,6 +46,7 @@ def _materialize_and_embed(root: Path, ray_address: str) -> dict:
         "artifacts": ArtifactStoreResource(root=str(root)), "settings": settings, "llm": LLMResource()})
     assert result.success
     units = pd.read_parquet(ArtifactStore(root).latest(DOMAIN, "clean_corpus") / CORPUS_FILE)
+    units = units[units["in_sample"]]  # the comparison needs no more than the training sample
     vectors = embed_texts(DEFAULT_BASE_MODEL, document_texts(units["title"], units["text"]), bf16=False)
     units.to_parquet(root / "units.parquet")
     np.save(root / "vectors.npy", vectors)

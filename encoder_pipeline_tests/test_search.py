@@ -32,11 +32,11 @@ def home(built, monkeypatch) -> ArtifactStore:
 
 @pytest.fixture(scope="module")
 def known(built) -> tuple[str, str]:
-    """A query with a known answer: a function's docstring summary (a structural training pair) and
-    the function's id."""
+    """A query with a known answer, whatever the tiny training and the index width did: a function's
+    own name and code (a training pair's positive) and the function's id."""
     pairs = pd.read_parquet(built.latest("code", "heuristic_pairs") / "pairs.parquet")
     row = pairs.sort_values("doc_id").iloc[0]
-    return str(row["query"]), str(row["doc_id"])
+    return str(row["positive"]), str(row["doc_id"])
 
 
 def test_search_cli_returns_the_known_document(home, known, capsys):
@@ -75,6 +75,27 @@ def test_search_api_agrees_with_the_report(built, known):
     means, _ = evaluate(run, split["qrels"])
     report = json.loads((built.latest("code", "eval_report") / "report.json").read_text())
     assert means == {metric: report["after"][metric] for metric in means}
+
+
+def test_the_served_index_holds_every_unit_not_only_the_training_sample(home, built, capsys):
+    """Training runs on the profile's sample (250 documents at tiny scale); the index, `search` and
+    the report cover the whole cleaned corpus (~1,200 functions here), so a function outside the
+    sample is found."""
+    units = pd.read_parquet(built.latest("code", "clean_corpus") / "corpus.parquet")
+    outside = units[~units["in_sample"]]
+    assert len(outside) > 2 * units["in_sample"].sum()
+    searcher = Searcher.for_domain("code", built)
+    assert searcher.index.index.ntotal == len(units)
+    described = searcher.describe()
+    assert (described["documents"], described["corpus_units"]) == (len(units), len(units))
+    unit = outside.sort_values("doc_id").iloc[len(outside) // 2]
+    hits = searcher.search(f"{unit['title']}\n{unit['text']}", k=10)
+    assert unit["doc_id"] in [hit.id for hit in hits]
+    report = json.loads((built.latest("code", "eval_report") / "report.json").read_text())
+    assert report["haystacks"]["corpus"]["units"] == len(units) > report["haystacks"]["sample"]["units"]
+    assert report["systems"]["served_index"]["haystack"] == "corpus"
+    assert cli.main(["search", "--domain", "code", "parse a date"]) == 0
+    assert f"{len(units):,} units of the corpus's {len(units):,}" in capsys.readouterr().out
 
 
 def test_search_names_the_command_for_an_unbuilt_domain(home, capsys):

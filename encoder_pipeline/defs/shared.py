@@ -4,6 +4,7 @@ publish its own with a manifest, and describe it in metadata."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import pandas as pd
 
 from encoder_pipeline.domains import DomainSpec, SpecError, load_domain
 from encoder_pipeline.lib.artifacts import ArtifactStore, Manifest
+from encoder_pipeline.lib.corpus import SAMPLE_COLUMN
 from encoder_pipeline.lib.encoders import document_texts
 from encoder_pipeline.lib.pairs import EvalSplit
 from encoder_pipeline.resources import ArtifactStoreResource, PipelineSettings
@@ -51,7 +53,17 @@ def publish(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource,
 
 
 def read_corpus_units(store: ArtifactStore, domain: str) -> pd.DataFrame:
+    """Every cleaned unit of the corpus: what the served index holds."""
     return pd.read_parquet(store.latest(domain, "clean_corpus") / CORPUS_FILE)
+
+
+def read_sample_units(store: ArtifactStore, domain: str) -> pd.DataFrame:
+    """The units of the training sample (clean_corpus's `in_sample`; a version written before the
+    sample existed is whole): what training data, the ladder and the index sweep are built on."""
+    units = read_corpus_units(store, domain)
+    if SAMPLE_COLUMN not in units.columns:
+        return units
+    return units[units[SAMPLE_COLUMN]].reset_index(drop=True)
 
 
 def corpus_texts(units: pd.DataFrame) -> list[str]:
@@ -69,6 +81,26 @@ def write_eval_split(path: Path, split: EvalSplit) -> None:
         "queries": split.queries, "qrels": split.qrels,
         "eval_doc_ids": sorted(split.eval_doc_ids), "human_judged": split.human_judged,
     }))
+
+
+class ProgressLog:
+    """A `progress(done, total)` callback that logs `what` with a rate and an ETA, and keeps how many
+    texts it saw encoded and how long that took (for metadata: the whole-corpus encode's own line)."""
+
+    def __init__(self, context: dg.AssetExecutionContext, what: str):
+        self.context, self.what = context, what
+        self.started = time.perf_counter()
+        self.done, self.seconds = 0, 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        self.done, self.seconds = done, time.perf_counter() - self.started
+        eta = self.seconds / max(done, 1) * (total - done)
+        self.context.log.info(f"{self.what}: {done:,} of {total:,} ({done / max(total, 1):.0%}), "
+                              f"{done / max(self.seconds, 1e-9):.0f}/s, about {eta:.0f} s left")
+
+    def metadata(self, prefix: str) -> dict:
+        return {f"{prefix}_units_encoded": dg.MetadataValue.int(self.done),
+                f"{prefix}_encode_seconds": dg.MetadataValue.float(round(self.seconds, 2))}
 
 
 def embeddings_cache(store: ArtifactStore, domain: str) -> Path:

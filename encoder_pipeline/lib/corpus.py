@@ -2,7 +2,8 @@
 
 Columns in: `doc_id, title, text, anchor` (see `sources.py`). Columns out: `doc_id` (unit id, stable),
 `parent_id` (the source document: judgments and metrics are at this level, best chunk wins),
-`title`, `text`, `anchor`.
+`title`, `text`, `anchor`, `in_sample` (the unit's document is in the training sample: a stable
+salted-hash sample of `sample_documents` documents, judged ones always in; see `sample_ids`).
 
 Per-row work runs as Daft expressions and batch UDFs and streams to Parquet, so a corpus larger than
 memory cleans on one machine (`clean_corpus_to_parquet`); the MinHash step follows Daft's dedupe
@@ -40,7 +41,8 @@ class CleaningConfig:
     ngram_size: int = 5
     bands: int = 16
     jaccard_threshold: float = 0.8
-    max_documents: int = 0
+    max_documents: int = 0  # read only a sample of this many documents (tests, probes); 0: all
+    sample_documents: int = 0  # documents marked `in_sample` for the training stages; 0: all
     seed: int = 0
     min_units: int = 0  # fewer units left after cleaning: refused (an eval set and training need more)
 
@@ -51,6 +53,8 @@ class CleaningReport:
     word_percentiles: dict[str, float] = field(default_factory=dict)
     duplicate_examples: list[tuple[str, str]] = field(default_factory=list)
     fingerprint: str = ""  # sha256 over the kept units' (doc_id, title, text), in order
+    sample_documents: int = 0  # documents in the training sample (all, when it is not sampled)
+    sample_units: int = 0
 
 
 def chunk_words(text: str, max_words: int) -> list[str]:
@@ -64,7 +68,9 @@ def chunk_words(text: str, max_words: int) -> list[str]:
 
 
 def sample_ids(doc_ids: Iterable[str], limit: int, protected: set[str], seed: int) -> set[str]:
-    """A deterministic sample of at most `limit` ids (by salted hash), always keeping protected ids."""
+    """A deterministic sample of at most `limit` ids (the lowest salted hashes), always keeping
+    protected ids. It depends on the ids only, not on their order, and is stable as a corpus grows:
+    new documents enter in proportion and displace as many sampled ones, never more."""
     ids = list(doc_ids)
     if limit <= 0 or len(ids) <= limit:
         return set(ids)
@@ -135,6 +141,7 @@ def _keep_order(doc_id: str, protected: set[str]) -> tuple[int, str]:
 
 
 UNIT_COLUMNS = ["doc_id", "parent_id", "title", "text", "anchor"]
+SAMPLE_COLUMN = "in_sample"
 _BOOKKEEPING = ["doc_id", "parent_id", "words", "short", "boilerplate", "exact_key", "signature"]
 
 
@@ -195,10 +202,12 @@ def clean_corpus_to_parquet(raw: daft.DataFrame, config: CleaningConfig, out_pat
                               f"({report.counts}); at least {config.min_units} are needed (one "
                               "training pair per unit at best, and training needs that many): add "
                               "documents")
-        report.fingerprint = _copy_kept(scratch, keep, out_path)
+        sample = _sampled_parents(scratch, keep, config, protected)
+        report.fingerprint, report.sample_units = _copy_kept(scratch, keep, sample, out_path)
     finally:
         scratch.unlink(missing_ok=True)
     report.counts["kept"] = int(keep.sum())
+    report.sample_documents = len(sample) if sample is not None else len(set(_kept_parents(out_path)))
     report.word_percentiles = {f"p{q}": float(np.percentile(words[keep], q)) for q in (5, 50, 95)}
     return report
 
@@ -309,19 +318,39 @@ def _units_to_keep(scratch: Path, config: CleaningConfig, protected: set[str],
     return keep, units["words"].to_numpy()
 
 
-def _copy_kept(scratch: Path, keep: np.ndarray, out_path: Path) -> str:
-    """Pass 3: stream the kept units into `out_path`; returns the content fingerprint."""
+def _kept_parents(path: Path) -> list[str]:
+    return pq.read_table(path, columns=["parent_id"]).column("parent_id").to_pylist()
+
+
+def _sampled_parents(scratch: Path, keep: np.ndarray, config: CleaningConfig,
+                     protected: set[str]) -> set[str] | None:
+    """The training sample's documents among the kept units (None: every document is in it)."""
+    if config.sample_documents <= 0:
+        return None
+    parents = pq.read_table(scratch, columns=["parent_id"]).column("parent_id").to_numpy(zero_copy_only=False)
+    return sample_ids(dict.fromkeys(parents[keep]), config.sample_documents, protected, config.seed)
+
+
+def _copy_kept(scratch: Path, keep: np.ndarray, sample: set[str] | None, out_path: Path
+               ) -> tuple[str, int]:
+    """Pass 3: stream the kept units into `out_path`, each marked in or out of the training sample;
+    returns the content fingerprint (of the units, not of the sample) and the units in the sample."""
     digest = hashlib.sha256()
+    sampled = 0
     source = pq.ParquetFile(scratch)
     offset = 0
-    schema = pa.schema([source.schema_arrow.field(name) for name in UNIT_COLUMNS])
+    schema = pa.schema([*(source.schema_arrow.field(name) for name in UNIT_COLUMNS),
+                        pa.field(SAMPLE_COLUMN, pa.bool_())])
     with pq.ParquetWriter(out_path, schema) as writer:
         for batch in source.iter_batches(columns=UNIT_COLUMNS):
             mask = keep[offset: offset + batch.num_rows]
             offset += batch.num_rows
             kept = batch.filter(pa.array(mask))
             if kept.num_rows:
-                writer.write_batch(kept)
+                parents = kept.column("parent_id").to_pylist()
+                in_sample = pa.array([True] * len(parents) if sample is None else [p in sample for p in parents])
+                sampled += sum(in_sample.to_pylist())
+                writer.write_batch(pa.RecordBatch.from_arrays([*kept.columns, in_sample], schema=schema))
                 rows = kept.select(["doc_id", "title", "text"]).to_pandas()
                 digest.update(pd.util.hash_pandas_object(rows, index=False).to_numpy().tobytes())
-    return digest.hexdigest()[:16]
+    return digest.hexdigest()[:16], sampled

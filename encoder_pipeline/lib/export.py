@@ -169,6 +169,11 @@ def model_card(domain: str, served: ServedIndex, spec: Any, report: dict | None,
     index_rows = [["served from", f"`{served.asset}` version `{served.version}`"],
                   ["encoder revision", served.revision], ["dims (Matryoshka prefix)", dims],
                   ["precision", precision], ["vectors", index_info.get("count", "?")]]
+    coverage = served.coverage()
+    if coverage["corpus_units"] is not None:
+        covered = (f"{index_info.get('count', '?')} of the cleaned corpus's {coverage['corpus_units']} "
+                   f"units ({coverage['corpus_documents']} documents)")
+        index_rows.append(["corpus covered", covered])
     index_rows += [[key, value] for key, value in index_info.items()
                    if key not in {"encoder_revision", "kind", "precision", "dim", "dims", "count"}]
     training_rows = [[key, training.get(key)] for key in (

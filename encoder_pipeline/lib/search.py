@@ -59,6 +59,12 @@ class ServedIndex:
     model_path: Path  # as recorded in choice.json, or under this store's root if the root has moved
     choice: dict
 
+    def coverage(self) -> dict:
+        """The cleaned corpus the index was built over: its units and documents (None for an index
+        built before the whole corpus was served, which did not record them)."""
+        return {"corpus_units": self.choice.get("corpus_units"),
+                "corpus_documents": self.choice.get("corpus_documents")}
+
     @property
     def revision(self) -> str:
         return self.choice["revision"]
@@ -202,5 +208,5 @@ class Searcher:
             "rung": self.served.choice.get("rung"), "revision": self.served.revision,
             "dims": info.get("dims", info.get("dim")), "precision": info.get("precision", info.get("kind")),
             "documents": self.index.index.ntotal, "backend": self.backend,
-            "model_path": str(self.served.model_path),
+            "model_path": str(self.served.model_path), **self.served.coverage(),
         }

@@ -24,6 +24,8 @@ from pathlib import Path
 import daft
 from daft import col
 
+from encoder_pipeline.lib.extractors.docstring import split_docstring
+
 CORPUS_COLUMNS = ("doc_id", "title", "text", "anchor")
 TEXT_FILE_PATTERN = r"\.(txt|text|md|markdown|rst|html?|xhtml)$"
 STDLIB_ALWAYS_EXCLUDED = ("test", "tests", "idlelib", "site-packages", "__pycache__")
@@ -65,12 +67,6 @@ def _require_exists(location: str, hint: str) -> None:
     raise CorpusError(f"corpus not found at {location} ({hint})")
 
 
-def summary_line(docstring: str) -> str:
-    """The first paragraph of a docstring, on one line: what a user would type to find it."""
-    paragraph = docstring.strip().split("\n\n", 1)[0]
-    return " ".join(paragraph.split())
-
-
 def _function_units(path: Path, module: str) -> list[dict]:
     try:
         source = path.read_text(encoding="utf-8")
@@ -94,23 +90,14 @@ def _function_units(path: Path, module: str) -> list[dict]:
 def _function_unit(node: ast.FunctionDef | ast.AsyncFunctionDef, lines: list[str], module: str,
                    qualname: str) -> dict:
     start = min([node.lineno] + [d.lineno for d in node.decorator_list]) - 1
-    body = list(range(start, node.end_lineno))
-    docstring = ast.get_docstring(node) or ""
-    if docstring:
-        first = node.body[0]
-        doc_lines = set(range(first.lineno - 1, first.end_lineno))
-        body = [i for i in body if i not in doc_lines]
-    code = textwrap.dedent("\n".join(lines[i] for i in body))
-    return {
-        "doc_id": f"{module}:{qualname}",
-        "title": f"{module}.{qualname}",
-        "text": code,
-        "anchor": summary_line(docstring),
-    }
+    summary, code = split_docstring(textwrap.dedent("\n".join(lines[start:node.end_lineno])))
+    return {"doc_id": f"{module}:{qualname}", "title": f"{module}.{qualname}", "text": code,
+            "anchor": summary}
 
 
-def read_python_stdlib(exclude: list[str]) -> list[dict]:
-    """Functions and methods of the running interpreter's standard library, docstrings removed."""
+def read_python_stdlib(exclude: list[str], include: list[str] | None = None) -> list[dict]:
+    """Functions and methods of the running interpreter's standard library, docstrings removed;
+    `include` (top-level packages or modules), when given, keeps only those."""
     root = Path(sysconfig.get_paths()["stdlib"])
     excluded = set(STDLIB_ALWAYS_EXCLUDED) | set(exclude)
     units: list[dict] = []
@@ -124,6 +111,8 @@ def read_python_stdlib(exclude: list[str]) -> list[dict]:
             if not name.endswith(".py"):
                 continue
             parts = [*relative.parts, name[:-3]]
+            if include and parts[0] not in include:
+                continue
             module = ".".join(p for p in parts if p != "__init__")
             units.extend(_function_units(Path(directory) / name, module))
     # Redefinitions (property setters, platform branches) share a qualname: number the repeats.
@@ -375,7 +364,8 @@ def _mapped(df: daft.DataFrame, id_field: str, title_field: str, text_field: str
 
 def read_corpus(fmt: str, location: str, id_field: str = "_id", title_field: str = "title",
                 text_field: str = "text", exclude: list[str] | None = None,
-                on_malformed: str = "fail", skipped: Skipped | None = None) -> daft.DataFrame:
+                on_malformed: str = "fail", skipped: Skipped | None = None, *,
+                include: list[str] | None = None) -> daft.DataFrame:
     """A lazy Daft frame with CORPUS_COLUMNS, from any supported source.
 
     Malformed entries (a local JSONL line that is not a UTF-8 JSON object or lacks the id the other
@@ -384,7 +374,7 @@ def read_corpus(fmt: str, location: str, id_field: str = "_id", title_field: str
     line by line: Daft's reader fails on a bad line.
     """
     if fmt == "python_stdlib":
-        return daft.from_pylist(read_python_stdlib(exclude or []))
+        return daft.from_pylist(read_python_stdlib(exclude or [], include))
     if fmt == "files":
         _require_exists(location, "a folder or glob of .txt/.md/.html files")
         return read_document_files(location, on_malformed, skipped)

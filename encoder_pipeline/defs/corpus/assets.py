@@ -13,11 +13,12 @@ from encoder_pipeline.defs.shared import (
     domain_spec,
     md_table,
     publish,
-    read_corpus_units,
+    read_sample_units,
     write_eval_split,
 )
 from encoder_pipeline.domains import DomainSpec, domain_partitions
-from encoder_pipeline.lib.corpus import CleaningConfig, clean_corpus_to_parquet as clean_to_parquet
+from encoder_pipeline.lib.corpus import CleaningConfig
+from encoder_pipeline.lib.corpus import clean_corpus_to_parquet as clean_to_parquet
 from encoder_pipeline.lib.drift import write_snapshot
 from encoder_pipeline.lib.pairs import held_out_split, judged_split, sample_judged
 from encoder_pipeline.lib.sources import CorpusError, Skipped, read_corpus, read_judged
@@ -51,7 +52,7 @@ def cleaning_config(spec: DomainSpec, settings: PipelineSettings) -> CleaningCon
         boilerplate_patterns=tuple(spec.unit.boilerplate_patterns),
         num_hashes=spec.dedupe.num_hashes, ngram_size=spec.dedupe.ngram_size,
         bands=spec.dedupe.bands, jaccard_threshold=spec.dedupe.jaccard_threshold,
-        max_documents=settings.sizes().max_documents, seed=settings.seed,
+        sample_documents=settings.sizes().training_documents, seed=settings.seed,
     )
 
 
@@ -65,9 +66,12 @@ def cleaning_config(spec: DomainSpec, settings: PipelineSettings) -> CleaningCon
 )
 def clean_corpus(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource,
                  settings: PipelineSettings) -> dg.MaterializeResult:
-    """The domain's corpus as retrievable units: loaded, unicode/whitespace-normalized, chunked,
+    """The domain's whole corpus as retrievable units: loaded, unicode/whitespace-normalized, chunked,
     empties and boilerplate dropped, exact and MinHash near-duplicates removed, stable ids.
-    Judged documents are never dropped or merged; chunks keep their source document id."""
+    Judged documents are never dropped or merged; chunks keep their source document id. Each unit is
+    marked in or out of the training sample (the profile's `training_documents`, a stable salted-hash
+    sample, judged documents always in): training data is built on the sample, the served index
+    covers every unit."""
     spec = domain_spec(context)
     location = spec.corpus_location() if spec.corpus.format != "python_stdlib" else "(stdlib)"
     judged = _judged(spec, settings)
@@ -83,7 +87,7 @@ def clean_corpus(context: dg.AssetExecutionContext, artifacts: ArtifactStoreReso
         try:
             raw = read_corpus(spec.corpus.format, location, spec.corpus.id_field,
                               spec.corpus.title_field, spec.corpus.text_field, spec.corpus.exclude,
-                              spec.corpus.on_malformed, skipped)
+                              spec.corpus.on_malformed, skipped, include=spec.corpus.include)
             report = clean_to_parquet(raw, config, cleaned, protected)
         except CorpusError as error:
             raise dg.Failure(f"domain '{spec.name}' (spec {spec.source_file}, corpus {location}): "
@@ -102,6 +106,8 @@ def clean_corpus(context: dg.AssetExecutionContext, artifacts: ArtifactStoreReso
         metadata={
             "documents": dg.MetadataValue.int(kept),
             "source_documents": dg.MetadataValue.int(report.counts["read"]),
+            "training_sample_documents": dg.MetadataValue.int(report.sample_documents),
+            "training_sample_units": dg.MetadataValue.int(report.sample_units),
             "skipped_malformed": dg.MetadataValue.int(skipped.count),
             **({"skipped_examples": dg.MetadataValue.md("\n".join(f"- `{e}`" for e in skipped.examples))}
                if skipped.count else {}),
@@ -134,7 +140,7 @@ def eval_set(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource
     appear in no training row; only the report reads it."""
     spec = domain_spec(context)
     store = artifacts.store()
-    units = read_corpus_units(store, spec.name)
+    units = read_sample_units(store, spec.name)  # held-out structure comes from the training sample
     judged = _judged(spec, settings)
     if judged:
         split = judged_split(*judged)

@@ -73,7 +73,8 @@ def thresholds(spec: DomainSpec) -> Thresholds:
 def read_source(spec: DomainSpec) -> daft.DataFrame:
     location = "" if spec.corpus.format == "python_stdlib" else spec.corpus_location()
     return read_corpus(spec.corpus.format, location, spec.corpus.id_field, spec.corpus.title_field,
-                       spec.corpus.text_field, spec.corpus.exclude, spec.corpus.on_malformed)
+                       spec.corpus.text_field, spec.corpus.exclude, spec.corpus.on_malformed,
+                       include=spec.corpus.include)
 
 
 def files_fingerprint(spec: DomainSpec) -> str | None:

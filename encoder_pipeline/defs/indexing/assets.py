@@ -9,6 +9,7 @@ import numpy as np
 
 from encoder_pipeline.defs.indexing.refresh import build_or_refresh
 from encoder_pipeline.defs.shared import (
+    ProgressLog,
     corpus_texts,
     domain_spec,
     embeddings_cache,
@@ -71,7 +72,7 @@ def read_sweep(store: ArtifactStore, domain: str) -> dict:
     deps=ladder_encoders,
     automation_condition=dg.AutomationCondition.eager(),
     description=(
-        "The best rung's corpus index at every Matryoshka width (384/192/96/48) x precision (fp32, "
+        "The best rung's index of the whole corpus at every Matryoshka width (384/192/96/48) x precision (fp32, "
         "fp16, int8 scalar quantizer, binary with int8 or fp32 rescoring, IVF-PQ from 20k vectors): "
         "nDCG@10 / Recall@100 and the share of fp32 full width they keep, on the dev slice and the "
         "eval set, every served byte, build time, p50/p95 latency (query encode + search, one query "
@@ -86,12 +87,16 @@ def index_sweep(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResou
     rung, dev_scores = best_rung(store, spec.name)
     model_path = str(rung_model_path(store, spec.name, rung))
     revision = encoders.model_fingerprint(model_path)
+    # Every configuration is measured over the whole corpus, the haystack it will serve: a width that
+    # holds up among the training sample's units can fail among ten times as many. The vectors land
+    # in the per-unit cache, where embedding_index finds them.
     units = read_corpus_units(store, spec.name)
     parents, ids, titles = list(units["parent_id"]), list(units["doc_id"]), list(units["title"])
+    encoding = ProgressLog(context, f"embedding the corpus with {rung}")
     corpus_vectors = encoders.cached_embeddings(model_path, corpus_texts(units),
                                                 embeddings_cache(store, spec.name),
                                                 bf16=settings.bf16_inference,
-                                                trust_remote_code=spec.trust_remote_code)
+                                                trust_remote_code=spec.trust_remote_code, progress=encoding)
     model = encoders.load_encoder(model_path, trust_remote_code=spec.trust_remote_code)
 
     def query_set(queries: dict[str, str], qrels: dict[str, dict[str, int]]) -> QuerySet:
@@ -124,6 +129,8 @@ def index_sweep(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResou
         "encode_p50_ms": float(np.percentile(encode_ms, 50)),
         "encode_p95_ms": float(np.percentile(encode_ms, 95)),
         "dev_queries": len(dev), "eval_queries": len(split.queries),
+        "haystack": {"units": len(units), "documents": int(units["parent_id"].nunique()),
+                     "what": "the whole corpus"},
         "rescore_multiplier": RESCORE_MULTIPLIER, "targets": spec.targets.model_dump(),
         "dev_ndcg_at_10_by_rung": dev_scores,
         "points": points, "chosen": chosen, "rule": CHOICE_RULE, "reason": reason,
@@ -149,6 +156,8 @@ def index_sweep(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResou
         "encode_p95_ms": dg.MetadataValue.float(payload["encode_p95_ms"]),
         "points": dg.MetadataValue.int(len(points)),
         "latency_queries": dg.MetadataValue.int(len(timing)),
+        "haystack_units": dg.MetadataValue.int(len(units)),
+        **encoding.metadata("corpus"),  # the whole-corpus encode (units no earlier stage had encoded)
     })
 
 
@@ -174,8 +183,11 @@ def embedding_index(context: dg.AssetExecutionContext, artifacts: ArtifactStoreR
     if revision != swept["revision"]:
         raise dg.Failure(f"the encoder at {model_path} is now {revision}, but index_sweep measured "
                          f"{swept['revision']}: re-materialize index_sweep")
-    built = build_or_refresh(store, spec.name, swept, read_corpus_units(store, spec.name),
-                             settings.bf16_inference, spec.trust_remote_code)
+    units = read_corpus_units(store, spec.name)
+    encoding = ProgressLog(context, f"embedding the corpus with {rung}")
+    built = build_or_refresh(store, spec.name, swept, units, settings.bf16_inference,
+                             spec.trust_remote_code, encoding)
+    corpus = {"corpus_units": len(units), "corpus_documents": int(units["parent_id"].nunique())}
     index, build_seconds = built.index, built.seconds
     ids, parents, titles = index.ids, index.parents, index.titles
     dev_scores = swept.get("dev_ndcg_at_10_by_rung", {})
@@ -190,6 +202,7 @@ def embedding_index(context: dg.AssetExecutionContext, artifacts: ArtifactStoreR
             "bytes": size, "sweep_point": chosen, "reason": swept.get("reason", ""),
             # serving loads the encoder without the spec: the opt-in travels with the index
             "trust_remote_code": spec.trust_remote_code,
+            "vectors": index.index.ntotal, **corpus,  # what `search`, `export` and the UI show
         }, indent=2))
     return dg.MaterializeResult(metadata={
         "rung": rung,
@@ -197,9 +210,13 @@ def embedding_index(context: dg.AssetExecutionContext, artifacts: ArtifactStoreR
         "precision": chosen["precision"],
         "dims": dg.MetadataValue.int(chosen["dims"]),
         "vectors": dg.MetadataValue.int(index.index.ntotal),
+        "corpus_units": dg.MetadataValue.int(corpus["corpus_units"]),
+        "coverage": f"{index.index.ntotal:,} of the corpus's {corpus['corpus_units']:,} units "
+                    f"({corpus['corpus_documents']:,} documents)",
         "index_mb": dg.MetadataValue.float(size / 1e6),
         "build_seconds": dg.MetadataValue.float(build_seconds),
         **built.metadata(),
+        **encoding.metadata("corpus"),
         "dev_ndcg_at_10_chosen": dg.MetadataValue.float(chosen["dev"]["ndcg@10"]),
         **{f"dev_ndcg_at_10/{r}": dg.MetadataValue.float(s) for r, s in dev_scores.items()},
     })

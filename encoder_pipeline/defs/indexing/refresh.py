@@ -21,6 +21,7 @@ from encoder_pipeline.defs.shared import CORPUS_FILE, corpus_texts, embeddings_c
 from encoder_pipeline.lib import encoders
 from encoder_pipeline.lib.artifacts import ArtifactStore, MissingArtifact
 from encoder_pipeline.lib.drift import diff_units
+from encoder_pipeline.lib.encoders import Progress
 from encoder_pipeline.lib.index import (
     RESCORE_MULTIPLIER,
     UPDATABLE_PRECISIONS,
@@ -46,14 +47,14 @@ class BuiltIndex:
 
 
 def _embed(swept: dict, units: pd.DataFrame, store: ArtifactStore, domain: str, bf16: bool,
-           trust_remote_code: bool) -> np.ndarray:
+           trust_remote_code: bool, progress: Progress | None) -> np.ndarray:
     return encoders.cached_embeddings(swept["model_path"], corpus_texts(units),
                                       embeddings_cache(store, domain), bf16=bf16,
-                                      trust_remote_code=trust_remote_code)
+                                      trust_remote_code=trust_remote_code, progress=progress)
 
 
 def _refresh(store: ArtifactStore, domain: str, swept: dict, units: pd.DataFrame,
-             bf16: bool, trust_remote_code: bool) -> BuiltIndex | None:
+             bf16: bool, trust_remote_code: bool, progress: Progress | None) -> BuiltIndex | None:
     """The previous index updated to `units`, or None when it cannot or should not be."""
     if swept["chosen"]["precision"] not in UPDATABLE_PRECISIONS:
         return None
@@ -70,7 +71,7 @@ def _refresh(store: ArtifactStore, domain: str, swept: dict, units: pd.DataFrame
     if len(gone) + len(fresh) > MAX_REFRESH_FRACTION * len(units):
         return None
     index = load_index(previous, swept["revision"])
-    vectors = (_embed(swept, fresh, store, domain, bf16, trust_remote_code) if len(fresh)
+    vectors = (_embed(swept, fresh, store, domain, bf16, trust_remote_code, progress) if len(fresh)
                else np.zeros((0, 1), np.float32))
     rows = [row for row, unit in enumerate(index.ids) if unit in gone]
     started = time.perf_counter()
@@ -79,13 +80,15 @@ def _refresh(store: ArtifactStore, domain: str, swept: dict, units: pd.DataFrame
 
 
 def build_or_refresh(store: ArtifactStore, domain: str, swept: dict, units: pd.DataFrame,
-                     bf16: bool, trust_remote_code: bool = False) -> BuiltIndex:
-    """index_sweep's chosen configuration over `units`: the previous version updated when only the
-    corpus moved, else built from scratch."""
-    refreshed = _refresh(store, domain, swept, units, bf16, trust_remote_code)
+                     bf16: bool, trust_remote_code: bool = False,
+                     progress: Progress | None = None) -> BuiltIndex:
+    """index_sweep's chosen configuration over `units` (the whole corpus): the previous version
+    updated when only the corpus moved, else built from scratch. Either way every unit is embedded
+    through the per-unit cache, so only units no earlier stage encoded with this rung cost time."""
+    refreshed = _refresh(store, domain, swept, units, bf16, trust_remote_code, progress)
     if refreshed is not None:
         return refreshed
-    vectors = _embed(swept, units, store, domain, bf16, trust_remote_code)
+    vectors = _embed(swept, units, store, domain, bf16, trust_remote_code, progress)
     chosen = swept["chosen"]
     started = time.perf_counter()
     index = build_quantized(vectors, chosen["dims"], chosen["precision"], list(units["doc_id"]),

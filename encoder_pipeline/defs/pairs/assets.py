@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from encoder_pipeline.defs.corpus.assets import clean_corpus, eval_set
+from encoder_pipeline.defs.pairs.checks import leakage_check, leakage_check_spec
 from encoder_pipeline.defs.shared import (
     corpus_texts,
     domain_spec,
@@ -18,8 +19,8 @@ from encoder_pipeline.defs.shared import (
     publish,
     read_corpus_units,
     read_eval_split,
+    read_sample_units,
 )
-from encoder_pipeline.defs.pairs.checks import leakage_check, leakage_check_spec
 from encoder_pipeline.domains import DomainSpec, domain_partitions
 from encoder_pipeline.lib import encoders
 from encoder_pipeline.lib.artifacts import ArtifactStore, remove_torn_arrays
@@ -57,24 +58,20 @@ MINED_FILE = "mined.parquet"
 
 
 class TrainingCorpus:
-    """The corpus minus eval documents, with base-model embeddings (cached, content-keyed)."""
+    """The training sample minus eval documents, with base-model embeddings (cached per unit)."""
 
     def __init__(self, store: ArtifactStore, spec: DomainSpec, settings: PipelineSettings):
-        units = read_corpus_units(store, spec.name)
+        units = read_sample_units(store, spec.name)
         self.eval = read_eval_split(store, spec.name)
         self.units = units[~units["parent_id"].isin(self.eval.eval_doc_ids)].reset_index(drop=True)
         self.ids = list(self.units["doc_id"])
-        self._all_units = units
         self._store, self._spec, self._settings = store, spec, settings
 
     def embeddings(self) -> np.ndarray:
-        cache = embeddings_cache(self._store, self._spec.name)
-        everything = encoders.cached_embeddings(self._settings.base_model,
-                                                corpus_texts(self._all_units), cache,
-                                                bf16=self._settings.bf16_inference,
-                                                trust_remote_code=self._spec.trust_remote_code)
-        keep = ~self._all_units["parent_id"].isin(self.eval.eval_doc_ids).to_numpy()
-        return everything[keep]
+        return encoders.cached_embeddings(self._settings.base_model, corpus_texts(self.units),
+                                          embeddings_cache(self._store, self._spec.name),
+                                          bf16=self._settings.bf16_inference,
+                                          trust_remote_code=self._spec.trust_remote_code)
 
     def _encode(self, queries: list[str]) -> np.ndarray:
         model = encoders.load_encoder(self._settings.base_model,
@@ -235,7 +232,7 @@ def synthetic_queries(context: dg.AssetExecutionContext, artifacts: ArtifactStor
         "style": kept["style"]}))
     overlapping = leaked.count
     # The ablation benchmark trains on the unfiltered queries too: they go through the same filter.
-    unfiltered, _ = leaks.drop(pd.DataFrame({
+    unfiltered, leaked_unfiltered = leaks.drop(pd.DataFrame({
         "query": parsed["query"], "positive": parsed["doc_id"].map(positive_of),
         "doc_id": parsed["doc_id"], "outcome": parsed["outcome"]}))
     config = {"backend": llm.backend, "model": llm.model if llm.is_remote else "local",
@@ -247,6 +244,7 @@ def synthetic_queries(context: dg.AssetExecutionContext, artifacts: ArtifactStor
               "parsed": int(rows["query"].notna().sum()), "deduplicated": len(parsed),
               "dropped_round_trip": int(outcomes.get("dropped_round_trip", 0)),
               "relabeled": int(outcomes.get("relabeled", 0)), "dropped_eval_overlap": overlapping,
+              "unfiltered_dropped_eval_overlap": leaked_unfiltered.count,
               "kept": len(synthetic)}
     prompt_tokens, completion_tokens = int(fresh["prompt_tokens"].sum()), int(fresh["completion_tokens"].sum())
     usd = (prompt_tokens * llm.usd_per_1m_prompt_tokens

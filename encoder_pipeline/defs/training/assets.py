@@ -21,8 +21,8 @@ from encoder_pipeline.defs.shared import (
     corpus_texts,
     domain_spec,
     publish,
-    read_corpus_units,
     read_eval_split,
+    read_sample_units,
 )
 from encoder_pipeline.domains import domain_partitions
 from encoder_pipeline.lib.artifacts import ArtifactStore
@@ -63,11 +63,11 @@ def dev_queries(store: ArtifactStore, domain: str) -> tuple[dict[str, str], dict
 
 
 def dev_set(store: ArtifactStore, domain: str, seed: int, distractors: int) -> DevSet:
-    """Dev queries against their positives plus `distractors` sampled from the training corpus (no
+    """Dev queries against their positives plus `distractors` sampled from the training sample (no
     eval docs). Each rung encodes this corpus twice (best-epoch choice, then after the rotation)."""
     queries, relevant = dev_queries(store, domain)
     positives = set().union(*relevant.values())
-    units = read_corpus_units(store, domain)
+    units = read_sample_units(store, domain)
     eval_docs = read_eval_split(store, domain).eval_doc_ids
     pool = units[~units["parent_id"].isin(eval_docs)]
     others = pool[~pool["doc_id"].isin(positives)]

@@ -1,0 +1,72 @@
+"""The report as a library: systems described as data, evaluated on their haystacks, and the page
+judging the served system on the whole corpus while the ladder is compared on the training sample."""
+
+import pandas as pd
+
+from encoder_pipeline.lib.evaluation import CORPUS, SAMPLE, System, evaluate_systems, haystacks
+from encoder_pipeline.lib.report_page import CANDIDATE, HYBRID, Serving, build_report, render
+
+QRELS = {f"q{i}": {f"d{i}": 1} for i in range(20)}
+
+
+def _units(count: int) -> pd.DataFrame:
+    ids = [f"d{i}" for i in range(count)]
+    return pd.DataFrame({"doc_id": ids, "parent_id": ids, "title": "", "text": [f"text {i}" for i in ids]})
+
+
+def _ranker(hit_every: int):
+    """A run that ranks the relevant document first for every `hit_every`-th query, else last of 20
+    candidates drawn from the haystack."""
+    def answer(hay, _runs):
+        docs = list(hay.units["doc_id"])
+        run = {}
+        for i, qid in enumerate(QRELS):
+            target = f"d{i}"
+            others = [d for d in docs if d != target][:19]
+            ranked = [target, *others] if i % hit_every == 0 else [*others, target]
+            run[qid] = {doc: float(len(ranked) - rank) for rank, doc in enumerate(ranked)}
+        return run
+    return answer
+
+
+def test_the_verdict_and_the_gate_read_the_whole_corpus_while_the_ladder_reads_the_sample():
+    stacks = haystacks(_units(40), _units(400))
+    assert stacks[SAMPLE].summary()["units"] == 40 and stacks[CORPUS].summary()["units"] == 400
+    systems = [System("bm25", SAMPLE, _ranker(4)), System("off_the_shelf", SAMPLE, _ranker(2)),
+               System("encoder_heuristic", SAMPLE, _ranker(1), "rung"),
+               System("bm25@corpus", CORPUS, _ranker(5)), System("off_the_shelf@corpus", CORPUS, _ranker(3)),
+               System(CANDIDATE, CORPUS, _ranker(2), "candidate"),
+               System(HYBRID, CORPUS, lambda hay, runs: runs[CANDIDATE], "hybrid")]
+    results = evaluate_systems(systems, stacks, QRELS)
+    fast = Serving(p50_ms=5.0, p95_ms=8.0, index_mb=1.0, usd_per_1k_queries=0.0001)
+    report = build_report(
+        facts={"domain": "demo", "unit": "u", "query_form": "q", "relevance": "r", "eval_queries": 20,
+               "evidence_words": "human-judged."},
+        haystacks={k: h.summary() for k, h in stacks.items()}, results=results, rungs=["encoder_heuristic"],
+        candidate={"rung": "encoder_heuristic", "revision": "abc123", "dims": 96, "precision": "int8"},
+        serving={CANDIDATE: fast, "off_the_shelf": fast},
+        targets={"ndcg_at_10": 0.7, "p95_latency_ms": 10.0, "index_mb": 5.0, "usd_per_1k_queries": 0.001},
+        currently_served=None, tolerance=0.01, iterations=1000, seed=0,
+        sweep={"rung": "encoder_heuristic", "points": [], "chosen": {}, "rule": "r", "reason": "",
+               "haystack": {"what": "the whole corpus", "units": 400}},
+        latency_queries=20, build_costs={"training_seconds": 1, "training_usd": 0, "generation_seconds": 1,
+                                         "generation_usd": 0, "llm_tokens": 0, "llm_api_usd": 0})
+    # the served system (half the queries right) against off-the-shelf on the same 400-unit haystack
+    # (a third right), not against the sample's off-the-shelf (half right: a tie)
+    assert report["before"]["ndcg@10"] == results["off_the_shelf@corpus"].means["ndcg@10"]
+    assert report["significance_vs_off_the_shelf"][CANDIDATE]["diff"] > 0
+    assert report["promotion"]["safe"]
+    assert report["significance_vs_off_the_shelf"]["encoder_heuristic"]["diff"] > 0
+    assert report["ladder"]["encoder_heuristic"]["below"] == "off_the_shelf"
+    assert report["targets_pass_fail"]["nDCG@10"]["passed"] is False  # 0.55 < 0.7
+    assert report["verdict"].startswith("Neither clears every target")
+    page = render(report, lambda name, alt: f"![{alt}]({name})")
+    assert "## What users get (the whole corpus: 400 units" in page
+    assert "## Ladder (the training sample: 40 units" in page
+
+
+def test_one_haystack_when_the_sample_is_the_whole_corpus():
+    units = _units(30)
+    stacks = haystacks(units, units)
+    assert stacks[SAMPLE].units is stacks[CORPUS].units
+    assert "the training sample is all of it" in stacks[SAMPLE].what
