@@ -8,9 +8,8 @@ OTHER_DOCUMENTS others (gene_ontology's 43,558 terms would take minutes to embed
 import json
 from pathlib import Path
 
-import pandas as pd
-
 import dagster as dg
+import pandas as pd
 import pytest
 
 from encoder_pipeline.definitions import defs
