@@ -36,7 +36,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         for weight in args.gor:
             out = Path(work) / f"gor{weight}"
-            train_encoder(encoders.DEFAULT_BASE_MODEL, read_pairs(store, args.domain)[0], out,
+            train_encoder(encoders.DEFAULT_BASE_MODEL, read_pairs(store, args.domain), out,
                           TrainingConfig(gor_weight=weight, seed=args.seed),
                           dev_set(store, args.domain, 0, get_profile("default").dev_distractors))
             rows.append((f"heuristic rung, GOR {weight}", str(out / "model")))

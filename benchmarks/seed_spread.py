@@ -35,7 +35,7 @@ import pandas as pd
 
 from encoder_pipeline.definitions import defs
 from encoder_pipeline.defs.pairs.assets import UNFILTERED_FILE, read_pairs, read_synthetic
-from encoder_pipeline.defs.shared import corpus_texts, embeddings_cache, read_corpus_units, read_eval_split
+from encoder_pipeline.defs.shared import corpus_texts, embeddings_cache, read_eval_split, read_sample_units
 from encoder_pipeline.defs.training.assets import LADDER, dev_set
 from encoder_pipeline.domains import domain_partitions, load_domain
 from encoder_pipeline.lib import encoders
@@ -52,18 +52,18 @@ RowsFn = Callable[[ArtifactStore, str], pd.DataFrame]
 
 def _unfiltered(store: ArtifactStore, domain: str) -> pd.DataFrame:
     synthetic = pd.read_parquet(store.latest(domain, "synthetic_queries") / UNFILTERED_FILE)
-    return pd.concat([read_pairs(store, domain)[0], synthetic], ignore_index=True)
+    return pd.concat([read_pairs(store, domain), synthetic], ignore_index=True)
 
 
 def _filtered(store: ArtifactStore, domain: str) -> pd.DataFrame:
-    return pd.concat([read_pairs(store, domain)[0], read_synthetic(store, domain)], ignore_index=True)
+    return pd.concat([read_pairs(store, domain), read_synthetic(store, domain)], ignore_index=True)
 
 
 ABLATIONS: dict[str, tuple[list[str], list[tuple[str, RowsFn]]]] = {
     "ladder": (["clean_corpus", "eval_set", "heuristic_pairs", "synthetic_queries", "mined_negatives"],
                [(name, rows_fn) for name, _, rows_fn, _ in LADDER]),
     "synthetic": (["clean_corpus", "eval_set", "heuristic_pairs", "synthetic_queries"], [
-        ("heuristic only", lambda store, domain: read_pairs(store, domain)[0]),
+        ("heuristic only", lambda store, domain: read_pairs(store, domain)),
         ("+ unfiltered synthetic", _unfiltered),
         ("+ relabeled, round-trip filtered synthetic", _filtered),
     ]),
@@ -82,8 +82,9 @@ def materialize(domain: str, assets: list[str], profile: str, teacher: str = "")
 
 
 def ndcg(model: str, store: ArtifactStore, domain: str, dims: int | None = None) -> float:
-    """Eval-set nDCG@10, optionally with embeddings truncated to their first `dims` (Matryoshka)."""
-    units = read_corpus_units(store, domain)
+    """Eval-set nDCG@10 on the training sample (the ladder's haystack, as the report compares rungs),
+    optionally with embeddings truncated to their first `dims` (Matryoshka)."""
+    units = read_sample_units(store, domain)
     split = read_eval_split(store, domain)
     qids = list(split.queries)
     corpus = encoders.cached_embeddings(model, corpus_texts(units), embeddings_cache(store, domain))

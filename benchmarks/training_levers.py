@@ -33,13 +33,14 @@ CONFIGS = {
 
 def build_pairs(count: int, path: Path) -> int:
     from encoder_pipeline.lib.corpus import CleaningConfig, clean_corpus
-    from encoder_pipeline.lib.pairs import extract_pairs
+    from encoder_pipeline.lib.extractors import ExtractorConfig
+    from encoder_pipeline.lib.pairs import extract_training_pairs
     from encoder_pipeline.lib.sources import read_corpus
 
     units, _ = clean_corpus(read_corpus("python_stdlib", ""),
                             CleaningConfig(min_words=5, normalize_whitespace=False,
                                            max_documents=max(400, 4 * count)))
-    pairs = extract_pairs(units, "docstring", set())
+    pairs = extract_training_pairs(units, ["docstring"], ExtractorConfig()).pairs
     pairs = pairs.drop_duplicates("query").drop_duplicates("positive").head(count)
     pairs[["query", "positive"]].to_parquet(path, index=False)
     return len(pairs)

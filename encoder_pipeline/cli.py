@@ -126,7 +126,9 @@ def cmd_domain_add(args: argparse.Namespace) -> int:
         summary = summarize_corpus(fmt, corpus, args.id_field, args.title_field, args.text_field, judged)
         spec = add_domain(args.name, new_spec_text(
             args.name, fmt, corpus, id_field=args.id_field, title_field=args.title_field,
-            text_field=args.text_field, judged=judged, description=args.description), overwrite=args.force)
+            text_field=args.text_field, judged=judged, description=args.description,
+            extractors=summary.choice.keys, extractor_notes=summary.choice.notes,
+            code=summary.choice.code), overwrite=args.force)
     except (CorpusError, SpecError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -136,7 +138,7 @@ def cmd_domain_add(args: argparse.Namespace) -> int:
     added = register_domains(_instance())
     print(f"spec written to {spec.source_file}; partition "
           f"{'registered' if args.name in added else 'already registered'} (it shows in the UI now)")
-    print(f"review its queries and targets, then: encoder-pipeline materialize --domain {args.name}")
+    print(f"review its targets, then: encoder-pipeline materialize --domain {args.name}")
     return 0
 
 

@@ -20,11 +20,14 @@ import dagster as dg
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
+from encoder_pipeline.lib.extractors import REGISTRY as EXTRACTORS
+from encoder_pipeline.lib.extractors.base import MIN_QUERY_WORDS
 from encoder_pipeline.paths import confined, corpus_root, domains_dir
 
 domain_partitions = dg.DynamicPartitionsDefinition(name="domain")
 
 DOMAIN_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+AUTO = "auto"
 
 
 class SpecError(ValueError):
@@ -93,17 +96,30 @@ class QuerySpec(_Strict):
     form: str = Field(description="What a user's query looks like.")
     relevance: str = Field(description="When a unit is relevant to a query.")
     hard_negative: str = Field(description="What a unit that looks relevant but is not looks like.")
-    pair_extractor: Literal["docstring", "title"] = Field(
-        description="Structural pairs: docstring -> code unit, or title/heading -> body."
-    )
+    pair_extractor: list[str] = Field(
+        default_factory=lambda: [AUTO], description="Training-pair extractors (lib/extractors): "
+        f"one or several of {', '.join(sorted(EXTRACTORS))}, or \"{AUTO}\" (chosen from a sample "
+        "of the corpus when a run starts, as `encoder-pipeline domain add` does). A string is one.")
     examples: list[FewShotExample] = Field(
         default_factory=list, description="Few-shot examples for the synthetic-query prompt (the local "
         "LLM is a base model: without examples it writes whatever continues the text best)."
     )
     min_words: int = Field(
-        3, ge=1, description="Synthetic queries with fewer words are dropped as fragments; lower it "
-        "where a query is a name (a gene, a term, a product)."
+        MIN_QUERY_WORDS, ge=1, description="Queries (structural and synthetic) with fewer words are dropped as "
+        "fragments; lower it where a query is a name (a gene, a term, a product)."
     )
+
+    @pydantic.field_validator("pair_extractor", mode="before")
+    @classmethod
+    def _extractors(cls, value: str | list[str]) -> list[str]:
+        keys = [value] if isinstance(value, str) else list(value)
+        unknown = [key for key in keys if key not in EXTRACTORS and key != AUTO]
+        if unknown or not keys:
+            raise ValueError(f"unknown extractor(s) {unknown}; choose from {sorted(EXTRACTORS)} or "
+                             f"\"{AUTO}\"")
+        if AUTO in keys and len(keys) > 1:
+            raise ValueError(f"\"{AUTO}\" chooses the extractors itself: give it alone")
+        return keys
 
 
 class JudgedSet(_Strict):
@@ -270,9 +286,22 @@ def _toml_string(value: str) -> str:
 
 def new_spec_text(name: str, corpus_format: str, corpus_path: str, *, id_field: str = "_id",
                   title_field: str = "title", text_field: str = "text", judged: str | None = None,
-                  description: str = "") -> str:
-    """A spec for a user's corpus with generic defaults: paragraphs of up to 200 words, questions as
-    queries, title -> body pairs, placeholder targets to commit to (edit them before building)."""
+                  description: str = "", extractors: list[str] | None = None,
+                  extractor_notes: list[str] = (), code: bool = False) -> str:
+    """A spec for a user's corpus with generic defaults: paragraphs of up to 200 words (whole
+    functions for code, layout kept), questions as queries, the extractors `domain add` found usable
+    (each one's finding as a comment), placeholder targets to commit to (edit them before building).
+    No few-shot examples are needed: built-in ones and the corpus's own structure stand in."""
+    unit = (["name = \"a function or code snippet\"", "max_words = 0", "min_words = 5",
+             "normalize_whitespace = false  # code: layout is content"] if code else
+            ["name = \"a passage of a document (up to 200 words)\"", "max_words = 200", "min_words = 5",
+             "normalize_whitespace = true"])
+    queries = (["form = \"a short description of what the code does\"",
+                "relevance = \"the code does what the query describes\"",
+                "hard_negative = \"code with similar names or tokens that does something else\""] if code else
+               ["form = \"a question a user asks in plain words\"",
+                "relevance = \"the passage answers the question\"",
+                "hard_negative = \"a passage on the same topic that does not answer the question\""])
     lines = [
         f"# Written by `encoder-pipeline domain add {name}`. Review the query columns and commit to",
         "# the targets before building: the report judges the trained encoder against them.",
@@ -289,19 +318,13 @@ def new_spec_text(name: str, corpus_format: str, corpus_path: str, *, id_field: 
     lines += [
         'license = ""  # the corpus\'s licence or terms: the exported model card repeats it',
         "",
-        "[unit]",
-        'name = "a passage of a document (up to 200 words)"',
-        "max_words = 200",
-        "min_words = 5",
-        "normalize_whitespace = true",
+        "[unit]", *unit,
         "",
-        "[queries]",
-        'form = "a question a user asks in plain words"',
-        'relevance = "the passage answers the question"',
-        'hard_negative = "a passage on the same topic that does not answer the question"',
-        'pair_extractor = "title"',
-        "# Two or three few-shot examples for the synthetic-query prompt, in your corpus's style",
-        "# (the local LLM is a base model; without examples it writes few usable queries):",
+        "[queries]", *queries,
+        "# What each extractor found on a sample of the corpus:",
+        *(f"#   {note}" for note in extractor_notes),
+        f"pair_extractor = {json.dumps(extractors or [AUTO])}",
+        "# Optional: two or three few-shot examples in your corpus's style win over the built-in ones.",
         "# [[queries.examples]]",
         '# passage = "a passage as your corpus has them"',
         '# query = "the question a user would ask of it"',

@@ -7,7 +7,6 @@ import pandas as pd
 import pytest
 
 from encoder_pipeline.definitions import defs
-from encoder_pipeline.defs.pairs.assets import read_pairs
 from encoder_pipeline.defs.shared import read_corpus_units, read_eval_split
 from encoder_pipeline.defs.training.assets import dev_set
 from encoder_pipeline.domains import domain_partitions
@@ -44,19 +43,22 @@ def test_no_training_row_touches_the_eval_set(tiny_code_run):
     assert len(leakage) == 3 and all(c.passed for c in leakage)
     split = json.loads((store.latest("code", "eval_set") / "eval_set.json").read_text())
     pairs = pd.read_parquet(store.latest("code", "heuristic_pairs") / "pairs.parquet")
-    assert not set(pairs["doc_id"]) & set(split["eval_doc_ids"])
-    assert not set(pairs["query"]) & set(split["queries"].values())
+    assert not set(pairs["doc_id"]) & set(split["held_out_doc_ids"])
+    assert not set(pairs["query"]) & {*split["eval"]["queries"].values(), *split["dev"]["queries"].values()}
 
 
 def test_dev_slice_scores_against_its_positives_and_sampled_training_units(tiny_code_run):
     _, store = tiny_code_run
-    _, dev_pairs = read_pairs(store, "code")
+    split = read_eval_split(store, "code")
     units = read_corpus_units(store, "code")
     parent_of = dict(zip(units["doc_id"], units["parent_id"], strict=True))
     dev = dev_set(store, "code", seed=0, distractors=5)
-    assert set(dev_pairs["doc_id"]) <= set(dev.corpus)
-    assert len(dev.corpus) == len(set(dev_pairs["doc_id"])) + 5
-    assert not {parent_of[d] for d in dev.corpus} & read_eval_split(store, "code").eval_doc_ids
+    assert dev.queries == split.dev.queries and split.dev.evidence in ("structural", "synthetic")
+    positives = {parent_of[d] for rels in dev.relevant.values() for d in rels}
+    assert positives == split.dev.doc_ids
+    assert len(dev.corpus) == sum(len(rels) for rels in dev.relevant.values()) + 5
+    distractors = {parent_of[d] for d in dev.corpus} - positives
+    assert len(distractors) == 5 and not distractors & split.held_out_doc_ids
     assert dev_set(store, "code", seed=0, distractors=5).corpus == dev.corpus  # seeded
 
 

@@ -36,8 +36,8 @@ from encoder_pipeline.domains import domain_partitions
 from encoder_pipeline.lib import drift
 from encoder_pipeline.lib.artifacts import ArtifactStore, Manifest
 from encoder_pipeline.lib.encoders import DEFAULT_BASE_MODEL, model_fingerprint, resolve_model_path
+from encoder_pipeline.lib.heldout import EvalSplit, QuerySet
 from encoder_pipeline.lib.index import UPDATABLE_PRECISIONS, build_quantized, update_index
-from encoder_pipeline.lib.pairs import EvalSplit
 from encoder_pipeline.lib.search import Searcher, index_version
 from encoder_pipeline.resources import ArtifactStoreResource, PipelineSettings
 
@@ -95,9 +95,9 @@ def built(tmp_path_factory):
         corpus_version = store.latest_version(DOMAIN, "clean_corpus")
         # Eval queries: the first sentence of a docstring finds its function.
         evaluated = docs[::4]
-        split = EvalSplit({f"q{i}": d["text"].split(".")[0] for i, d in enumerate(evaluated)},
-                          {f"q{i}": {d["_id"]: 1} for i, d in enumerate(evaluated)},
-                          {d["_id"] for d in evaluated}, human_judged=False)
+        split = EvalSplit(QuerySet({f"q{i}": d["text"].split(".")[0] for i, d in enumerate(evaluated)},
+                                   {f"q{i}": {d["_id"]: 1} for i, d in enumerate(evaluated)}, "structural"),
+                          QuerySet({}, {}, "structural"), {d["_id"] for d in evaluated})
         publish(store, "eval_set", {"clean_corpus": corpus_version},
                 {EVAL_FILE: lambda path: write_eval_split(path, split)})
         for rung in RUNGS:

@@ -1,34 +1,60 @@
-"""Eval split, structural pairs and the consistency filter on the real `code` corpus."""
+"""Held-out eval and dev sets, training pairs and the consistency filter, on the real `code` corpus
+and the sample corpora."""
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from encoder_pipeline.lib import encoders
-from encoder_pipeline.lib.pairs import extract_pairs, held_out_split, rank_of_positive, split_dev
+from encoder_pipeline.lib.extractors import ExtractorConfig
+from encoder_pipeline.lib.heldout import (
+    HUMAN,
+    STRUCTURAL,
+    SYNTHETIC,
+    UNINFORMATIVE_NDCG,
+    build_split,
+    haystack_scorer,
+    structural_queries,
+)
+from encoder_pipeline.lib.pairs import (
+    STRUCTURAL_ENOUGH,
+    cap_pairs,
+    extract_training_pairs,
+    rank_of_positive,
+)
+from encoder_pipeline_tests.conftest import shared_corpus
+
+CONFIG = ExtractorConfig()
 
 
-def test_held_out_split_is_disjoint_from_training_pairs(stdlib_units):
-    split = held_out_split(stdlib_units, "docstring", 20, seed=0)
-    assert len(split.queries) == 20 and not split.human_judged
-    assert all(len(rels) == 1 for rels in split.qrels.values())
-    pairs = extract_pairs(stdlib_units, "docstring", split.eval_doc_ids)
-    assert len(pairs) > 50
-    assert not set(pairs["doc_id"]) & split.eval_doc_ids
-    assert held_out_split(stdlib_units, "docstring", 20, seed=0).queries == split.queries
-    assert held_out_split(stdlib_units, "docstring", 20, seed=1).queries != split.queries
+def _hard(queries, qrels):  # a scorer that finds every set hard, so structure is kept
+    return {"bm25": 0.3, "off_the_shelf": 0.5}
+
+
+def test_held_out_sets_are_disjoint_from_training_pairs_and_stable(stdlib_units):
+    split = build_split(stdlib_units, ["docstring"], CONFIG, None, 20, 10, _hard, None)
+    assert len(split.queries) == 20 and len(split.dev.queries) == 10
+    assert split.evidence == split.dev.evidence == STRUCTURAL and not split.human_judged
+    assert not split.eval.doc_ids & split.dev.doc_ids and split.held_out_doc_ids >= split.eval.doc_ids
+    training = stdlib_units[~stdlib_units["parent_id"].isin(split.held_out_doc_ids)]
+    pairs = extract_training_pairs(training, ["docstring"], CONFIG).pairs
+    assert len(pairs) > 50 and not set(pairs["doc_id"]) & split.held_out_doc_ids
+    again = build_split(stdlib_units.sample(frac=1, random_state=3), ["docstring"], CONFIG, None, 20, 10,
+                        _hard, None)
+    assert again.queries == split.queries  # the corpus's set, whatever the order or the run's seed
 
 
 def test_docstring_pairs_pair_summary_with_code(stdlib_units):
-    pairs = extract_pairs(stdlib_units, "docstring", set())
+    pairs = extract_training_pairs(stdlib_units, ["docstring"], CONFIG).pairs
     row = pairs.iloc[0]
     unit = stdlib_units.set_index("doc_id").loc[row["doc_id"]]
-    assert row["query"] == unit["anchor"]
+    assert row["query"] == unit["anchor"] and row["extractor"] == "docstring"
     assert row["positive"] == f"{unit['title']}\n{unit['text']}"
     assert row["query"] not in row["positive"]
 
 
 def test_consistency_filter_keeps_findable_pairs(stdlib_units, base_model):
-    pairs = extract_pairs(stdlib_units, "docstring", set()).head(60)
+    pairs = extract_training_pairs(stdlib_units, ["docstring"], CONFIG).pairs.head(60)
     corpus = list(stdlib_units["title"] + "\n" + stdlib_units["text"])
     corpus_vectors = encoders.encode(base_model, corpus)
     queries = encoders.encode(base_model, list(pairs["query"]))
@@ -39,11 +65,16 @@ def test_consistency_filter_keeps_findable_pairs(stdlib_units, base_model):
     assert np.mean(shuffled > 0) < np.mean(ranks > 0) / 2
 
 
-def test_dev_slice_is_carved_by_document(stdlib_units):
-    pairs = extract_pairs(stdlib_units, "docstring", set())
-    train, dev = split_dev(pairs, 0.1, 100, seed=0)
-    assert len(dev) > 0 and len(train) + len(dev) == len(pairs)
-    assert not set(train["doc_id"]) & set(dev["doc_id"])
+def test_structure_free_rows_are_capped_once_structure_is_plentiful():
+    structural = pd.DataFrame({"query": [f"q{i}" for i in range(STRUCTURAL_ENOUGH)], "positive": "p",
+                               "doc_id": [f"d{i}" for i in range(STRUCTURAL_ENOUGH)], "extractor": "title"})
+    free = structural.assign(extractor="inverse_cloze", doc_id=lambda f: f["doc_id"] + "x")
+    capped = cap_pairs(pd.concat([structural, free]), 10_000, seed=0)
+    share = (capped["extractor"] == "inverse_cloze").mean()
+    assert len(capped[capped["extractor"] == "title"]) == STRUCTURAL_ENOUGH and share == pytest.approx(0.25, abs=0.01)
+    few = cap_pairs(pd.concat([structural.head(100), free]), 10_000, seed=0)
+    assert (few["extractor"] == "inverse_cloze").sum() == STRUCTURAL_ENOUGH  # scarce structure: all kept
+    assert len(cap_pairs(pd.concat([structural, free]), 300, seed=0)) == 300
 
 
 def test_sibling_paragraphs_under_one_heading_are_judged_together():
@@ -52,20 +83,17 @@ def test_sibling_paragraphs_under_one_heading_are_judged_together():
         "title": ["Article 17 right to erasure", "Article 17 right to erasure",
                   "Article 20 data portability", "Article 21 right to object"],
         "text": ["p. 1 erase", "p. 2 exceptions", "p. 1 port", "p. 1 object"], "anchor": ""})
-    split = held_out_split(units, "title", num_queries=3, seed=0, max_fraction=1.0)
-    assert len(split.queries) == 3
-    erasure = next(q for q, text in split.queries.items() if "erasure" in text)
-    assert split.qrels[erasure] == {"a1": 1, "a2": 1}
-    assert split.eval_doc_ids == {"a1", "a2", "b1", "c1"}
-    assert extract_pairs(units, "title", split.eval_doc_ids).empty
+    groups = structural_queries(units, ["title"], CONFIG, set())
+    erasure = groups[groups["text"].str.contains("erasure")].iloc[0]
+    assert sorted(erasure["parents"]) == ["a1", "a2"] and len(groups) == 3
 
 
 def test_held_out_queries_leave_most_structure_for_training():
     units = pd.DataFrame({"doc_id": [f"d{i}" for i in range(20)], "parent_id": [f"d{i}" for i in range(20)],
                           "title": [f"Article {i} on topic number {i}" for i in range(20)],
-                          "text": "body", "anchor": ""})
-    split = held_out_split(units, "title", num_queries=300, seed=0)
-    assert len(split.queries) == 6  # 30% of 20 distinct headings, however many were asked for
+                          "text": "body of the article", "anchor": ""})
+    split = build_split(units, ["title"], CONFIG, None, 300, 300, _hard, None)
+    assert len(split.queries) + len(split.dev.queries) == 6  # 30% of 20 headings, however many asked for
 
 
 def test_queries_that_normalize_alike_are_one_eval_query_with_all_their_documents():
@@ -77,8 +105,39 @@ def test_queries_that_normalize_alike_are_one_eval_query_with_all_their_document
                           if u["anchor"] in ("Close the connection", "Close the connection.")])
     assert len(units) >= 2
     units["parent_id"] = units["doc_id"]
-    split = held_out_split(units, "docstring", num_queries=5, seed=0, max_fraction=1.0)
-    assert len(split.queries) == 1
-    [relevant] = split.qrels.values()
-    assert set(relevant) == set(units["doc_id"]) == split.eval_doc_ids
-    assert extract_pairs(units, "docstring", split.eval_doc_ids).empty
+    groups = structural_queries(units, ["docstring"], CONFIG, set())
+    assert len(groups) == 1 and sorted(groups.iloc[0]["parents"]) == sorted(units["doc_id"])
+
+
+def test_a_judged_set_is_the_eval_set_and_structure_gives_the_dev_slice(stdlib_units):
+    judged_doc = stdlib_units["parent_id"].iloc[0]
+    judged = ({"j1": "a question a person wrote"}, {"j1": {judged_doc: 1}})
+    split = build_split(stdlib_units, ["docstring"], CONFIG, judged, 20, 10, _hard, None)
+    assert split.evidence == HUMAN and split.queries == judged[0] and len(split.dev.queries) == 10
+    assert judged_doc in split.held_out_doc_ids and judged_doc not in split.dev.doc_ids
+
+
+def test_an_uninformative_structural_set_is_flagged_and_replaced_by_synthetic_queries(base_model):
+    """GO term names against their own definitions: BM25 and MiniLM find nearly every one, so the
+    structural set cannot tell systems apart; generated queries (here: each definition's second
+    half, a stand-in for the LLM) that BM25 finds take its place, split by document into dev and eval."""
+    corpus = pd.read_json(shared_corpus("biomedical/gene_ontology") / "corpus.jsonl", lines=True,
+                          dtype={"_id": str}).head(600)
+    units = corpus.rename(columns={"_id": "doc_id"}).assign(parent_id=lambda f: f["doc_id"], anchor="")
+    units = units[units["text"].str.split().str.len() >= 8].reset_index(drop=True)
+    score = haystack_scorer(units, lambda texts: encoders.encode(base_model, texts),
+                            lambda queries: encoders.encode(base_model, queries))
+    asked = []
+
+    def generate(doc_ids, passages):
+        asked.extend(doc_ids)
+        return [" ".join(p.split()[len(p.split()) // 2:]) for p in passages]
+
+    split = build_split(units, ["title"], ExtractorConfig(min_words=1), None, 40, 10, score, generate)
+    assert split.scores["eval"]["bm25"] >= UNINFORMATIVE_NDCG or split.scores["eval"]["off_the_shelf"] >= UNINFORMATIVE_NDCG
+    assert any("is uninformative" in note for note in split.notes)
+    assert split.evidence == SYNTHETIC and len(split.queries) > 10 and len(split.dev.queries) > 0
+    # the dev slice is judged on its own scores: replaced exactly when it is uninformative too
+    dev_easy = max(split.scores["dev"].values()) >= UNINFORMATIVE_NDCG
+    assert split.dev.evidence == (SYNTHETIC if dev_easy else STRUCTURAL)
+    assert not split.eval.doc_ids & split.dev.doc_ids and set(asked) >= split.eval.doc_ids

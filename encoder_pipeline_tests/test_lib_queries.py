@@ -98,9 +98,10 @@ def test_relabel_and_round_trip_rules():
 def test_round_trip_on_real_code(stdlib_units, base_model):
     """Real docstring summaries find their function; summaries attached to the wrong function don't."""
     from encoder_pipeline.lib import encoders
-    from encoder_pipeline.lib.pairs import extract_pairs, top_k_ids
+    from encoder_pipeline.lib.extractors import ExtractorConfig
+    from encoder_pipeline.lib.pairs import extract_training_pairs, top_k_ids
 
-    pairs = extract_pairs(stdlib_units, "docstring", set()).head(40)
+    pairs = extract_training_pairs(stdlib_units, ["docstring"], ExtractorConfig()).pairs.head(40)
     corpus = encoders.encode(base_model, list(stdlib_units["title"] + "\n" + stdlib_units["text"]))
     hits = top_k_ids(encoders.encode(base_model, list(pairs["query"])), corpus,
                      list(stdlib_units["doc_id"]), 10)

@@ -41,7 +41,8 @@ def test_the_verdict_and_the_gate_read_the_whole_corpus_while_the_ladder_reads_t
     fast = Serving(p50_ms=5.0, p95_ms=8.0, index_mb=1.0, usd_per_1k_queries=0.0001)
     report = build_report(
         facts={"domain": "demo", "unit": "u", "query_form": "q", "relevance": "r", "eval_queries": 20,
-               "evidence_words": "human-judged."},
+               "evidence_words": "human-judged.", "dev_queries": 5, "dev_evidence": "synthetic",
+               "eval_notes": ["The structural eval set is uninformative."]},
         haystacks={k: h.summary() for k, h in stacks.items()}, results=results, rungs=["encoder_heuristic"],
         candidate={"rung": "encoder_heuristic", "revision": "abc123", "dims": 96, "precision": "int8"},
         serving={CANDIDATE: fast, "off_the_shelf": fast},
@@ -63,6 +64,7 @@ def test_the_verdict_and_the_gate_read_the_whole_corpus_while_the_ladder_reads_t
     page = render(report, lambda name, alt: f"![{alt}]({name})")
     assert "## What users get (the whole corpus: 400 units" in page
     assert "## Ladder (the training sample: 40 units" in page
+    assert "made on 5 synthetic dev queries" in page and "- The structural eval set is uninformative." in page
 
 
 def test_one_haystack_when_the_sample_is_the_whole_corpus():

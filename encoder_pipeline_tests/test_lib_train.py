@@ -11,8 +11,9 @@ from sentence_transformers.base.losses.merged_forward import embed_columns
 from transformers import TrainerCallback
 
 from encoder_pipeline.lib import encoders
+from encoder_pipeline.lib.extractors import ExtractorConfig
 from encoder_pipeline.lib.losses import MNRLWithGOR, _gor, contrastive_loss, distillation_term, gor_term
-from encoder_pipeline.lib.pairs import extract_pairs
+from encoder_pipeline.lib.pairs import extract_training_pairs
 from encoder_pipeline.lib.train import (
     DevSet,
     TrainingConfig,
@@ -46,7 +47,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def pairs(stdlib_units):
-    return extract_pairs(stdlib_units, "docstring", set()).head(96)
+    return extract_training_pairs(stdlib_units, ["docstring"], ExtractorConfig()).pairs.head(96)
 
 
 @pytest.fixture(scope="module")

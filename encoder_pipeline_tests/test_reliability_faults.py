@@ -491,7 +491,7 @@ def test_two_domains_materialize_at_once_without_sharing_files(tmp_path):
         pairs = pd.read_parquet(store.latest(domain, "heuristic_pairs") / "pairs.parquet")
         assert set(pairs["doc_id"]) <= set(corpus["doc_id"]), f"{domain}: pairs of another corpus"
         split = json.loads((store.latest(domain, "eval_set") / "eval_set.json").read_text())
-        assert set(split["eval_doc_ids"]) <= set(corpus["parent_id"])
+        assert set(split["held_out_doc_ids"]) <= set(corpus["parent_id"])
     assert len(fingerprints) == 2 and len(versions) == 2  # one run per domain, distinct corpora
     assert sorted(p.name for p in home.iterdir()) == sorted(DOMAINS)
     assert hidden_leftovers(home) == [], "no work folder or temporary file is left"

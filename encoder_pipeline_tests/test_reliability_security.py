@@ -26,7 +26,7 @@ from encoder_pipeline.lib.artifacts import ArtifactStore, Manifest
 from encoder_pipeline.lib.encoders import DEFAULT_BASE_MODEL, load_encoder, resolve_model_path
 from encoder_pipeline.lib.llm import GenerationParams, OpenAIBackend
 from encoder_pipeline.lib.search import Searcher
-from encoder_pipeline.resources import ArtifactStoreResource, PipelineSettings
+from encoder_pipeline.resources import ArtifactStoreResource, LLMResource, PipelineSettings
 from encoder_pipeline_tests.conftest import PROJECT_ROOT, shared_corpus
 
 ASSETS = {a.key.to_user_string(): a for a in definitions.defs.assets if isinstance(a, dg.AssetsDefinition)}
@@ -344,7 +344,7 @@ def test_only_the_domain_spec_turns_on_a_model_folders_code(tmp_path, monkeypatc
     instance.add_dynamic_partitions(domain_partitions.name, ["mine"])
     store = ArtifactStore(tmp_path / "artifacts")
     resources = {"artifacts": ArtifactStoreResource(root=str(store.root)),
-                 "settings": PipelineSettings(profile="tiny", base_model=str(folder))}
+                 "settings": PipelineSettings(profile="tiny", base_model=str(folder)), "llm": LLMResource()}
 
     def run(assets):
         return dg.materialize([ASSETS[a] for a in assets], instance=instance, partition_key="mine",

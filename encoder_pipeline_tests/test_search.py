@@ -66,13 +66,13 @@ def test_search_api_agrees_with_the_report(built, known):
     # ranked by their best unit over the top 100): exactly the report's figures for the served index
     # (its 30 queries are one encoding batch here as there, so even bf16 rounding is the same).
     split = json.loads((built.latest("code", "eval_set") / "eval_set.json").read_text())
-    qids = list(split["queries"])
-    results = searcher.search_many([split["queries"][q] for q in qids], k=100)
+    qids = list(split["eval"]["queries"])
+    results = searcher.search_many([split["eval"]["queries"][q] for q in qids], k=100)
     run: dict[str, dict[str, float]] = {q: {} for q in qids}
     for qid, hits in zip(qids, results, strict=True):
         for hit in hits:  # best first: a document scores as its best unit
             run[qid].setdefault(hit.parent_id, hit.score)
-    means, _ = evaluate(run, split["qrels"])
+    means, _ = evaluate(run, split["eval"]["qrels"])
     report = json.loads((built.latest("code", "eval_report") / "report.json").read_text())
     assert means == {metric: report["after"][metric] for metric in means}
 
@@ -159,7 +159,7 @@ def test_onnx_int8_query_encoder_matches_torch(built, known, tmp_path):
     pytest.importorskip("onnxruntime")
     served = served_index("code", built)
     split = json.loads((built.latest("code", "eval_set") / "eval_set.json").read_text())
-    queries = list(split["queries"].values())[:20] + [known[0]]
+    queries = list(split["eval"]["queries"].values())[:20] + [known[0]]
     torch_model = encoders.load_encoder(str(served.model_path))
     onnx_model = encoders.load_encoder(str(served.model_path), backend="onnx-int8", onnx_cache=tmp_path)
     reference = encoders.encode(torch_model, queries, bf16=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +16,10 @@ from encoder_pipeline.domains import DomainSpec, SpecError, load_domain
 from encoder_pipeline.lib.artifacts import ArtifactStore, Manifest
 from encoder_pipeline.lib.corpus import SAMPLE_COLUMN
 from encoder_pipeline.lib.encoders import document_texts
-from encoder_pipeline.lib.pairs import EvalSplit
-from encoder_pipeline.resources import ArtifactStoreResource, PipelineSettings
+from encoder_pipeline.lib.extractors import ExtractorConfig
+from encoder_pipeline.lib.heldout import SPLIT_SEED, EvalSplit
+from encoder_pipeline.lib.llm import GenerationParams, LLMBackend
+from encoder_pipeline.resources import ArtifactStoreResource, LLMResource, PipelineSettings
 
 CORPUS_FILE = "corpus.parquet"
 EVAL_FILE = "eval_set.json"
@@ -71,16 +73,16 @@ def corpus_texts(units: pd.DataFrame) -> list[str]:
 
 
 def read_eval_split(store: ArtifactStore, domain: str) -> EvalSplit:
+    """The eval set, the dev slice and the held-out documents (eval_set's `eval_set.json`)."""
     payload = json.loads((store.latest(domain, "eval_set") / EVAL_FILE).read_text())
-    return EvalSplit(payload["queries"], payload["qrels"], set(payload["eval_doc_ids"]),
-                     payload["human_judged"])
+    if "eval" not in payload:
+        raise dg.Failure(f"domain '{domain}': its eval_set was written by an older version (no dev "
+                         "slice, no evidence label): materialize eval_set again")
+    return EvalSplit.from_dict(payload)
 
 
 def write_eval_split(path: Path, split: EvalSplit) -> None:
-    path.write_text(json.dumps({
-        "queries": split.queries, "qrels": split.qrels,
-        "eval_doc_ids": sorted(split.eval_doc_ids), "human_judged": split.human_judged,
-    }))
+    path.write_text(json.dumps(split.to_dict()))
 
 
 class ProgressLog:
@@ -101,6 +103,22 @@ class ProgressLog:
     def metadata(self, prefix: str) -> dict:
         return {f"{prefix}_units_encoded": dg.MetadataValue.int(self.done),
                 f"{prefix}_encode_seconds": dg.MetadataValue.float(round(self.seconds, 2))}
+
+
+def extractor_config(spec: DomainSpec) -> ExtractorConfig:
+    """The spec's query length; choices seeded per corpus, not per run (the same pairs every seed)."""
+    return ExtractorConfig(min_words=spec.queries.min_words, seed=SPLIT_SEED)
+
+
+def llm_generation(spec: DomainSpec, llm: LLMResource, store: ArtifactStore, seed: int
+                   ) -> tuple[Callable[[], LLMBackend], str, GenerationParams]:
+    """(backend factory, response cache folder, sampling parameters) for generating this domain's
+    queries; refused before any request when the LLM is remote and the spec does not allow it."""
+    if llm.is_remote and not spec.remote_llm_allowed:
+        raise dg.Failure(f"domain '{spec.name}' does not allow sending documents to a remote LLM; "
+                         f"set remote_llm_allowed = true in {spec.source_file} to opt in")
+    return (llm.backend_factory(store.root / "_models"), str(store.domain_dir(spec.name) / "_llm_cache"),
+            llm.params(seed))
 
 
 def embeddings_cache(store: ArtifactStore, domain: str) -> Path:

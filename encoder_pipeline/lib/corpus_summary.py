@@ -14,6 +14,8 @@ import numpy as np
 import py3langid
 from daft import col
 
+from encoder_pipeline.lib.extractors import ExtractorConfig
+from encoder_pipeline.lib.extractors.choose import SAMPLE_UNITS, Choice, choose_extractors
 from encoder_pipeline.lib.sources import CorpusError, read_corpus, read_judged
 
 FORMAT_BY_SUFFIX = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".csv": "csv"}
@@ -57,6 +59,7 @@ class CorpusSummary:
     judged_documents: int = 0
     judged_documents_missing: int = 0
     warnings: list[str] = field(default_factory=list)
+    choice: Choice | None = None  # the extractors a sample of the corpus supports
 
     def lines(self) -> list[str]:
         out = [
@@ -70,6 +73,10 @@ class CorpusSummary:
         if self.judged_queries:
             out.append(f"judged set: {self.judged_queries:,} queries over {self.judged_documents:,} "
                        f"documents, {self.judged_documents_missing:,} of them missing from the corpus")
+        if self.choice is not None:
+            out.append(f"training pairs from: {', '.join(self.choice.keys) or 'synthetic queries only'}"
+                       + (" (a code corpus: layout kept, one function per unit)" if self.choice.code else ""))
+            out += [f"  {note}" for note in self.choice.notes]
         return out + [f"warning: {w}" for w in self.warnings]
 
 
@@ -90,9 +97,9 @@ def summarize_corpus(fmt: str, location: str, id_field: str = "_id", title_field
     documents = int(stats["documents"][0] or 0)
     if documents == 0:
         raise CorpusError(f"the corpus at {location} has no documents")
-    rows = frame.limit(max(sample * 4, sample)).to_pandas()
-    if len(rows) > sample:
-        rows = rows.sample(sample, random_state=seed)
+    head = frame.limit(max(sample * 4, SAMPLE_UNITS)).to_pandas()
+    choice = choose_extractors(head.assign(parent_id=head["doc_id"]), documents, ExtractorConfig(seed=seed))
+    rows = head.sample(min(sample, len(head)), random_state=seed)
     texts = (rows["title"].fillna("") + " " + rows["text"].fillna("")).str.strip()
     lengths = texts.str.split().str.len().fillna(0).to_numpy()
     words = {name: float(np.percentile(lengths, q)) for name, q in (("p5", 5), ("p50", 50), ("p95", 95))}
@@ -103,7 +110,7 @@ def summarize_corpus(fmt: str, location: str, id_field: str = "_id", title_field
         fields=source_fields(fmt, location), documents=documents,
         empty_documents=int(stats["empty"][0] or 0), titled_share=int(stats["titled"][0] or 0) / documents,
         words=words, languages=[(code, n / total) for code, n in codes.most_common(3)],
-        sample_size=len(rows),
+        sample_size=len(rows), choice=choice,
     )
     if summary.empty_documents > documents / 2:
         summary.warnings.append(f"most documents have empty text: is '{text_field}' the right field?")

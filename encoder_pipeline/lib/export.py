@@ -120,8 +120,8 @@ def _report_section(report: dict | None, report_version: str, note: str) -> str:
          met.get(name)]
         for name, value in report.get("targets", {}).items()
     ])
-    judged = ("human-judged" if report.get("human_judged")
-              else "NOT human-judged (held-out structural pairs)")
+    judged = report.get("evidence_words") or ("human-judged" if report.get("human_judged")
+                                             else "NOT human-judged (held-out structural pairs)")
     return (f"## Evaluation\n\nFrom `eval_report` version `{report_version}`: "
             f"{report.get('eval_queries', '?')} eval queries, {judged}; metrics by pytrec_eval, "
             f"latency from timed single queries (encode + search).{note}\n\n"
@@ -147,8 +147,8 @@ def model_card(domain: str, served: ServedIndex, spec: Any, report: dict | None,
     data_rows = [[
         "corpus", f"{corpus.format if corpus else '?'}: {where}"
         + (f"; unit: {spec.unit.name}" if spec is not None else ""), corpus_licence(spec)]]
-    extractor = spec.queries.pair_extractor if spec is not None else "?"
-    pairs = f"{extractor} -> unit, from the corpus above (kept when the base model ranks the unit high)"
+    extractor = ", ".join(spec.queries.pair_extractor) if spec is not None else "?"
+    pairs = f"{extractor} pairs from the corpus above (kept when the base model ranks the unit high)"
     data_rows.append(["structural pairs", pairs, "as the corpus"])
     if "synthetic_queries" in trained_from:
         if llm.get("backend", "local") == "local":

@@ -1,13 +1,13 @@
-"""Structural (query, positive) pairs, the held-out eval split, and the consistency filter.
+"""Training pairs from the domain's extractors, and the consistency filter.
 
-Columns out of `extract_pairs`: `query`, `positive` (the text the encoder sees), `doc_id`.
-Sources: E5 / CCPairs (structural pairs + a consistency filter), the seeds' docstring -> code and
-heading -> section pairs.
+Columns out of `extract_training_pairs`: `query`, `positive` (the text the encoder sees), `doc_id`,
+`extractor`. Sources: E5 / CCPairs (structural pairs + a consistency filter), inverse cloze (Lee et
+al. 2019) and independent cropping (Contriever) where the corpus has no structure.
 """
 
 from __future__ import annotations
 
-import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,102 +16,66 @@ import torch
 from sentence_transformers import util
 
 from encoder_pipeline.lib.encoders import document_texts
-from encoder_pipeline.lib.leakage import EvalTexts, normalize
+from encoder_pipeline.lib.extractors import Extraction, ExtractorConfig, get
+from encoder_pipeline.lib.extractors.base import PAIR_COLUMNS
+from encoder_pipeline.lib.heldout import EvalSplit
+from encoder_pipeline.lib.leakage import EvalTexts
 
-MIN_QUERY_WORDS = 3
-
-
-def _salted(key: str, seed: int) -> str:
-    return hashlib.sha1(f"{seed}:{key}".encode()).hexdigest()
-
-
-def structural_query(units: pd.DataFrame, extractor: str) -> pd.Series:
-    """The query a unit's structure gives: its docstring summary, or its title/heading."""
-    query = units["anchor"] if extractor == "docstring" else units["title"]
-    return query.fillna("").str.strip()
+# When the structural extractors give at least this many pairs, structure-free rows are at most
+# FREE_SHARE of a rung's structural + structure-free rows: they teach less than real structure.
+STRUCTURAL_ENOUGH = 500
+FREE_SHARE = 0.25
 
 
-def positive_texts(units: pd.DataFrame, extractor: str) -> list[str]:
-    """For title -> body pairs the title is the query, so the positive is the body alone."""
-    if extractor == "title":
+def document_form(units: pd.DataFrame, extractors: Sequence[str]) -> list[str]:
+    """The text a unit trains as a positive (of synthetic queries, of mined rows): its body alone
+    where titles are queries (a title in the positive would answer its own query), else title and
+    text as the encoder sees the unit."""
+    if "title" in extractors:
         return list(units["text"])
     return document_texts(units["title"], units["text"])
 
 
-def has_structural_query(units: pd.DataFrame, extractor: str) -> pd.Series:
-    return structural_query(units, extractor).str.split().str.len().fillna(0) >= MIN_QUERY_WORDS
+def eval_texts(split: EvalSplit, units: pd.DataFrame) -> EvalTexts:
+    """What the leakage filter keeps out of training: the eval and dev queries, every form of every
+    held-out unit (title + text as the encoder sees it, the text alone as a title -> body positive),
+    and the ids of the held-out documents and of their units."""
+    held = units[units["parent_id"].isin(split.held_out_doc_ids)]
+    documents = [*document_texts(held["title"], held["text"]), *held["text"]]
+    return EvalTexts.of([*split.eval.queries.values(), *split.dev.queries.values()], documents,
+                        {*split.held_out_doc_ids, *held["doc_id"]})
 
 
 @dataclass
-class EvalSplit:
-    queries: dict[str, str]
-    qrels: dict[str, dict[str, int]]
-    eval_doc_ids: set[str]  # parent ids: held out of every training row
-    human_judged: bool
+class TrainingPairs:
+    pairs: pd.DataFrame
+    extractions: list[Extraction]
+
+    def summaries(self) -> list[str]:
+        return [e.summary() for e in self.extractions]
 
 
-MAX_HELD_OUT_FRACTION = 0.3  # of the distinct structural queries: the rest must stay to train on
+def extract_training_pairs(units: pd.DataFrame, extractors: Sequence[str], config: ExtractorConfig
+                           ) -> TrainingPairs:
+    """Every pair the domain's extractors give on `units` (which must exclude held-out documents)."""
+    extractions = [get(key).extract(units, config) for key in extractors]
+    frames = [e.pairs for e in extractions if len(e.pairs)]
+    pairs = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=PAIR_COLUMNS)
+    return TrainingPairs(pairs[pairs["positive"].str.strip() != ""].reset_index(drop=True), extractions)
 
 
-def held_out_split(units: pd.DataFrame, extractor: str, num_queries: int, seed: int,
-                   max_fraction: float = MAX_HELD_OUT_FRACTION) -> EvalSplit:
-    """An eval split from structure on a held-out slice of documents (never from synthetic queries).
-
-    A query is a distinct structural text (docstring summary, heading); every document carrying it
-    is relevant, so the sibling paragraphs under one heading are judged positives together, never
-    negatives of each other. Whole source documents are held out (all their chunks), queries chosen
-    by a salted hash so the split is stable as the corpus grows. At most `max_fraction` of the
-    distinct queries are held out, so a small corpus keeps most of its structure for training.
-    """
-    candidates = units[has_structural_query(units, extractor)].drop_duplicates("parent_id")
-    texts = structural_query(candidates, extractor)
-    # Queries that normalize to the same text ("Close the connection" / "close the connection.") are
-    # one query: all their documents are relevant and held out together (lib.leakage's definition).
-    keys = texts.map(normalize).to_numpy()
-    parents_by_query = candidates.groupby(keys, sort=False)["parent_id"].agg(list)
-    shown = texts.groupby(keys, sort=False).first()
-    wanted = min(num_queries, max(1, int(len(parents_by_query) * max_fraction)))
-    chosen = sorted(parents_by_query.index, key=lambda q: _salted(q, seed))[:wanted]
-    queries, qrels, held = {}, {}, set()
-    for key in chosen:
-        qid = f"q-{_salted(key, seed)[:12]}"
-        queries[qid] = shown[key]
-        qrels[qid] = {parent: 1 for parent in parents_by_query[key]}
-        held.update(parents_by_query[key])
-    return EvalSplit(queries, qrels, held, human_judged=False)
-
-
-def eval_texts(split: EvalSplit, units: pd.DataFrame) -> EvalTexts:
-    """What the leakage filter keeps out of training: the eval queries, every form of every eval
-    unit (title + text as the encoder sees it, the text alone as a title -> body positive), and the
-    ids of the eval documents and of their units."""
-    held = units[units["parent_id"].isin(split.eval_doc_ids)]
-    documents = [*document_texts(held["title"], held["text"]), *held["text"]]
-    return EvalTexts.of(split.queries.values(), documents, {*split.eval_doc_ids, *held["doc_id"]})
-
-
-def sample_judged(queries: dict[str, str], qrels: dict[str, dict[str, int]], size: int, seed: int
-                  ) -> tuple[dict[str, str], dict[str, dict[str, int]]]:
-    """A stable sample of `size` judged queries (0: all), for small-scale runs."""
-    if not size or size >= len(queries):
-        return queries, qrels
-    chosen = sorted(queries, key=lambda q: _salted(q, seed))[:size]
-    return {q: queries[q] for q in chosen}, {q: qrels[q] for q in chosen}
-
-
-def judged_split(queries: dict[str, str], qrels: dict[str, dict[str, int]]) -> EvalSplit:
-    judged_docs = {doc for rels in qrels.values() for doc in rels}
-    return EvalSplit(queries, qrels, judged_docs, human_judged=True)
-
-
-def extract_pairs(units: pd.DataFrame, extractor: str, exclude_parents: set[str]) -> pd.DataFrame:
-    """Every structural pair from documents outside `exclude_parents` (the eval documents)."""
-    usable = units[has_structural_query(units, extractor) & ~units["parent_id"].isin(exclude_parents)]
-    return pd.DataFrame({
-        "query": structural_query(usable, extractor).to_numpy(),
-        "positive": positive_texts(usable, extractor),
-        "doc_id": usable["doc_id"].to_numpy(),
-    })
+def cap_pairs(pairs: pd.DataFrame, max_pairs: int, seed: int) -> pd.DataFrame:
+    """At most `max_pairs` rows; structure-free rows at most FREE_SHARE of them once the structural
+    extractors give STRUCTURAL_ENOUGH pairs (else they fill what structure leaves)."""
+    free = pairs["extractor"].map(lambda key: not get(key).structural)
+    structural, unstructured = pairs[~free], pairs[free]
+    if len(structural) >= STRUCTURAL_ENOUGH:
+        allowed = int(len(structural) * FREE_SHARE / (1 - FREE_SHARE))
+        unstructured = unstructured.sample(min(allowed, len(unstructured)), random_state=seed)
+    capped = pd.concat([structural, unstructured])
+    if len(capped) > max_pairs:
+        capped = capped.sample(max_pairs, random_state=seed)
+    return capped.reset_index(drop=True)
 
 
 def top_k_ids(query_embeddings: np.ndarray, corpus_embeddings: np.ndarray, corpus_ids: list[str],
@@ -132,13 +96,3 @@ def rank_of_positive(query_embeddings: np.ndarray, positive_ids: list[str],
         ids = [doc_id for doc_id, _ in hits]
         ranks[i] = ids.index(positive) + 1 if positive in ids else 0
     return ranks
-
-
-def split_dev(pairs: pd.DataFrame, fraction: float, max_size: int, seed: int
-              ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Carve a dev slice from the training pairs (by document) for checkpoint and config choices."""
-    size = min(max_size, int(len(pairs) * fraction))
-    order = sorted(pairs["doc_id"].unique(), key=lambda d: _salted(d, seed + 7))
-    dev_docs = set(order[:size])
-    dev = pairs["doc_id"].isin(dev_docs)
-    return pairs[~dev].reset_index(drop=True), pairs[dev].reset_index(drop=True)

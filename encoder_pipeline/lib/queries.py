@@ -23,6 +23,7 @@ import daft
 import pandas as pd
 from daft import col
 
+from encoder_pipeline.lib.extractors.base import MIN_QUERY_WORDS
 from encoder_pipeline.lib.llm import (
     GenerationParams,
     LLMBackend,
@@ -41,7 +42,6 @@ QUERY_TASKS = (
 QUERY_PERSONAS = ("a newcomer to the field", "an experienced practitioner", "someone in a hurry")
 QUERY_LENGTHS = ("3 to 6 words", "about 10 words", "one full sentence")
 PASSAGE_WORDS = 120
-MIN_QUERY_WORDS = 3
 MAX_QUERY_WORDS = 32
 COPIED_SPAN_WORDS = 8  # a query repeating this many consecutive passage words is a copy, not a query
 
@@ -51,6 +51,43 @@ class PromptSpec:
     form: str
     relevance: str
     examples: tuple[tuple[str, str], ...]  # (passage, query)
+
+
+# Few-shot examples for a spec that writes none: a base model prompted zero-shot continues the passage
+# instead of querying it. One per style a corpus may have (prose, code, a definition, a clause); written
+# for this purpose, in no judged set (test_few_shot_examples.py checks).
+GENERIC_EXAMPLES: tuple[tuple[str, str], ...] = (
+    (("Before replacing a bicycle chain, count the links on the old one and shift onto the smallest "
+      "sprockets. Open the chain at its quick link, thread the new chain through the derailleur and "
+      "join it with the link the manufacturer supplies."),
+     "how do I put a new chain on my bike"),
+    (("def median(values):\n    ordered = sorted(values)\n    middle = len(ordered) // 2\n"
+      "    if len(ordered) % 2:\n        return ordered[middle]\n"
+      "    return (ordered[middle - 1] + ordered[middle]) / 2"),
+     "middle value of a list of numbers"),
+    (("Dew point\nThe temperature to which air must be cooled, at constant pressure and water content, "
+      "for the water vapour in it to start condensing."),
+     "temperature at which condensation begins"),
+    (("Either party may end this agreement by giving the other thirty days' written notice. Fees paid "
+      "for the period after the end date are refunded in proportion to the days left."),
+     "can I cancel and get part of my money back"),
+)
+STRUCTURE_EXAMPLES = 2  # a corpus's own structural pairs shown besides the generic ones
+MAX_EXAMPLES = 4  # every example lengthens each prompt's prefill on a CPU
+EXAMPLE_WORDS = 80
+_CODE, _PROSE = GENERIC_EXAMPLES[1], GENERIC_EXAMPLES[0]
+
+
+def prompt_examples(written: Sequence[tuple[str, str]], structural: pd.DataFrame, code: bool = False
+                    ) -> tuple[tuple[str, str], ...]:
+    """The prompt's examples: the spec's own when it writes any (they always win); else up to
+    STRUCTURE_EXAMPLES of the corpus's structural pairs (passage, its title or docstring summary),
+    then generic ones, those of the corpus's style first (code for code), MAX_EXAMPLES in all."""
+    if written:
+        return tuple(written)
+    own = tuple(zip(structural["positive"], structural["query"], strict=True))[:STRUCTURE_EXAMPLES]
+    generic = (_CODE, _PROSE) if code else tuple(e for e in GENERIC_EXAMPLES if e != _CODE)
+    return (own + generic)[:MAX_EXAMPLES]
 
 
 def _shorten(text: str, words: int = PASSAGE_WORDS) -> str:
@@ -74,7 +111,7 @@ def build_prompt(spec: PromptSpec, passage: str, style: str) -> str:
     """
     header = (f"Each passage below is followed by a search query it answers. A query is {spec.form}. "
               f"The passage is relevant when {spec.relevance}.\n\n")
-    shots = "".join(f"Passage: {_shorten(p)}\nQuery: {q}\n\n" for p, q in spec.examples)
+    shots = "".join(f"Passage: {_shorten(p, EXAMPLE_WORDS)}\nQuery: {q}\n\n" for p, q in spec.examples)
     return f"{header}{shots}Write {style}.\n\nPassage: {_shorten(passage)}\nQuery:"
 
 
@@ -215,6 +252,21 @@ def generate_frame(prompts: list[dict], make_backend: Callable[[], LLMBackend], 
         raise LLMError(f"{failures.iloc[0]} (the answers received before it are cached: a re-run "
                        "resumes)")
     return rows.drop(columns="error")
+
+
+def query_generator(spec: PromptSpec, make_backend: Callable[[], LLMBackend], cache_dir: str,
+                    params: GenerationParams, min_words: int, seed: int
+                    ) -> Callable[[list[str], list[str]], list[str | None]]:
+    """`generate(doc_ids, passages)`: one parsed query per passage (None where the answer gave
+    none), through the cached generator, as `lib.heldout` wants it."""
+    examples = [query for _, query in spec.examples]
+
+    def generate(doc_ids: list[str], passages: list[str]) -> list[str | None]:
+        rows = generate_frame(build_prompts(spec, doc_ids, passages, 1, seed), make_backend, cache_dir, params)
+        answers = dict(zip(rows["doc_id"], rows["text"], strict=True))
+        return [parse_query(answers[doc], passage, examples, min_words) if isinstance(answers[doc], str)
+                else None for doc, passage in zip(doc_ids, passages, strict=True)]
+    return generate
 
 
 @dataclass(frozen=True)

@@ -191,7 +191,10 @@ def render(report: Mapping[str, Any], image: Callable[[str, str], str]) -> str:
     ladder = systems_frame(report, {SAMPLE} if corpus_differs else {SAMPLE, CORPUS})
     return (
         f"# {report['domain']}\n\nUnit: {report['unit']}. Query: {report['query_form']}. Relevant when "
-        f"{report['relevance']}.\n\nEval set: {report['eval_queries']} queries, {report['evidence_words']}\n\n"
+        f"{report['relevance']}.\n\nEval set: {report['eval_queries']} queries, {report['evidence_words']} "
+        f"Choices (best epoch, index width) were made on {report['dev_queries']} {report['dev_evidence']} "
+        f"dev queries, never on the eval set.\n\n"
+        + "".join(f"- {note}\n" for note in report.get("eval_notes", [])) + "\n"
         f"Haystacks: the ladder is compared on {_haystack_words(report, SAMPLE)}; what is served is "
         f"measured on {_haystack_words(report, CORPUS)}.\n\n"
         f"**Verdict:** {report['verdict']}\n\n**Promotion (safe_to_promote):** "

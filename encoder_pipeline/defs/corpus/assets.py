@@ -11,19 +11,34 @@ from encoder_pipeline.defs.shared import (
     CORPUS_FILE,
     EVAL_FILE,
     domain_spec,
+    embeddings_cache,
+    extractor_config,
+    llm_generation,
     md_table,
     publish,
+    read_corpus_units,
     read_sample_units,
     write_eval_split,
 )
-from encoder_pipeline.domains import DomainSpec, domain_partitions
+from encoder_pipeline.domains import AUTO, DomainSpec, domain_partitions
+from encoder_pipeline.lib import encoders
 from encoder_pipeline.lib.corpus import CleaningConfig
 from encoder_pipeline.lib.corpus import clean_corpus_to_parquet as clean_to_parquet
 from encoder_pipeline.lib.drift import write_snapshot
-from encoder_pipeline.lib.pairs import held_out_split, judged_split, sample_judged
+from encoder_pipeline.lib.extractors import get
+from encoder_pipeline.lib.extractors.choose import choose_extractors, looks_like_code
+from encoder_pipeline.lib.heldout import (
+    EVIDENCE_WORDS,
+    SPLIT_SEED,
+    build_split,
+    haystack_scorer,
+    sample_judged,
+)
+from encoder_pipeline.lib.pairs import extract_training_pairs
+from encoder_pipeline.lib.queries import STRUCTURE_EXAMPLES, PromptSpec, prompt_examples, query_generator
 from encoder_pipeline.lib.sources import CorpusError, Skipped, read_corpus, read_judged
 from encoder_pipeline.lib.train import MIN_TRAINING_PAIRS
-from encoder_pipeline.resources import ArtifactStoreResource, PipelineSettings
+from encoder_pipeline.resources import ArtifactStoreResource, LLMResource, PipelineSettings
 
 GROUP = "corpus"
 
@@ -52,7 +67,8 @@ def cleaning_config(spec: DomainSpec, settings: PipelineSettings) -> CleaningCon
         boilerplate_patterns=tuple(spec.unit.boilerplate_patterns),
         num_hashes=spec.dedupe.num_hashes, ngram_size=spec.dedupe.ngram_size,
         bands=spec.dedupe.bands, jaccard_threshold=spec.dedupe.jaccard_threshold,
-        sample_documents=settings.sizes().training_documents, seed=settings.seed,
+        # the sample and the dedupe hashes are the corpus's: the same for every training seed
+        sample_documents=settings.sizes().training_documents, seed=SPLIT_SEED,
     )
 
 
@@ -126,37 +142,80 @@ def clean_corpus(context: dg.AssetExecutionContext, artifacts: ArtifactStoreReso
     )
 
 
+def resolve_extractors(spec: DomainSpec, units: pd.DataFrame, corpus_units: int) -> tuple[list[str], list[str]]:
+    """The spec's extractors, or for `auto` those `choose_extractors` finds usable on this corpus
+    (with one note per extractor on what it found)."""
+    if spec.queries.pair_extractor != [AUTO]:
+        return list(spec.queries.pair_extractor), []
+    choice = choose_extractors(units, corpus_units, extractor_config(spec))
+    return choice.keys, choice.notes
+
+
 @dg.asset(
     partitions_def=domain_partitions,
     group_name=GROUP,
-    kinds={"pandas"},
+    kinds={"pandas", "openai"},
     owners=["team:retrieval"],
     deps=[clean_corpus],
 )
 def eval_set(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource,
-             settings: PipelineSettings) -> dg.MaterializeResult:
-    """The queries the report is judged on: the domain's human-judged set when it has one, else
-    structural pairs on a held-out slice of documents (flagged as not human-judged). Its documents
-    appear in no training row; only the report reads it."""
+             settings: PipelineSettings, llm: LLMResource) -> dg.MaterializeResult:
+    """The queries the report is judged on (eval set) and the dev slice that steers the choices (best
+    epoch, index width), on held-out documents no training row touches (lib/heldout.py). Evidence,
+    best first: the domain's human-judged set; held-out documents' own structure (titles, docstring
+    summaries); one LLM-written query per held-out document, kept when BM25 finds its document
+    (generated once per corpus). A structural set that BM25 or the off-the-shelf model already
+    scores >= 0.95 on is flagged uninformative and replaced by synthetic queries."""
     spec = domain_spec(context)
     store = artifacts.store()
-    units = read_sample_units(store, spec.name)  # held-out structure comes from the training sample
-    judged = _judged(spec, settings)
-    if judged:
-        split = judged_split(*judged)
-    else:
-        split = held_out_split(units, spec.queries.pair_extractor, settings.sizes().eval_queries,
-                               settings.seed)
-    if not split.queries:
-        raise dg.Failure(f"domain '{spec.name}': no eval queries could be built "
-                         f"(extractor '{spec.queries.pair_extractor}' found no structure)")
-    with publish(context, artifacts, settings, {"judged": bool(judged)}, ["clean_corpus"]) as staging:
+    sizes = settings.sizes()
+    units = read_sample_units(store, spec.name)  # held out from the training sample
+    extractors, choice_notes = resolve_extractors(spec, units, len(read_corpus_units(store, spec.name)))
+    config = extractor_config(spec)
+    # The corpus's own structural pairs as prompt examples (when the spec writes none): their
+    # documents stay in training, never held out.
+    structural = extract_training_pairs(units, [k for k in extractors if get(k).structural], config).pairs
+    shown = structural.sort_values("doc_id").head(STRUCTURE_EXAMPLES)
+    examples = prompt_examples([(e.passage, e.query) for e in spec.queries.examples], shown,
+                               code=looks_like_code(units["text"]))
+    def generate(doc_ids: list[str], passages: list[str]) -> list[str | None]:
+        # Set up only when the split needs synthetic queries: a domain that keeps its text local
+        # (remote LLM not allowed) still builds a judged or structural split.
+        backend, cache_dir, params = llm_generation(spec, llm, store, SPLIT_SEED)
+        return query_generator(PromptSpec(spec.queries.form, spec.queries.relevance, examples), backend,
+                               cache_dir, params, spec.queries.min_words, SPLIT_SEED)(doc_ids, passages)
+    cache = embeddings_cache(store, spec.name)
+    score = haystack_scorer(
+        units, lambda texts: encoders.cached_embeddings(settings.base_model, texts, cache,
+                                                        bf16=settings.bf16_inference,
+                                                        trust_remote_code=spec.trust_remote_code),
+        lambda queries: encoders.encode(encoders.load_encoder(settings.base_model,
+                                                              trust_remote_code=spec.trust_remote_code),
+                                        queries, bf16=settings.bf16_inference))
+    try:
+        split = build_split(units, extractors, config, _judged(spec, settings), sizes.eval_queries,
+                            sizes.dev_max_pairs, score, generate,
+                            keep=set(units["parent_id"][units["doc_id"].isin(set(shown["doc_id"]))]))
+    except ValueError as error:
+        raise dg.Failure(f"domain '{spec.name}': {error} (extractors: {', '.join(extractors) or 'none'})"
+                         ) from error
+    split.notes = choice_notes + split.notes
+    with publish(context, artifacts, settings, {"evidence": split.evidence, "extractors": extractors},
+                 ["clean_corpus"]) as staging:
         write_eval_split(staging / EVAL_FILE, split)
     sample = pd.DataFrame([{"query": text, "relevant": ", ".join(split.qrels[qid])}
                            for qid, text in list(split.queries.items())[:8]])
     return dg.MaterializeResult(metadata={
         "queries": dg.MetadataValue.int(len(split.queries)),
-        "eval_documents": dg.MetadataValue.int(len(split.eval_doc_ids)),
+        "dev_queries": dg.MetadataValue.int(len(split.dev.queries)),
+        "held_out_documents": dg.MetadataValue.int(len(split.held_out_doc_ids)),
+        "evidence": split.evidence,
+        "evidence_meaning": EVIDENCE_WORDS[split.evidence],
+        "dev_evidence": split.dev.evidence,
         "human_judged": split.human_judged,
+        "extractors": ", ".join(extractors),
+        "notes": dg.MetadataValue.md("\n".join(f"- {note}" for note in split.notes) or "none"),
+        **{f"{name}_{system}_ndcg_at_10": dg.MetadataValue.float(value)
+           for name, measured in split.scores.items() for system, value in measured.items()},
         "sample": md_table(sample),
     })

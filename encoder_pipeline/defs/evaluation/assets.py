@@ -36,6 +36,7 @@ from encoder_pipeline.lib import encoders
 from encoder_pipeline.lib import report as lib_report
 from encoder_pipeline.lib.artifacts import ArtifactStore
 from encoder_pipeline.lib.evaluation import CORPUS, SAMPLE, Haystack, System, evaluate_systems, haystacks
+from encoder_pipeline.lib.heldout import EVIDENCE_WORDS
 from encoder_pipeline.lib.index import IDS_FILE, LoadedIndex, build_index, load_index, served_bytes
 from encoder_pipeline.lib.metrics import (
     Run,
@@ -251,8 +252,9 @@ def eval_report(context: dg.AssetExecutionContext, config: ReportConfig,
         facts={"domain": spec.name, "unit": spec.unit.name, "query_form": spec.queries.form,
                "relevance": spec.queries.relevance, "hard_negative": spec.queries.hard_negative,
                "eval_queries": len(split.queries), "human_judged": split.human_judged,
-               "evidence_words": "human-judged." if split.human_judged
-               else "NOT human-judged (held-out structural pairs)."},
+               "evidence": split.evidence, "evidence_words": EVIDENCE_WORDS[split.evidence],
+               "dev_queries": len(split.dev.queries), "dev_evidence": split.dev.evidence,
+               "eval_notes": split.notes},
         haystacks={key: hay.summary() for key, hay in stacks.items()}, results=results, rungs=RUNGS,
         candidate={key: choice.get(key) for key in ("rung", "revision", "dims", "precision")},
         serving=serving, targets=targets.model_dump(), currently_served=current_info,
@@ -313,6 +315,8 @@ def eval_report(context: dg.AssetExecutionContext, config: ReportConfig,
             "report": dg.MetadataValue.md(render(report, lambda name, alt: lib_report.md_image(figures[name],
                                                                                                alt))),
             "human_judged": split.human_judged,
+            "evidence": split.evidence,
+            "evidence_meaning": EVIDENCE_WORDS[split.evidence],
             "safe_to_promote": promotion["safe"],
             "ndcg_at_10": dg.MetadataValue.float(served["ndcg@10"]),
             "ndcg_at_10_off_the_shelf": dg.MetadataValue.float(before["ndcg@10"]),

@@ -20,7 +20,6 @@ from encoder_pipeline.defs.shared import (
 )
 from encoder_pipeline.defs.training.assets import (
     RUNGS,
-    dev_queries,
     ladder_encoders,
     read_training_result,
     rung_model_path,
@@ -104,13 +103,10 @@ def index_sweep(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResou
         vectors = encoders.encode(model, [queries[q] for q in qids], bf16=settings.bf16_inference)
         return QuerySet(vectors, qids, qrels)
 
-    # Dev queries search the whole corpus, like served queries; their positives judged at the
-    # document level, as the eval set is.
-    dev, dev_positives = dev_queries(store, spec.name)
-    parent_of = dict(zip(ids, parents, strict=True))
-    dev_qrels = {q: {parent_of[d]: 1 for d in docs if d in parent_of} for q, docs in dev_positives.items()}
+    # Dev queries search the whole corpus, like served queries, judged at the document level.
     split = read_eval_split(store, spec.name)
-    query_sets = {"dev": query_set(dev, dev_qrels), "eval": query_set(split.queries, split.qrels)}
+    dev = split.dev.queries
+    query_sets = {"dev": query_set(dev, split.dev.qrels), "eval": query_set(split.queries, split.qrels)}
 
     # Timing: distinct queries encoded one at a time as `search` serves them (torch, bf16 autocast
     # where the CPU has it natively, no cache).
@@ -122,13 +118,16 @@ def index_sweep(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResou
     points = sweep(corpus_vectors, query_sets, parents, latency_vectors, encode_ms, ids=ids,
                    titles=titles, k=TOP_K, latency_k=SERVED_K)
     full_dim = corpus_vectors.shape[1]
-    chosen, reason = choose(points, spec.targets, full_dim, on="dev")
     reference = reference_point(points, full_dim)
+    if dev:
+        chosen, reason = choose(points, spec.targets, full_dim, on="dev")
+    else:  # nothing to choose on without looking at the eval set: the exact reference
+        chosen, reason = reference, "no dev slice: serving the exact reference, fp32 at full width"
     payload = {
         "rung": rung, "model_path": model_path, "revision": revision, "latency_queries": len(timing),
         "encode_p50_ms": float(np.percentile(encode_ms, 50)),
         "encode_p95_ms": float(np.percentile(encode_ms, 95)),
-        "dev_queries": len(dev), "eval_queries": len(split.queries),
+        "dev_queries": len(dev), "dev_evidence": split.dev.evidence, "eval_queries": len(split.queries),
         "haystack": {"units": len(units), "documents": int(units["parent_id"].nunique()),
                      "what": "the whole corpus"},
         "rescore_multiplier": RESCORE_MULTIPLIER, "targets": spec.targets.model_dump(),

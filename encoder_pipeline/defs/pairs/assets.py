@@ -15,6 +15,8 @@ from encoder_pipeline.defs.shared import (
     corpus_texts,
     domain_spec,
     embeddings_cache,
+    extractor_config,
+    llm_generation,
     md_table,
     publish,
     read_corpus_units,
@@ -24,18 +26,21 @@ from encoder_pipeline.defs.shared import (
 from encoder_pipeline.domains import DomainSpec, domain_partitions
 from encoder_pipeline.lib import encoders
 from encoder_pipeline.lib.artifacts import ArtifactStore, remove_torn_arrays
+from encoder_pipeline.lib.extractors import get
+from encoder_pipeline.lib.extractors.choose import looks_like_code
 from encoder_pipeline.lib.leakage import LeakFilter
 from encoder_pipeline.lib.negatives import MiningConfig, mine_negatives
 from encoder_pipeline.lib.pairs import (
+    cap_pairs,
+    document_form,
     eval_texts,
-    extract_pairs,
-    positive_texts,
+    extract_training_pairs,
     rank_of_positive,
-    split_dev,
     top_k_ids,
 )
 from encoder_pipeline.lib.queries import (
     JUDGE_CANDIDATES,
+    STRUCTURE_EXAMPLES,
     PromptSpec,
     RelabelConfig,
     build_prompts,
@@ -44,13 +49,13 @@ from encoder_pipeline.lib.queries import (
     judge_prompt,
     parse_choice,
     parse_query,
+    prompt_examples,
     relabel,
 )
 from encoder_pipeline.resources import ArtifactStoreResource, LLMResource, PipelineSettings
 
 GROUP = "training_data"
 PAIRS_FILE = "pairs.parquet"
-DEV_FILE = "dev.parquet"
 SYNTHETIC_FILE = "synthetic.parquet"
 UNFILTERED_FILE = "synthetic_unfiltered.parquet"
 GENERATION_FILE = "generation.json"
@@ -58,14 +63,20 @@ MINED_FILE = "mined.parquet"
 
 
 class TrainingCorpus:
-    """The training sample minus eval documents, with base-model embeddings (cached per unit)."""
+    """The training sample minus the held-out (eval and dev) documents, with base-model embeddings
+    (cached per unit), and the extractors eval_set resolved for the domain."""
 
     def __init__(self, store: ArtifactStore, spec: DomainSpec, settings: PipelineSettings):
         units = read_sample_units(store, spec.name)
         self.eval = read_eval_split(store, spec.name)
-        self.units = units[~units["parent_id"].isin(self.eval.eval_doc_ids)].reset_index(drop=True)
+        self.units = units[~units["parent_id"].isin(self.eval.held_out_doc_ids)].reset_index(drop=True)
         self.ids = list(self.units["doc_id"])
+        self.extractors = self.eval.extractors
         self._store, self._spec, self._settings = store, spec, settings
+
+    def positives(self) -> list[str]:
+        """Each unit as a training positive (`lib.pairs.document_form`)."""
+        return document_form(self.units, self.extractors)
 
     def embeddings(self) -> np.ndarray:
         return encoders.cached_embeddings(self._settings.base_model, corpus_texts(self.units),
@@ -104,43 +115,40 @@ def leak_filter(store: ArtifactStore, domain: str) -> LeakFilter:
 )
 def heuristic_pairs(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource,
                     settings: PipelineSettings) -> dg.MaterializeResult:
-    """Structural (query, positive) pairs from the domain's structure (docstring -> code,
-    heading -> section, term -> definition), kept only when the base model already ranks the positive
-    in its top-k (E5's consistency filter). A dev slice is carved off here for checkpoint choices."""
+    """Training pairs from the domain's extractors (lib/extractors: title -> body, heading ->
+    section, docstring -> code; inverse cloze and cropping where structure is scarce, at most a
+    quarter of the rows once structure gives 500 pairs), kept only when the base model already ranks
+    the positive in its top-k (E5's consistency filter). Held-out documents never give a pair."""
     spec = domain_spec(context)
     store = artifacts.store()
     sizes = settings.sizes()
     corpus = TrainingCorpus(store, spec, settings)
-    extracted, leaked = leak_filter(store, spec.name).drop(
-        extract_pairs(corpus.units, spec.queries.pair_extractor, corpus.eval.eval_doc_ids))
-    overlapping = leaked.count
+    extraction = extract_training_pairs(corpus.units, corpus.extractors, extractor_config(spec))
+    extracted, leaked = leak_filter(store, spec.name).drop(extraction.pairs)
     ranks = corpus.ranks(list(extracted["query"]), list(extracted["doc_id"]), sizes.consistency_top_k)
     consistent = extracted[ranks > 0].assign(base_rank=ranks[ranks > 0])
-    if len(consistent) > sizes.max_pairs:
-        consistent = consistent.sample(sizes.max_pairs, random_state=settings.seed)
-    train, dev = split_dev(consistent.reset_index(drop=True), sizes.dev_fraction, sizes.dev_max_pairs,
-                           settings.seed)
-    config = {"extractor": spec.queries.pair_extractor, "consistency_top_k": sizes.consistency_top_k}
+    train = cap_pairs(consistent, sizes.max_pairs, settings.seed)
+    config = {"extractors": corpus.extractors, "consistency_top_k": sizes.consistency_top_k}
     with publish(context, artifacts, settings, config, ["clean_corpus", "eval_set"]) as staging:
         train.to_parquet(staging / PAIRS_FILE, index=False)
-        dev.to_parquet(staging / DEV_FILE, index=False)
-    counts = {"extracted": len(extracted) + overlapping, "dropped_eval_overlap": overlapping,
-              "consistent": int((ranks > 0).sum()),
-              "training": len(train), "dev": len(dev)}
+    counts = {"extracted": len(extraction.pairs), "dropped_eval_overlap": leaked.count,
+              "consistent": int((ranks > 0).sum()), "training": len(train)}
     return dg.MaterializeResult(
         metadata={
             **{f"pairs_{k}": dg.MetadataValue.int(v) for k, v in counts.items()},
+            **{f"pairs_from/{key}": dg.MetadataValue.int(int((train["extractor"] == key).sum()))
+               for key in corpus.extractors},
+            "extractors": dg.MetadataValue.md("\n".join(f"- {line}" for line in extraction.summaries())),
             "consistency_keep_rate": dg.MetadataValue.float(
-                counts["consistent"] / max(1, counts["extracted"])),
-            "sample": md_table(train.head(6)[["query", "positive", "base_rank"]]),
+                counts["consistent"] / max(1, counts["extracted"] - counts["dropped_eval_overlap"])),
+            "sample": md_table(train.head(6)[["query", "positive", "extractor", "base_rank"]]),
         },
-        check_results=[leakage_check(store, spec.name, "heuristic_pairs", [PAIRS_FILE, DEV_FILE])],
+        check_results=[leakage_check(store, spec.name, "heuristic_pairs", [PAIRS_FILE])],
     )
 
 
-def read_pairs(store: ArtifactStore, domain: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    folder = store.latest(domain, "heuristic_pairs")
-    return pd.read_parquet(folder / PAIRS_FILE), pd.read_parquet(folder / DEV_FILE)
+def read_pairs(store: ArtifactStore, domain: str) -> pd.DataFrame:
+    return pd.read_parquet(store.latest(domain, "heuristic_pairs") / PAIRS_FILE)
 
 
 def read_synthetic(store: ArtifactStore, domain: str) -> pd.DataFrame:
@@ -185,45 +193,34 @@ def synthetic_queries(context: dg.AssetExecutionContext, artifacts: ArtifactStor
     spec = domain_spec(context)
     store = artifacts.store()
     sizes = settings.sizes()
-    if llm.is_remote and not spec.remote_llm_allowed:
-        raise dg.Failure(f"domain '{spec.name}' does not allow sending documents to a remote LLM; "
-                         f"set remote_llm_allowed = true in {spec.source_file} to opt in")
+    backend_factory, cache_dir, params = llm_generation(spec, llm, store, settings.seed)
     started = time.perf_counter()
     corpus = TrainingCorpus(store, spec, settings)
-    _, dev = read_pairs(store, spec.name)
-    candidates = corpus.units[~corpus.units["doc_id"].isin(set(dev["doc_id"]))]
-    sample = candidates.sample(min(sizes.synthetic_documents, len(candidates)),
-                               random_state=settings.seed)
+    sample = corpus.units.sample(min(sizes.synthetic_documents, len(corpus.units)), random_state=settings.seed)
     passages = corpus_texts(sample)
-    prompt_spec = PromptSpec(spec.queries.form, spec.queries.relevance,
-                             tuple((e.passage, e.query) for e in spec.queries.examples))
-    if not prompt_spec.examples:
-        context.log.warning(f"{spec.source_file} has no [[queries.examples]]: the LLM is prompted "
-                            "zero-shot, and a base model then writes few usable queries")
+    pairs = read_pairs(store, spec.name)
+    structural = pairs[pairs["extractor"].map(lambda key: get(key).structural)].sort_values("doc_id")
+    prompt_spec = PromptSpec(spec.queries.form, spec.queries.relevance, prompt_examples(
+        [(e.passage, e.query) for e in spec.queries.examples], structural.head(STRUCTURE_EXAMPLES),
+        code=looks_like_code(corpus.units["text"])))
     prompts = build_prompts(prompt_spec, list(sample["doc_id"]), passages,
                             sizes.queries_per_document, settings.seed)
-    params = llm.params(settings.seed)
-    backend_factory = llm.backend_factory(store.root / "_models")
-    cache_dir = str(store.domain_dir(spec.name) / "_llm_cache")
     rows = generate_frame(prompts, backend_factory, cache_dir, params)
     by_doc = dict(zip(sample["doc_id"], passages, strict=True))
-    examples = [e.query for e in spec.queries.examples]
+    examples = [query for _, query in prompt_spec.examples]
     rows["query"] = [parse_query(raw, by_doc[d], examples, spec.queries.min_words)
                      if isinstance(raw, str) else None
                      for raw, d in zip(rows["text"], rows["doc_id"], strict=True)]
     parsed = rows[rows["query"].notna()]
     parsed = parsed[dedupe_queries(list(parsed["query"]))].reset_index(drop=True)
     relabel_config = RelabelConfig(top_k=sizes.round_trip_top_k)
-    dev_docs = set(dev["doc_id"])  # the dev slice stays out of training, relabeled positives too
-    hits = [[(doc, score) for doc, score in row if doc not in dev_docs]
-            for row in corpus.search(list(parsed["query"]), relabel_config.top_k + len(dev_docs))]
+    hits = corpus.search(list(parsed["query"]), relabel_config.top_k)
     choices = None
     if llm.is_remote:  # an instruction-following model judges; the local base model cannot
         choices = judge_candidates(parsed, hits, corpus, spec, backend_factory, cache_dir, params)
     parsed["positive_id"], parsed["outcome"] = relabel(hits, list(parsed["doc_id"]), relabel_config,
                                                        choices)
-    positive_of = dict(zip(corpus.units["doc_id"],
-                           positive_texts(corpus.units, spec.queries.pair_extractor), strict=True))
+    positive_of = dict(zip(corpus.units["doc_id"], corpus.positives(), strict=True))
     leaks = leak_filter(store, spec.name)
     kept = parsed[parsed["outcome"] != "dropped_round_trip"]
     synthetic, leaked = leaks.drop(pd.DataFrame({
@@ -263,6 +260,8 @@ def synthetic_queries(context: dg.AssetExecutionContext, artifacts: ArtifactStor
         metadata={
             **{f"queries_{k}": dg.MetadataValue.int(v) for k, v in counts.items()},
             "few_shot_examples": dg.MetadataValue.int(len(prompt_spec.examples)),
+            "few_shot_from": "the spec" if spec.queries.examples else "the corpus's structure and "
+                             "built-in generic examples",
             "prompt_tokens": dg.MetadataValue.int(prompt_tokens),
             "completion_tokens": dg.MetadataValue.int(completion_tokens),
             "cache_hits": dg.MetadataValue.int(int(generated["cached"].astype(bool).sum())),
@@ -298,15 +297,14 @@ def mined_negatives(context: dg.AssetExecutionContext, artifacts: ArtifactStoreR
     spec = domain_spec(context)
     store = artifacts.store()
     corpus = TrainingCorpus(store, spec, settings)
-    train_pairs, _ = read_pairs(store, spec.name)
-    pairs = pd.concat([train_pairs[["query", "positive"]],
+    pairs = pd.concat([read_pairs(store, spec.name)[["query", "positive"]],
                        read_synthetic(store, spec.name)[["query", "positive"]]], ignore_index=True)
     teacher = settings.mining_teacher(spec.training.teacher_model)
     config = MiningConfig(seed=settings.seed, teacher=teacher)
     # mine_hard_negatives keys its embedding cache by text only: one folder per teacher revision.
     cache = embeddings_cache(store, spec.name) / f"mining-{encoders.model_fingerprint(teacher)}"
     remove_torn_arrays(cache)  # a run killed while that cache was being written
-    mining = mine_negatives(pairs, positive_texts(corpus.units, spec.queries.pair_extractor),
+    mining = mine_negatives(pairs, corpus.positives(),
                             teacher, config, cache, bf16=settings.bf16_inference,
                             trust_remote_code=spec.trust_remote_code)
     mined, leaked = leak_filter(store, spec.name).drop(mining.rows)

@@ -27,15 +27,17 @@ def leakage_check_spec(asset: str) -> dg.AssetCheckSpec:
 
 
 def _eval_texts_as_published(store: ArtifactStore, domain: str, upstream: dict[str, str]) -> EvalTexts:
-    """The eval split and its documents, read from the versions the training file was built from."""
+    """The held-out queries (eval and dev) and documents, read from the versions the training file
+    was built from."""
     split = json.loads((store.asset_dir(domain, "eval_set") / upstream["eval_set"] / EVAL_FILE).read_text())
     units = pd.read_parquet(store.asset_dir(domain, "clean_corpus") / upstream["clean_corpus"] / CORPUS_FILE,
                             columns=["doc_id", "parent_id", "title", "text"])
-    held = units[units["parent_id"].isin(set(split["eval_doc_ids"]))]
+    held_out = set(split["held_out_doc_ids"])
+    held = units[units["parent_id"].isin(held_out)]
     forms = [f"{title}\n{text}" if title else text for title, text in zip(held["title"], held["text"],
                                                                           strict=True)]
-    return EvalTexts.of(split["queries"].values(), [*forms, *held["text"]],
-                        {*split["eval_doc_ids"], *held["doc_id"]})
+    queries = [*split["eval"]["queries"].values(), *split["dev"]["queries"].values()]
+    return EvalTexts.of(queries, [*forms, *held["text"]], {*held_out, *held["doc_id"]})
 
 
 def leakage_check(store: ArtifactStore, domain: str, asset: str, files: list[str]) -> dg.AssetCheckResult:

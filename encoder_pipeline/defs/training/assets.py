@@ -38,7 +38,7 @@ RowsFn = Callable[[ArtifactStore, str], pd.DataFrame]
 
 
 def _heuristic(store: ArtifactStore, domain: str) -> pd.DataFrame:
-    return read_pairs(store, domain)[0]
+    return read_pairs(store, domain)
 
 
 def _with_synthetic(store: ArtifactStore, domain: str) -> pd.DataFrame:
@@ -55,26 +55,23 @@ LADDER: list[tuple[str, str, RowsFn, list]] = [
 RUNGS = [name for name, *_ in LADDER]
 
 
-def dev_queries(store: ArtifactStore, domain: str) -> tuple[dict[str, str], dict[str, set[str]]]:
-    """The dev slice's queries {qid: text} and their positives {qid: {doc_id}}."""
-    _, dev = read_pairs(store, domain)
-    queries = {f"dev{i}": q for i, q in enumerate(dev["query"])}
-    return queries, {f"dev{i}": {d} for i, d in enumerate(dev["doc_id"])}
-
-
-def dev_set(store: ArtifactStore, domain: str, seed: int, distractors: int) -> DevSet:
-    """Dev queries against their positives plus `distractors` sampled from the training sample (no
-    eval docs). Each rung encodes this corpus twice (best-epoch choice, then after the rotation)."""
-    queries, relevant = dev_queries(store, domain)
-    positives = set().union(*relevant.values())
+def dev_set(store: ArtifactStore, domain: str, seed: int, distractors: int) -> DevSet | None:
+    """eval_set's dev slice against the units of its relevant documents plus `distractors` sampled
+    from the training sample outside every held-out document (None: the corpus gave no dev slice).
+    Each rung encodes this corpus twice (best-epoch choice, then after the rotation)."""
+    split = read_eval_split(store, domain)
+    if not split.dev.queries:
+        return None
     units = read_sample_units(store, domain)
-    eval_docs = read_eval_split(store, domain).eval_doc_ids
-    pool = units[~units["parent_id"].isin(eval_docs)]
-    others = pool[~pool["doc_id"].isin(positives)]
+    units_of = units.groupby("parent_id")["doc_id"].agg(set)
+    relevant = {qid: set().union(*(units_of.get(parent, set()) for parent in rels))
+                for qid, rels in split.dev.qrels.items()}
+    positives = set().union(*relevant.values())
+    others = units[~units["parent_id"].isin(split.held_out_doc_ids)]
     sampled = others.sample(min(distractors, len(others)), random_state=seed)
-    chosen = pd.concat([pool[pool["doc_id"].isin(positives)], sampled])
+    chosen = pd.concat([units[units["doc_id"].isin(positives)], sampled])
     corpus = dict(zip(chosen["doc_id"], corpus_texts(chosen), strict=True))
-    return DevSet(queries, corpus, relevant)
+    return DevSet(split.dev.queries, corpus, relevant)
 
 
 def read_training_result(store: ArtifactStore, domain: str, rung: str) -> dict:

@@ -17,11 +17,12 @@ from typing import Protocol
 import pandas as pd
 
 PAIR_COLUMNS = ["query", "positive", "doc_id", "extractor"]
+MIN_QUERY_WORDS = 3  # the default of the spec's [queries] min_words, for structural and synthetic queries
 
 
 @dataclass(frozen=True)
 class ExtractorConfig:
-    min_words: int = 3  # a query with fewer words is a fragment (the spec's [queries] min_words)
+    min_words: int = MIN_QUERY_WORDS  # a query with fewer words is a fragment
     max_shared: int = 20  # a title shared by more units is a label (a site name, a page name)
     seed: int = 0
 

@@ -1,8 +1,8 @@
 """`heading`: a heading inside a unit's text -> the section under it (CCPairs' section pairs).
 
 For markdown, HTML and plain-text documents whose units keep their line breaks: a heading is a
-markdown `#` line, or a short line (at most 12 words, not ending like a sentence) followed by a
-paragraph. The section runs to the next heading and must have at least SECTION_MIN_WORDS words.
+markdown `#` line, or a short capitalized line (at most 12 words, no code characters, not ending
+like a sentence) followed by a paragraph. The section runs to the next heading and must have at least SECTION_MIN_WORDS words.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from encoder_pipeline.lib.extractors.base import (
 MAX_HEADING_WORDS = 12
 SECTION_MIN_WORDS = 20
 _MARKDOWN = re.compile(r"^\s{0,3}#{1,6}\s+(?P<text>.+?)\s*#*\s*$")
+_CODE_CHARACTERS = re.compile(r"[(){}\[\]=<>;|`$@\\]")  # a line with these is code or markup, not a heading
 
 
 def _heading(line: str, following: str | None) -> str | None:
@@ -28,8 +29,8 @@ def _heading(line: str, following: str | None) -> str | None:
     if match:
         return match.group("text").strip()
     words = line.split()
-    if (following is not None and 0 < len(words) <= MAX_HEADING_WORDS
-            and not line.rstrip().endswith((".", ",", ";", ":", "!"))
+    if (following is not None and 0 < len(words) <= MAX_HEADING_WORDS and line.strip()[0].isupper()
+            and not _CODE_CHARACTERS.search(line) and not line.rstrip().endswith((".", ",", ";", ":", "!"))
             and len(following.split()) > len(words) * 2 and len(following.split()) >= 8):
         return line.strip()
     return None
