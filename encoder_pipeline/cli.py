@@ -20,6 +20,7 @@ import argparse
 import os
 import sys
 
+from encoder_pipeline.lib.formats import REGISTRY as FORMATS
 from encoder_pipeline.paths import ensure_dagster_home, project_root
 
 
@@ -53,10 +54,9 @@ def cmd_domains(args: argparse.Namespace) -> int:
             failures += 1
             print(f"{name:12s} INVALID  {error}")
             continue
-        where = "(python stdlib)" if spec.corpus.format == "python_stdlib" else spec.corpus_location()
-        present = spec.corpus.format == "python_stdlib" or "://" in where or os.path.exists(where)
-        status = "ok" if present else "corpus missing (set ENCODER_PIPELINE_CORPUS_ROOT)"
-        print(f"{name:12s} {spec.corpus.format:14s} {where}  [{status}]")
+        corpus_format, location = FORMATS[spec.corpus.format], spec.corpus_location()
+        status = "ok" if corpus_format.present(location) else "corpus missing (set ENCODER_PIPELINE_CORPUS_ROOT)"
+        print(f"{name:12s} {spec.corpus.format:14s} {corpus_format.describe(location)}  [{status}]")
     added = register_domains(_instance())
     if added:
         print(f"registered partitions: {', '.join(added)}")
@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     add.add_argument("name", help="lowercase letters, digits and _")
     add.add_argument("--corpus", required=True, help="BEIR folder, folder of files, file or glob, or URI")
     add.add_argument("--judged", help="BEIR folder with queries.jsonl and qrels/dev.tsv (evaluated on)")
-    add.add_argument("--format", choices=["beir", "jsonl", "parquet", "csv", "files"],
+    add.add_argument("--format", choices=[key for key, f in FORMATS.items() if f.uses_location],
                      help="default: detected from the path")
     add.add_argument("--id-field", default="_id")
     add.add_argument("--title-field", default="title")

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from encoder_pipeline.lib.extractors import REGISTRY as EXTRACTORS
 from encoder_pipeline.lib.extractors.base import MIN_QUERY_WORDS
+from encoder_pipeline.lib.formats import REGISTRY as FORMATS
 from encoder_pipeline.paths import confined, corpus_root, domains_dir
 
 domain_partitions = dg.DynamicPartitionsDefinition(name="domain")
@@ -39,12 +40,12 @@ class _Strict(BaseModel):
 
 
 class CorpusSource(_Strict):
-    format: Literal["python_stdlib", "beir", "jsonl", "parquet", "csv", "files"]
+    format: str = Field(description=f"One of the registered formats (lib/formats/): {', '.join(FORMATS)}.")
     path: str = Field(
         "",
-        description="BEIR folder, file glob, or (files) a folder of .txt/.md/.html documents, "
-        "relative to $ENCODER_PIPELINE_CORPUS_ROOT unless absolute or a URI (s3://, gs://, az://, "
-        "http(s)://). Unused for python_stdlib.",
+        description="BEIR folder, file glob, (files) a folder of .txt/.md/.html documents, or "
+        "(sqlite) file.db#table, relative to $ENCODER_PIPELINE_CORPUS_ROOT unless absolute or a URI "
+        "(s3://, gs://, az://, http(s)://). Unused for python_stdlib.",
     )
     id_field: str = "_id"
     title_field: str = "title"
@@ -64,6 +65,26 @@ class CorpusSource(_Strict):
         "lines have), or a `files` document that is not UTF-8: `fail` names it and stops; `skip` "
         "leaves it out and counts it in clean_corpus's metadata.",
     )
+
+    @pydantic.field_validator("format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        if value not in FORMATS:
+            raise ValueError(f"unknown format {value!r}; known: {', '.join(FORMATS)}")
+        return value
+
+    @pydantic.model_validator(mode="after")
+    def _fits_the_format(self) -> CorpusSource:
+        """Combinations that cannot work fail at load, not minutes into a run."""
+        corpus_format = FORMATS[self.format]
+        if corpus_format.uses_location and not self.path:
+            raise ValueError(f"format {self.format!r} needs corpus.path")
+        if not corpus_format.uses_location and self.path:
+            raise ValueError(f"format {self.format!r} reads no path; remove corpus.path")
+        if (self.exclude or self.include) and not corpus_format.selects_packages:
+            raise ValueError(f"corpus.exclude and corpus.include select packages; format {self.format!r} "
+                             "has none")
+        return self
 
 
 class UnitSpec(_Strict):
@@ -209,7 +230,8 @@ class DomainSpec(_Strict):
                             "$ENCODER_PIPELINE_CORPUS_ROOT)") from error
 
     def corpus_location(self) -> str:
-        return self.resolve(self.corpus.path)
+        """Where the corpus is read from ("" for a built-in corpus, which has no path)."""
+        return self.resolve(self.corpus.path) if self.corpus.path else ""
 
     def judged_location(self) -> str | None:
         return self.resolve(self.judged.path) if self.judged else None
@@ -312,7 +334,7 @@ def new_spec_text(name: str, corpus_format: str, corpus_path: str, *, id_field: 
         f"format = {_toml_string(corpus_format)}",
         f"path = {_toml_string(corpus_path)}",
     ]
-    if corpus_format in ("jsonl", "parquet", "csv"):
+    if FORMATS[corpus_format].uses_fields:
         lines += [f"id_field = {_toml_string(id_field)}", f"title_field = {_toml_string(title_field)}",
                   f"text_field = {_toml_string(text_field)}"]
     lines += [

@@ -2,8 +2,10 @@
 real Dagster instance, or nothing is written and the error says which field is wrong."""
 
 import json
+import sqlite3
 
 import dagster as dg
+import pandas as pd
 import pytest
 
 from encoder_pipeline import cli
@@ -45,6 +47,22 @@ def test_jsonl_with_mapped_fields_becomes_a_partition(workspace, capsys):
                         spec.corpus.title_field, spec.corpus.text_field).to_pandas()
     assert set(units["doc_id"]) == {row["_id"] for row in rows}
     assert "policies" in partitions(workspace)
+
+
+def test_a_sqlite_table_is_detected_and_read_by_the_spec_it_writes(workspace, capsys):
+    legal = shared_corpus("legal/privacy_policies")
+    rows = pd.read_json(legal / "corpus.jsonl", lines=True, dtype={"_id": str}).head(80)
+    with sqlite3.connect(workspace / "policies.sqlite") as connection:
+        rows.rename(columns={"_id": "id"}).to_sql("segments", connection, index=False)
+    assert cli.main(["domain", "add", "policies", "--corpus", "policies.sqlite", "--id-field", "id"]) == 0
+    printed = capsys.readouterr().out
+    assert "policies: sqlite corpus at" in printed and "documents: 80" in printed
+    spec = load_domain("policies")
+    assert spec.corpus.format == "sqlite" and spec.corpus.id_field == "id"
+    units = read_corpus(spec.corpus.format, spec.corpus_location(), spec.corpus.id_field,
+                        spec.corpus.title_field, spec.corpus.text_field).to_pandas()
+    assert set(units["doc_id"]) == set(rows["_id"])
+    assert cli.main(["domains"]) == 0 and "policies     sqlite" in capsys.readouterr().out
 
 
 def test_wrong_field_writes_nothing_and_names_the_fields(workspace, capsys):

@@ -43,6 +43,19 @@ def test_wrong_type_names_field(tmp_path):
         load_spec(spec)
 
 
+@pytest.mark.parametrize(("corpus", "error"), [
+    ('format = "xlsx"\npath = "a.xlsx"', r"corpus\.format.*unknown format 'xlsx'; known: .*sqlite"),
+    ('format = "python_stdlib"\npath = "docs"', r"format 'python_stdlib' reads no path"),
+    ('format = "beir"', r"format 'beir' needs corpus\.path"),
+    ('format = "jsonl"\npath = "a.jsonl"\ninclude = ["json"]', r"select packages; format 'jsonl' has none"),
+])
+def test_the_corpus_format_comes_from_the_registry_and_fits_the_other_fields(tmp_path, corpus, error):
+    spec = write_spec(tmp_path)
+    spec.write_text(spec.read_text().replace('format = "jsonl"\npath = "docs/*.jsonl"', corpus))
+    with pytest.raises(SpecError, match=error):
+        load_spec(spec)
+
+
 def test_training_weight_defaults_to_the_plain_fine_tune_and_is_bounded(tmp_path):
     assert load_spec(write_spec(tmp_path)).training.fine_tuned_weight == 1.0
     assert load_spec(write_spec(tmp_path, extra="""

@@ -14,7 +14,8 @@ from encoder_pipeline.lib.corpus import (
     sample_ids,
 )
 from encoder_pipeline.lib.extractors.docstring import summary_line
-from encoder_pipeline.lib.sources import read_corpus, read_python_stdlib
+from encoder_pipeline.lib.formats.python_stdlib import read_python_stdlib
+from encoder_pipeline.lib.sources import read_corpus
 
 
 @pytest.fixture(scope="module")

@@ -77,7 +77,7 @@ def test_comment_blocks_of_other_languages(code, summary, rest):
 
 
 def test_the_stdlib_reader_splits_docstrings_through_the_same_function():
-    from encoder_pipeline.lib.sources import read_python_stdlib
+    from encoder_pipeline.lib.formats.python_stdlib import read_python_stdlib
 
     unit = next(u for u in read_python_stdlib([]) if u["doc_id"] == "textwrap:dedent")
     function = next(f for f in _stdlib_functions("textwrap.py") if f["doc_id"] == "textwrap.py:dedent")

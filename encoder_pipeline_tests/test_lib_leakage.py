@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from encoder_pipeline.lib.formats.python_stdlib import read_python_stdlib
 from encoder_pipeline.lib.leakage import (
     NEAR_DUPLICATE_JACCARD,
     EvalTexts,
@@ -13,7 +14,6 @@ from encoder_pipeline.lib.leakage import (
     audit_rows,
     normalize,
 )
-from encoder_pipeline.lib.sources import read_python_stdlib
 from encoder_pipeline_tests.conftest import requires_shared_corpora, shared_corpus
 
 # Two real docstring summaries of different stdlib functions that differ by a final period.

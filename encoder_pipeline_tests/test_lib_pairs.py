@@ -99,7 +99,7 @@ def test_held_out_queries_leave_most_structure_for_training():
 def test_queries_that_normalize_alike_are_one_eval_query_with_all_their_documents():
     """Two stdlib functions whose summaries differ by a final period: one eval query, both held out,
     neither left to train on."""
-    from encoder_pipeline.lib.sources import read_python_stdlib
+    from encoder_pipeline.lib.formats.python_stdlib import read_python_stdlib
 
     units = pd.DataFrame([u for u in read_python_stdlib([])
                           if u["anchor"] in ("Close the connection", "Close the connection.")])

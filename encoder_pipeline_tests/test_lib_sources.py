@@ -1,13 +1,17 @@
-"""Every accepted corpus format reads into the same columns, with field mapping and clear errors.
+"""Every registered corpus format (lib/formats/) reads into the same columns, with field mapping and clear errors.
 Real text: the legal sample corpus (../shared/corpora/legal/privacy_policies) rewritten in each
 format."""
 
 import json
+import sqlite3
 
 import pandas as pd
 import pytest
 
-from encoder_pipeline.lib.sources import CORPUS_COLUMNS, CorpusError, parse_document_file, read_corpus
+from encoder_pipeline.lib import formats
+from encoder_pipeline.lib.formats import CORPUS_COLUMNS
+from encoder_pipeline.lib.formats.files import parse_document_file
+from encoder_pipeline.lib.sources import CorpusError, read_corpus
 from encoder_pipeline_tests.conftest import shared_corpus
 
 LEGAL = "legal/privacy_policies"
@@ -75,3 +79,44 @@ def test_html_entities_and_markdown_title():
 def test_empty_folder_is_a_clear_error(tmp_path):
     with pytest.raises(CorpusError, match="not found"):
         read_corpus("files", str(tmp_path / "missing"))
+
+
+def _sqlite(path, frames: dict[str, pd.DataFrame]) -> None:
+    with sqlite3.connect(path) as connection:
+        for table, frame in frames.items():
+            frame.to_sql(table, connection, index=False)
+
+
+def test_a_sqlite_table_reads_like_the_same_rows_as_jsonl(tmp_path, legal_docs):
+    renamed = legal_docs.rename(columns={"_id": "key", "title": "heading", "text": "body"})
+    _sqlite(tmp_path / "policies.db", {"segments": renamed})
+    renamed.to_json(tmp_path / "policies.jsonl", orient="records", lines=True)
+    fields = {"id_field": "key", "title_field": "heading", "text_field": "body"}
+    from_sqlite = read_corpus("sqlite", str(tmp_path / "policies.db"), **fields).to_pandas()
+    from_jsonl = read_corpus("jsonl", str(tmp_path / "policies.jsonl"), **fields).to_pandas()
+    assert tuple(from_sqlite.columns) == CORPUS_COLUMNS
+    pd.testing.assert_frame_equal(from_sqlite.sort_values("doc_id").reset_index(drop=True),
+                                  from_jsonl.sort_values("doc_id").reset_index(drop=True))
+
+
+def test_a_sqlite_file_with_several_tables_needs_one_named(tmp_path, legal_docs):
+    _sqlite(tmp_path / "both.db", {"segments": legal_docs.head(5), "articles": legal_docs.tail(7)})
+    with pytest.raises(CorpusError, match=r'holds 2 tables \(articles, segments\).*both.db#articles'):
+        read_corpus("sqlite", str(tmp_path / "both.db"))
+    assert len(read_corpus("sqlite", f"{tmp_path / 'both.db'}#articles").to_pandas()) == 7
+    with pytest.raises(CorpusError, match=r"no table 'pages' \(tables: articles, segments\)"):
+        read_corpus("sqlite", f"{tmp_path / 'both.db'}#pages")
+    (tmp_path / "not.db").write_text("plain text, not a database")
+    with pytest.raises(CorpusError, match="cannot read .*not.db as a SQLite database"):
+        read_corpus("sqlite", str(tmp_path / "not.db"))
+
+
+def test_formats_are_detected_from_the_registry(tmp_path):
+    (tmp_path / "beir").mkdir()
+    (tmp_path / "beir" / "corpus.jsonl").write_text("")
+    (tmp_path / "pages").mkdir()
+    cases = {"beir": "beir", "pages": "files", "a.jsonl": "jsonl", "a.parquet": "parquet", "a.csv": "csv",
+             "a.sqlite": "sqlite", "a.db#t": "sqlite", "s3://bucket/a.parquet": "parquet"}
+    assert {name: formats.detect(name if "://" in name else str(tmp_path / name)) for name in cases} == cases
+    with pytest.raises(CorpusError, match=r"cannot tell the format of .*a\.xlsx: pass --format \(.*sqlite"):
+        formats.detect(str(tmp_path / "a.xlsx"))

@@ -4,44 +4,32 @@ prints this so that a wrong field mapping or path shows up in seconds, not after
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import daft
 import numpy as np
 import py3langid
 from daft import col
 
+from encoder_pipeline.lib import formats
 from encoder_pipeline.lib.extractors import ExtractorConfig
 from encoder_pipeline.lib.extractors.choose import SAMPLE_UNITS, Choice, choose_extractors
 from encoder_pipeline.lib.sources import CorpusError, read_corpus, read_judged
 
-FORMAT_BY_SUFFIX = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".csv": "csv"}
-
 
 def detect_format(location: str) -> str:
-    """beir (a folder with corpus.jsonl), files (any other folder), or the files' suffix."""
-    if "://" not in location and os.path.isdir(location):
-        return "beir" if (Path(location) / "corpus.jsonl").exists() else "files"
-    suffix = Path(location.rstrip("/").split("?", 1)[0]).suffix.lower()
-    if suffix in FORMAT_BY_SUFFIX:
-        return FORMAT_BY_SUFFIX[suffix]
-    raise CorpusError(f"cannot tell the format of {location}: pass --format "
-                      "(beir, jsonl, parquet, csv or files)")
+    """The registered format that recognizes `location` (a BEIR folder, any other folder, a file
+    suffix); CorpusError asking for --format otherwise."""
+    return formats.detect(location)
 
 
 def source_fields(fmt: str, location: str) -> list[str]:
     """The raw field names of a tabular source (what id/title/text fields can map to)."""
-    if fmt in ("files", "python_stdlib"):
-        return []
-    if fmt == "beir":
-        location = location.rstrip("/") + "/corpus.jsonl"
-    reader = {"jsonl": daft.read_json, "parquet": daft.read_parquet, "csv": daft.read_csv}[
-        "jsonl" if fmt == "beir" else fmt]
     try:
-        return list(reader(location).column_names)
+        return formats.get(fmt).source_fields(location)
+    except CorpusError:
+        raise
     except Exception as error:  # Daft raises several exception types for unreadable input
         raise CorpusError(f"cannot read {location} as {fmt}: {error}") from error
 

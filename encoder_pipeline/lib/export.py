@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from encoder_pipeline.lib import formats
 from encoder_pipeline.lib.artifacts import ArtifactStore, MissingArtifact
 from encoder_pipeline.lib.promotion import PROMOTION_FILE
 from encoder_pipeline.lib.search import (
@@ -142,8 +143,7 @@ def model_card(domain: str, served: ServedIndex, spec: Any, report: dict | None,
     rung = served.choice.get("rung", manifest.get("asset", "?"))
     description = getattr(spec, "description", "") or f"Retrieval encoder for the `{domain}` domain."
     corpus = spec.corpus if spec is not None else None
-    where = ("the running interpreter's standard library" if corpus and corpus.format == "python_stdlib"
-             else spec.corpus_location() if spec is not None else "unknown")
+    where = formats.get(corpus.format).describe(spec.corpus_location()) if corpus else "unknown"
     data_rows = [[
         "corpus", f"{corpus.format if corpus else '?'}: {where}"
         + (f"; unit: {spec.unit.name}" if spec is not None else ""), corpus_licence(spec)]]

@@ -89,7 +89,7 @@ def clean_corpus(context: dg.AssetExecutionContext, artifacts: ArtifactStoreReso
     sample, judged documents always in): training data is built on the sample, the served index
     covers every unit."""
     spec = domain_spec(context)
-    location = spec.corpus_location() if spec.corpus.format != "python_stdlib" else "(stdlib)"
+    location = spec.corpus_location()
     judged = _judged(spec, settings)
     protected = {doc for rels in judged[1].values() for doc in rels} if judged else set()
     # Fewer units than training needs pairs is refused here, before any model or LLM runs.

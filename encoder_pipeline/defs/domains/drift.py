@@ -71,7 +71,7 @@ def thresholds(spec: DomainSpec) -> Thresholds:
 
 
 def read_source(spec: DomainSpec) -> daft.DataFrame:
-    location = "" if spec.corpus.format == "python_stdlib" else spec.corpus_location()
+    location = spec.corpus_location()
     return read_corpus(spec.corpus.format, location, spec.corpus.id_field, spec.corpus.title_field,
                        spec.corpus.text_field, spec.corpus.exclude, spec.corpus.on_malformed,
                        include=spec.corpus.include)
@@ -80,12 +80,8 @@ def read_source(spec: DomainSpec) -> daft.DataFrame:
 def files_fingerprint(spec: DomainSpec) -> str | None:
     """Paths, sizes and mtimes of the source files: a cheap test for "maybe changed". None for
     object storage, which it cannot see into (the content is read every tick there)."""
-    location = "" if spec.corpus.format == "python_stdlib" else spec.corpus_location()
-    if "://" in location:
-        return None
-    if spec.corpus.format == "beir":
-        location = location.rstrip("/") + "/corpus.jsonl"
-    return fingerprint_files(spec.corpus.format, location)
+    location = spec.corpus_location()
+    return None if "://" in location else fingerprint_files(spec.corpus.format, location)
 
 
 def _corpus_version_snapshot(store: ArtifactStore, domain: str, manifest: dict) -> Snapshot | None:
