@@ -13,9 +13,9 @@ from pathlib import Path
 
 from seed_spread import ndcg
 
-from encoder_pipeline.defs.pairs.assets import read_pairs
 from encoder_pipeline.defs.training.assets import dev_set
 from encoder_pipeline.lib import encoders
+from encoder_pipeline.lib.layout import read_pairs
 from encoder_pipeline.lib.train import TrainingConfig, train_encoder
 from encoder_pipeline.profiles import get_profile
 from encoder_pipeline.resources import ArtifactStoreResource

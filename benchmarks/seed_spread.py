@@ -34,13 +34,20 @@ import dagster as dg
 import pandas as pd
 
 from encoder_pipeline.definitions import defs
-from encoder_pipeline.defs.pairs.assets import UNFILTERED_FILE, read_pairs, read_synthetic
-from encoder_pipeline.defs.shared import corpus_texts, embeddings_cache, read_eval_split, read_sample_units
+from encoder_pipeline.defs.shared import embeddings_cache
 from encoder_pipeline.defs.training.assets import LADDER, dev_set
 from encoder_pipeline.domains import domain_partitions, load_domain
 from encoder_pipeline.lib import encoders
 from encoder_pipeline.lib.artifacts import ArtifactStore, MissingArtifact
 from encoder_pipeline.lib.index import truncate
+from encoder_pipeline.lib.layout import (
+    UNFILTERED_FILE,
+    corpus_texts,
+    read_eval_split,
+    read_pairs,
+    read_sample_units,
+    read_synthetic,
+)
 from encoder_pipeline.lib.metrics import dense_run, evaluate
 from encoder_pipeline.lib.train import TrainingConfig, interpolate_with_base, train_encoder
 from encoder_pipeline.profiles import get_profile

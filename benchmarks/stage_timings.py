@@ -28,10 +28,10 @@ import faiss
 import torch
 
 from encoder_pipeline.definitions import defs
-from encoder_pipeline.defs.shared import corpus_texts, read_corpus_units
 from encoder_pipeline.domains import domain_partitions
 from encoder_pipeline.lib import encoders
 from encoder_pipeline.lib.artifacts import ArtifactStore
+from encoder_pipeline.lib.layout import corpus_texts, read_corpus_units
 from encoder_pipeline.resources import ArtifactStoreResource, LLMResource, PipelineSettings
 
 RESULTS = Path(__file__).parent / "results"

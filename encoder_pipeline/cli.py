@@ -81,7 +81,7 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     print(f"run {result.run_id}: {'success' if result.success else 'FAILED'}")
     reported = any(e.asset_key.to_user_string() == "eval_report"
                    for e in result.get_asset_materialization_events())
-    from encoder_pipeline.lib.search import read_report
+    from encoder_pipeline.lib.layout import read_report
     from encoder_pipeline.resources import ArtifactStoreResource
 
     store = ArtifactStoreResource().store()
@@ -101,7 +101,8 @@ def cmd_materialize(args: argparse.Namespace) -> int:
 def not_promoted_message(store, domain: str) -> str:
     """After `safe_to_promote` failed: why, and what `search` serves now (an earlier promotion, or
     nothing, with the command that serves the refused candidate anyway)."""
-    from encoder_pipeline.lib.search import NothingServed, read_report, served_index
+    from encoder_pipeline.lib.layout import read_report
+    from encoder_pipeline.lib.search import NothingServed, served_index
 
     try:
         served = served_index(domain, store)

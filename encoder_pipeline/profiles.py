@@ -16,8 +16,7 @@ class Profile:
     judged_queries: int  # judged queries evaluated on (0: all of them)
     max_pairs: int  # structural pairs kept after the consistency filter
     consistency_top_k: int  # keep a pair only if its positive ranks in the base model's top-k
-    dev_fraction: float
-    dev_max_pairs: int
+    dev_queries: int  # held-out dev queries (best epoch, index width), from structure or the LLM
     dev_distractors: int  # training-corpus units the dev queries are scored against, besides positives
     synthetic_documents: int  # documents sent to the LLM (time-budgeted for the local model)
     queries_per_document: int
@@ -29,16 +28,16 @@ class Profile:
 
 PROFILES: dict[str, Profile] = {
     "tiny": Profile(training_documents=250, eval_queries=30, judged_queries=30, max_pairs=64, consistency_top_k=20,
-                    dev_fraction=0.1, dev_max_pairs=15, dev_distractors=100, synthetic_documents=4,
+                    dev_queries=8, dev_distractors=100, synthetic_documents=4,
                     queries_per_document=2, round_trip_top_k=10, epochs=1, batch_size=16,
                     latency_queries=40),
     "default": Profile(training_documents=3000, eval_queries=300, judged_queries=0, max_pairs=2000, consistency_top_k=20,
-                       dev_fraction=0.1, dev_max_pairs=100, dev_distractors=1000,
+                       dev_queries=100, dev_distractors=1000,
                        synthetic_documents=512,
                        queries_per_document=1, round_trip_top_k=10, epochs=1, batch_size=32,
                        latency_queries=300),
     "full": Profile(training_documents=0, eval_queries=1000, judged_queries=0, max_pairs=100_000, consistency_top_k=20,
-                    dev_fraction=0.05, dev_max_pairs=500, dev_distractors=1000,
+                    dev_queries=500, dev_distractors=1000,
                     synthetic_documents=2000,
                     queries_per_document=2, round_trip_top_k=10, epochs=1, batch_size=64,
                     latency_queries=500),

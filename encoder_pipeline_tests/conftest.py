@@ -124,7 +124,7 @@ def run_cli(argv: list[str]) -> tuple[int, str, str]:
 def refusal_parts(store, domain: str) -> list[str]:
     """What the sentence refusing to serve a refused candidate must say: the candidate (version,
     rung, precision@dims), the report's reason, and the command that serves it anyway."""
-    from encoder_pipeline.lib.search import read_report
+    from encoder_pipeline.lib.layout import read_report
 
     version = store.latest_version(domain, "embedding_index")
     choice = json.loads((store.latest(domain, "embedding_index") / "choice.json").read_text())

@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 
 from encoder_pipeline.definitions import defs
-from encoder_pipeline.defs.shared import read_corpus_units, read_eval_split
 from encoder_pipeline.defs.training.assets import dev_set
 from encoder_pipeline.domains import domain_partitions
 from encoder_pipeline.lib.index import EncoderMismatch, load_index
+from encoder_pipeline.lib.layout import read_corpus_units, read_eval_split
 from encoder_pipeline.resources import ArtifactStoreResource, LLMResource, PipelineSettings
 
 ALL_ASSETS = {

@@ -29,8 +29,7 @@ from encoder_pipeline.defs.corpus.assets import clean_corpus
 from encoder_pipeline.defs.domains.drift import CORPUS_SOURCE, DATA_VERSION_TAG
 from encoder_pipeline.defs.domains.sensors import REASON_TAG, corpus_drift_sensor
 from encoder_pipeline.defs.evaluation.assets import SAFE_TO_PROMOTE
-from encoder_pipeline.defs.indexing.assets import SWEEP_FILE, embedding_index
-from encoder_pipeline.defs.shared import EVAL_FILE, write_eval_split
+from encoder_pipeline.defs.indexing.assets import embedding_index
 from encoder_pipeline.defs.training.assets import RUNGS
 from encoder_pipeline.domains import domain_partitions
 from encoder_pipeline.lib import drift
@@ -38,6 +37,7 @@ from encoder_pipeline.lib.artifacts import ArtifactStore, Manifest
 from encoder_pipeline.lib.encoders import DEFAULT_BASE_MODEL, model_fingerprint, resolve_model_path
 from encoder_pipeline.lib.heldout import EvalSplit, QuerySet
 from encoder_pipeline.lib.index import UPDATABLE_PRECISIONS, build_quantized, update_index
+from encoder_pipeline.lib.layout import EVAL_FILE, SWEEP_FILE, write_eval_split
 from encoder_pipeline.lib.search import Searcher, index_version
 from encoder_pipeline.resources import ArtifactStoreResource, PipelineSettings
 

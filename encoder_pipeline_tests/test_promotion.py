@@ -16,6 +16,7 @@ from encoder_pipeline.defs.evaluation.serving import serving_index
 from encoder_pipeline.domains import domain_partitions
 from encoder_pipeline.lib.artifacts import ArtifactStore, Manifest
 from encoder_pipeline.lib.index import load_index, save_index
+from encoder_pipeline.lib.layout import read_report
 from encoder_pipeline.lib.promotion import (
     PromotionError,
     garbage_collect,
@@ -25,7 +26,7 @@ from encoder_pipeline.lib.promotion import (
     read_promotion,
     rollback,
 )
-from encoder_pipeline.lib.search import NothingServed, Searcher, read_report, served_index
+from encoder_pipeline.lib.search import NothingServed, Searcher, served_index
 from encoder_pipeline.resources import ArtifactStoreResource, LLMResource, PipelineSettings
 from encoder_pipeline_tests.conftest import refusal_parts
 

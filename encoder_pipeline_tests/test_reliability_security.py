@@ -18,12 +18,12 @@ from spec_files import write_spec
 from test_lib_llm import FakeOpenAIServer
 
 from encoder_pipeline import definitions
-from encoder_pipeline.defs.indexing.assets import SWEEP_FILE
 from encoder_pipeline.defs.training.assets import RUNGS
 from encoder_pipeline.domains import DomainSpec, SpecError, domain_partitions, load_domain, load_spec
 from encoder_pipeline.lib import encoders
 from encoder_pipeline.lib.artifacts import ArtifactStore, Manifest
 from encoder_pipeline.lib.encoders import DEFAULT_BASE_MODEL, load_encoder, resolve_model_path
+from encoder_pipeline.lib.layout import SWEEP_FILE
 from encoder_pipeline.lib.llm import GenerationParams, OpenAIBackend
 from encoder_pipeline.lib.search import Searcher
 from encoder_pipeline.resources import ArtifactStoreResource, LLMResource, PipelineSettings

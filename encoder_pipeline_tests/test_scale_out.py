@@ -32,11 +32,11 @@ def _materialize_and_embed(root: Path, ray_address: str) -> dict:
     import daft
 
     from encoder_pipeline.defs.corpus.assets import clean_corpus
-    from encoder_pipeline.defs.shared import CORPUS_FILE
     from encoder_pipeline.domains import domain_partitions
     from encoder_pipeline.lib.artifacts import ArtifactStore
     from encoder_pipeline.lib.encoders import DEFAULT_BASE_MODEL, document_texts
     from encoder_pipeline.lib.engines import embed_texts
+    from encoder_pipeline.lib.layout import CORPUS_FILE
     from encoder_pipeline.resources import ArtifactStoreResource, LLMResource, PipelineSettings
 
     instance = dg.DagsterInstance.ephemeral()

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 
-from encoder_pipeline.defs.shared import CORPUS_FILE
 from encoder_pipeline.lib.artifacts import ArtifactStore
+from encoder_pipeline.lib.layout import CORPUS_FILE
 from encoder_pipeline_tests.conftest import PROJECT_ROOT
 
 CHROMIUM = shutil.which("chromium")

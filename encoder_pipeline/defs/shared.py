@@ -3,7 +3,6 @@ publish its own with a manifest, and describe it in metadata."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -14,15 +13,10 @@ import pandas as pd
 
 from encoder_pipeline.domains import DomainSpec, SpecError, load_domain
 from encoder_pipeline.lib.artifacts import ArtifactStore, Manifest
-from encoder_pipeline.lib.corpus import SAMPLE_COLUMN
-from encoder_pipeline.lib.encoders import document_texts
 from encoder_pipeline.lib.extractors import ExtractorConfig
-from encoder_pipeline.lib.heldout import SPLIT_SEED, EvalSplit
+from encoder_pipeline.lib.heldout import SPLIT_SEED
 from encoder_pipeline.lib.llm import GenerationParams, LLMBackend
 from encoder_pipeline.resources import ArtifactStoreResource, LLMResource, PipelineSettings
-
-CORPUS_FILE = "corpus.parquet"
-EVAL_FILE = "eval_set.json"
 
 
 def domain_spec(context: dg.AssetExecutionContext) -> DomainSpec:
@@ -52,37 +46,6 @@ def publish(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource,
         corpus_fingerprint=fingerprint, upstream=upstream_versions,
     )
     return store.publish(manifest)
-
-
-def read_corpus_units(store: ArtifactStore, domain: str) -> pd.DataFrame:
-    """Every cleaned unit of the corpus: what the served index holds."""
-    return pd.read_parquet(store.latest(domain, "clean_corpus") / CORPUS_FILE)
-
-
-def read_sample_units(store: ArtifactStore, domain: str) -> pd.DataFrame:
-    """The units of the training sample (clean_corpus's `in_sample`; a version written before the
-    sample existed is whole): what training data, the ladder and the index sweep are built on."""
-    units = read_corpus_units(store, domain)
-    if SAMPLE_COLUMN not in units.columns:
-        return units
-    return units[units[SAMPLE_COLUMN]].reset_index(drop=True)
-
-
-def corpus_texts(units: pd.DataFrame) -> list[str]:
-    return document_texts(units["title"], units["text"])
-
-
-def read_eval_split(store: ArtifactStore, domain: str) -> EvalSplit:
-    """The eval set, the dev slice and the held-out documents (eval_set's `eval_set.json`)."""
-    payload = json.loads((store.latest(domain, "eval_set") / EVAL_FILE).read_text())
-    if "eval" not in payload:
-        raise dg.Failure(f"domain '{domain}': its eval_set was written by an older version (no dev "
-                         "slice, no evidence label): materialize eval_set again")
-    return EvalSplit.from_dict(payload)
-
-
-def write_eval_split(path: Path, split: EvalSplit) -> None:
-    path.write_text(json.dumps(split.to_dict()))
 
 
 class ProgressLog:

@@ -27,15 +27,8 @@ from typing import Any
 
 from encoder_pipeline.lib import formats
 from encoder_pipeline.lib.artifacts import ArtifactStore, MissingArtifact
-from encoder_pipeline.lib.promotion import PROMOTION_FILE
-from encoder_pipeline.lib.search import (
-    CANDIDATE_ASSET,
-    REPORT_ASSET,
-    ServedIndex,
-    default_store,
-    read_report,
-    served_index,
-)
+from encoder_pipeline.lib.layout import EMBEDDING_INDEX, EVAL_REPORT, PROMOTION_FILE, read_report
+from encoder_pipeline.lib.search import ServedIndex, default_store, served_index
 
 # What the packaged models are, for the card (a path or another name is shown as given).
 KNOWN_MODELS = {
@@ -254,8 +247,8 @@ Domain spec: `{getattr(spec, 'source_file', '') or domain}`. Artifact versions:
 def _report(store: ArtifactStore, domain: str) -> tuple[dict | None, str, dict]:
     """The domain's report (via `read_report`), its version and its manifest; (None, "", {}) if none."""
     try:
-        return read_report(store, domain), store.latest_version(domain, REPORT_ASSET), \
-            store.manifest(domain, REPORT_ASSET)
+        return read_report(store, domain), store.latest_version(domain, EVAL_REPORT), \
+            store.manifest(domain, EVAL_REPORT)
     except (MissingArtifact, FileNotFoundError):
         return None, "", {}
 
@@ -297,8 +290,8 @@ def export_model(domain: str, out_dir: str | Path, store: ArtifactStore | None =
     report, report_version, report_manifest = _report(store, domain)
     index_info = _read_json(served.index_dir / "index.json")
     pooling = _read_json(model_path / "1_Pooling" / "config.json")
-    evaluated = report_manifest.get("upstream", {}).get(CANDIDATE_ASSET)
-    index_version = versions.get(CANDIDATE_ASSET, served.version)
+    evaluated = report_manifest.get("upstream", {}).get(EMBEDDING_INDEX)
+    index_version = versions.get(EMBEDDING_INDEX, served.version)
     promotion = _read_json(served.index_dir / PROMOTION_FILE)
     note = ""
     if report and evaluated and evaluated != index_version:

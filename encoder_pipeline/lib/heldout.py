@@ -184,6 +184,7 @@ def build_split(units: pd.DataFrame, extractors: Sequence[str], config: Extracto
     notes, scores = [], {}
     human = QuerySet(*judged, HUMAN) if judged else None
     held = set(human.doc_ids) if human else set()
+    source = next((key for key in extractors if hasattr(get(key), "unit_queries")), "")
     groups = structural_queries(units, extractors, config, held | set(keep))
     groups = groups[:max(1, int(len(groups) * MAX_HELD_OUT_FRACTION))] if len(groups) else groups
     eval_groups = groups[:0] if human else groups[:eval_size]
@@ -197,7 +198,7 @@ def build_split(units: pd.DataFrame, extractors: Sequence[str], config: Extracto
         if measured[best] < UNINFORMATIVE_NDCG:
             return True
         notes.append(f"The structural {name} set ({len(query_set.queries)} held-out documents' own "
-                     f"{', '.join(extractors)} queries) is uninformative: {best} already scores nDCG@10 "
+                     f"{source} queries) is uninformative: {best} already scores nDCG@10 "
                      f"{measured[best]:.3f} on it, so it cannot tell systems apart; synthetic held-out "
                      "queries take its place.")
         return False

@@ -31,9 +31,8 @@ from encoder_pipeline.lib.artifacts import (
     remove_abandoned,
     work_dir,
 )
-from encoder_pipeline.lib.search import CHOICE_FILE, SERVING_ASSET, NothingServed, served_index
-
-PROMOTION_FILE = "promotion.json"
+from encoder_pipeline.lib.layout import CHOICE_FILE, PROMOTION_FILE, SERVING_INDEX
+from encoder_pipeline.lib.search import NothingServed, served_index
 
 
 class PromotionError(ValueError):
@@ -42,13 +41,13 @@ class PromotionError(ValueError):
 
 def promoted_versions(store: ArtifactStore, domain: str) -> list[str]:
     """The domain's `serving_index` versions still on disk, oldest first."""
-    return store.versions(domain, SERVING_ASSET)
+    return store.versions(domain, SERVING_INDEX)
 
 
 def read_promotion(store: ArtifactStore, domain: str, version: str) -> dict:
     """One promotion's record: the candidate, its report's verdict and reason, `forced` (served over
     the report's refusal; absent in promotions made before the flag existed), `previous`."""
-    return json.loads((store.asset_dir(domain, SERVING_ASSET) / version / PROMOTION_FILE).read_text())
+    return json.loads((store.asset_dir(domain, SERVING_INDEX) / version / PROMOTION_FILE).read_text())
 
 
 def rollback_target(store: ArtifactStore, domain: str) -> str:
@@ -67,7 +66,7 @@ def rollback_target(store: ArtifactStore, domain: str) -> str:
 def rollback(store: ArtifactStore, domain: str) -> tuple[str, str]:
     """Serve the previously promoted version again; returns (from, to)."""
     current, target = served_index(domain, store).version, rollback_target(store, domain)
-    store.set_latest(domain, SERVING_ASSET, target, reason="rollback")
+    store.set_latest(domain, SERVING_INDEX, target, reason="rollback")
     return current, target
 
 
@@ -78,7 +77,7 @@ def promote(store: ArtifactStore, domain: str, version: str) -> tuple[str, str]:
         raise PromotionError(f"{domain}: '{version}' is not a promoted version; promoted (oldest "
                              f"first): {', '.join(known)}")
     if version != current:
-        store.set_latest(domain, SERVING_ASSET, version, reason="promote")
+        store.set_latest(domain, SERVING_INDEX, version, reason="promote")
     return current, version
 
 
@@ -116,9 +115,9 @@ def needed_versions(store: ArtifactStore, domain: str, keep_promoted: int) -> se
     if keep_promoted < 1:
         raise ValueError(f"keep_promoted must be at least 1, not {keep_promoted}")
     roots = {(asset, store.latest_version(domain, asset)) for asset in _asset_names(store, domain)}
-    roots |= {(SERVING_ASSET, v) for v in promoted_versions(store, domain)[-keep_promoted:]}
+    roots |= {(SERVING_INDEX, v) for v in promoted_versions(store, domain)[-keep_promoted:]}
     try:
-        roots.add((SERVING_ASSET, rollback_target(store, domain)))
+        roots.add((SERVING_INDEX, rollback_target(store, domain)))
     except (NothingServed, PromotionError):  # nothing promoted, or nothing earlier: no rollback to keep
         pass
     needed, todo = set(), list(roots)

@@ -23,12 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from encoder_pipeline.lib.artifacts import LATEST_FILE, ArtifactStore, MissingArtifact
-
-SERVING_ASSET = "serving_index"  # its versions are the promotions; LATEST is what users search
-CANDIDATE_ASSET = "embedding_index"  # what serving_index promotes once the report allows it
-REPORT_ASSET = "eval_report"
-CHOICE_FILE = "choice.json"
-REPORT_FILE = "report.json"
+from encoder_pipeline.lib.layout import CHOICE_FILE, EMBEDDING_INDEX, EVAL_REPORT, SERVING_INDEX, read_report
 
 
 class NothingServed(MissingArtifact):
@@ -93,12 +88,7 @@ def served_domains(store: ArtifactStore) -> list[str]:
     """Domains with a promoted index under this store's root."""
     if not store.root.is_dir():
         return []
-    return sorted(d.name for d in store.root.iterdir() if (d / SERVING_ASSET / LATEST_FILE).exists())
-
-
-def read_report(store: ArtifactStore, domain: str) -> dict:
-    """The latest eval_report's report.json."""
-    return json.loads((store.latest(domain, REPORT_ASSET) / REPORT_FILE).read_text())
+    return sorted(d.name for d in store.root.iterdir() if (d / SERVING_INDEX / LATEST_FILE).exists())
 
 
 def _model_folder(store: ArtifactStore, recorded: str) -> Path:
@@ -120,19 +110,19 @@ def _why_nothing_is_served(store: ArtifactStore, domain: str) -> NothingServed:
     """The error for a domain without a promotion: what its candidate is, why it is not served, and
     the command that changes that."""
     try:
-        candidate = store.latest_version(domain, CANDIDATE_ASSET)
+        candidate = store.latest_version(domain, EMBEDDING_INDEX)
     except MissingArtifact:
         served = served_domains(store)
         return DomainNotBuilt(
             f"domain '{domain}' has no index under {store.root}: build it with "
             f"`encoder-pipeline materialize --domain {domain}`"
             + (f" (served here: {', '.join(served)})" if served else ""))
-    choice = json.loads((store.asset_dir(domain, CANDIDATE_ASSET) / candidate / CHOICE_FILE).read_text())
-    named = (f"{CANDIDATE_ASSET} {candidate} ({choice.get('rung')}, "
+    choice = json.loads((store.asset_dir(domain, EMBEDDING_INDEX) / candidate / CHOICE_FILE).read_text())
+    named = (f"{EMBEDDING_INDEX} {candidate} ({choice.get('rung')}, "
              f"{choice.get('precision')}@{choice.get('dims')})")
     head = f"domain '{domain}' serves nothing: no index has been promoted. Its candidate, {named}, "
     try:
-        judged = store.manifest(domain, REPORT_ASSET)["upstream"].get(CANDIDATE_ASSET)
+        judged = store.manifest(domain, EVAL_REPORT)["upstream"].get(EMBEDDING_INDEX)
         promotion = read_report(store, domain)["promotion"]
     except FileNotFoundError:
         judged, promotion = None, None
@@ -152,10 +142,10 @@ def served_index(domain: str, store: ArtifactStore | None = None) -> ServedIndex
     MissingArtifact) when nothing has been promoted; there is no fallback to the candidate."""
     store = store or default_store()
     try:
-        version = store.latest_version(domain, SERVING_ASSET)
+        version = store.latest_version(domain, SERVING_INDEX)
     except MissingArtifact:
         raise _why_nothing_is_served(store, domain) from None
-    return index_version(store, domain, SERVING_ASSET, version)
+    return index_version(store, domain, SERVING_INDEX, version)
 
 
 class Searcher:

@@ -8,17 +8,12 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from encoder_pipeline.defs.shared import (
-    CORPUS_FILE,
-    EVAL_FILE,
     domain_spec,
     embeddings_cache,
     extractor_config,
     llm_generation,
     md_table,
     publish,
-    read_corpus_units,
-    read_sample_units,
-    write_eval_split,
 )
 from encoder_pipeline.domains import AUTO, DomainSpec, domain_partitions
 from encoder_pipeline.lib import encoders
@@ -33,6 +28,13 @@ from encoder_pipeline.lib.heldout import (
     build_split,
     haystack_scorer,
     sample_judged,
+)
+from encoder_pipeline.lib.layout import (
+    CORPUS_FILE,
+    EVAL_FILE,
+    read_corpus_units,
+    read_sample_units,
+    write_eval_split,
 )
 from encoder_pipeline.lib.pairs import extract_training_pairs
 from encoder_pipeline.lib.queries import STRUCTURE_EXAMPLES, PromptSpec, prompt_examples, query_generator
@@ -194,7 +196,7 @@ def eval_set(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource
                                         queries, bf16=settings.bf16_inference))
     try:
         split = build_split(units, extractors, config, _judged(spec, settings), sizes.eval_queries,
-                            sizes.dev_max_pairs, score, generate,
+                            sizes.dev_queries, score, generate,
                             keep=set(units["parent_id"][units["doc_id"].isin(set(shown["doc_id"]))]))
     except ValueError as error:
         raise dg.Failure(f"domain '{spec.name}': {error} (extractors: {', '.join(extractors) or 'none'})"

@@ -22,7 +22,6 @@ import pandas as pd
 from daft import col
 
 from encoder_pipeline.defs.corpus.assets import cleaning_config
-from encoder_pipeline.defs.shared import read_eval_split
 from encoder_pipeline.domains import DomainSpec, domain_partitions
 from encoder_pipeline.lib import encoders
 from encoder_pipeline.lib.artifacts import ArtifactStore
@@ -42,7 +41,8 @@ from encoder_pipeline.lib.drift import (
 )
 from encoder_pipeline.lib.encoders import document_texts
 from encoder_pipeline.lib.index import UPDATABLE_PRECISIONS, load_index
-from encoder_pipeline.lib.search import CANDIDATE_ASSET, NothingServed, served_index
+from encoder_pipeline.lib.layout import EMBEDDING_INDEX, read_eval_split
+from encoder_pipeline.lib.search import NothingServed, served_index
 from encoder_pipeline.lib.sources import CorpusError, fingerprint_files, read_corpus
 from encoder_pipeline.resources import PipelineSettings
 
@@ -107,8 +107,8 @@ def indexed_manifest(store: ArtifactStore, domain: str) -> dict | None:
     None when nothing is served (no canary then) or that version has been collected."""
     try:
         served = served_index(domain, store)
-        version = json.loads((served.index_dir / "manifest.json").read_text())["upstream"][CANDIDATE_ASSET]
-        return json.loads((store.asset_dir(domain, CANDIDATE_ASSET) / version / "manifest.json").read_text())
+        version = json.loads((served.index_dir / "manifest.json").read_text())["upstream"][EMBEDDING_INDEX]
+        return json.loads((store.asset_dir(domain, EMBEDDING_INDEX) / version / "manifest.json").read_text())
     except (NothingServed, FileNotFoundError):
         return None
 

@@ -14,23 +14,9 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from encoder_pipeline.defs.indexing.assets import (
-    embedding_index,
-    index_sweep,
-    read_index_choice,
-    read_sweep,
-)
-from encoder_pipeline.defs.pairs.assets import GENERATION_FILE
-from encoder_pipeline.defs.shared import (
-    ProgressLog,
-    domain_spec,
-    embeddings_cache,
-    publish,
-    read_corpus_units,
-    read_eval_split,
-    read_sample_units,
-)
-from encoder_pipeline.defs.training.assets import RUNGS, read_training_result, rung_model_path
+from encoder_pipeline.defs.indexing.assets import embedding_index, index_sweep
+from encoder_pipeline.defs.shared import ProgressLog, domain_spec, embeddings_cache, publish
+from encoder_pipeline.defs.training.assets import RUNGS
 from encoder_pipeline.domains import domain_partitions
 from encoder_pipeline.lib import encoders
 from encoder_pipeline.lib import report as lib_report
@@ -38,6 +24,17 @@ from encoder_pipeline.lib.artifacts import ArtifactStore
 from encoder_pipeline.lib.evaluation import CORPUS, SAMPLE, Haystack, System, evaluate_systems, haystacks
 from encoder_pipeline.lib.heldout import EVIDENCE_WORDS
 from encoder_pipeline.lib.index import IDS_FILE, LoadedIndex, build_index, load_index, served_bytes
+from encoder_pipeline.lib.layout import (
+    GENERATION_FILE,
+    REPORT_FILE,
+    read_corpus_units,
+    read_eval_split,
+    read_index_choice,
+    read_sample_units,
+    read_sweep,
+    read_training_result,
+    rung_model_path,
+)
 from encoder_pipeline.lib.metrics import (
     Run,
     bm25_run,
@@ -56,7 +53,7 @@ from encoder_pipeline.lib.report_page import (
     build_report,
     render,
 )
-from encoder_pipeline.lib.search import REPORT_FILE, NothingServed, served_index
+from encoder_pipeline.lib.search import NothingServed, served_index
 from encoder_pipeline.lib.sweep import latency_queries
 from encoder_pipeline.resources import ArtifactStoreResource, PipelineSettings
 

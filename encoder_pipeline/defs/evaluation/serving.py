@@ -12,16 +12,16 @@ from encoder_pipeline.defs.evaluation.assets import eval_report
 from encoder_pipeline.defs.shared import publish
 from encoder_pipeline.domains import domain_partitions
 from encoder_pipeline.lib.index import served_bytes
-from encoder_pipeline.lib.promotion import PROMOTION_FILE, garbage_collect
-from encoder_pipeline.lib.search import (
-    CANDIDATE_ASSET,
+from encoder_pipeline.lib.layout import (
     CHOICE_FILE,
-    REPORT_ASSET,
-    SERVING_ASSET,
-    NothingServed,
+    EMBEDDING_INDEX,
+    EVAL_REPORT,
+    PROMOTION_FILE,
+    SERVING_INDEX,
     read_report,
-    served_index,
 )
+from encoder_pipeline.lib.promotion import garbage_collect
+from encoder_pipeline.lib.search import NothingServed, served_index
 from encoder_pipeline.resources import ArtifactStoreResource, PipelineSettings
 
 GROUP = "serving"
@@ -38,7 +38,7 @@ class PromotionConfig(dg.Config):
 
 
 @dg.asset(
-    name=SERVING_ASSET,
+    name=SERVING_INDEX,
     partitions_def=domain_partitions,
     group_name=GROUP,
     kinds={"faiss"},
@@ -62,8 +62,8 @@ def serving_index(context: dg.AssetExecutionContext, config: PromotionConfig,
     domain = context.partition_key
     store = artifacts.store()
     report = read_report(store, domain)
-    candidate_version = store.latest_version(domain, CANDIDATE_ASSET)
-    judged_version = store.manifest(domain, REPORT_ASSET)["upstream"][CANDIDATE_ASSET]
+    candidate_version = store.latest_version(domain, EMBEDDING_INDEX)
+    judged_version = store.manifest(domain, EVAL_REPORT)["upstream"][EMBEDDING_INDEX]
     if judged_version != candidate_version:
         raise dg.Failure(f"the latest eval_report judged embedding_index {judged_version}, not the "
                          f"latest {candidate_version}: materialize eval_report first")
@@ -76,7 +76,7 @@ def serving_index(context: dg.AssetExecutionContext, config: PromotionConfig,
         context.log.warning(f"forced promotion of embedding_index {candidate_version} over its "
                             f"report's refusal: {report['promotion']['reason']}")
 
-    source = store.latest(domain, CANDIDATE_ASSET)
+    source = store.latest(domain, EMBEDDING_INDEX)
     choice = json.loads((source / CHOICE_FILE).read_text())
     try:
         previous = served_index(domain, store)
@@ -86,16 +86,16 @@ def serving_index(context: dg.AssetExecutionContext, config: PromotionConfig,
         previous_info = None
     promotion = {
         "embedding_index_version": candidate_version,
-        "eval_report_version": store.latest_version(domain, REPORT_ASSET),
+        "eval_report_version": store.latest_version(domain, EVAL_REPORT),
         "rung": choice["rung"], "revision": choice["revision"],
         "dims": choice.get("dims"), "precision": choice.get("precision"),
         "verdict": report["verdict"], "reason": report["promotion"]["reason"], "forced": forced,
         "ndcg@10": report["after"]["ndcg@10"], "p95_ms": report["after"]["p95_ms"],
         "index_mb": report["after"]["index_mb"], "previous": previous_info,
     }
-    fingerprint = store.manifest(domain, CANDIDATE_ASSET)["corpus_fingerprint"]
-    with publish(context, artifacts, settings, {CANDIDATE_ASSET: candidate_version, "forced": forced},
-                 [CANDIDATE_ASSET, REPORT_ASSET], corpus_fingerprint=fingerprint) as staging:
+    fingerprint = store.manifest(domain, EMBEDDING_INDEX)["corpus_fingerprint"]
+    with publish(context, artifacts, settings, {EMBEDDING_INDEX: candidate_version, "forced": forced},
+                 [EMBEDDING_INDEX, EVAL_REPORT], corpus_fingerprint=fingerprint) as staging:
         for item in source.iterdir():
             if item.name in NOT_COPIED:
                 continue
@@ -104,7 +104,7 @@ def serving_index(context: dg.AssetExecutionContext, config: PromotionConfig,
             else:
                 shutil.copy2(item, staging / item.name)
         (staging / PROMOTION_FILE).write_text(json.dumps(promotion, indent=2))
-    published = store.latest(domain, SERVING_ASSET)
+    published = store.latest(domain, SERVING_INDEX)
     collected = garbage_collect(store, domain, settings.keep_promoted_versions)
     context.log.info(f"garbage collection deleted {len(collected.deleted)} versions: "
                      f"{', '.join(f'{a}/{v}' for a, v in collected.deleted) or 'none'}")

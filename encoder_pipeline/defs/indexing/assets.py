@@ -8,26 +8,22 @@ import dagster as dg
 import numpy as np
 
 from encoder_pipeline.defs.indexing.refresh import build_or_refresh
-from encoder_pipeline.defs.shared import (
-    ProgressLog,
-    corpus_texts,
-    domain_spec,
-    embeddings_cache,
-    md_table,
-    publish,
-    read_corpus_units,
-    read_eval_split,
-)
-from encoder_pipeline.defs.training.assets import (
-    RUNGS,
-    ladder_encoders,
-    read_training_result,
-    rung_model_path,
-)
+from encoder_pipeline.defs.shared import ProgressLog, domain_spec, embeddings_cache, md_table, publish
+from encoder_pipeline.defs.training.assets import RUNGS, ladder_encoders
 from encoder_pipeline.domains import domain_partitions
 from encoder_pipeline.lib import encoders
 from encoder_pipeline.lib.artifacts import ArtifactStore
 from encoder_pipeline.lib.index import RESCORE_MULTIPLIER, save_index
+from encoder_pipeline.lib.layout import (
+    CHOICE_FILE,
+    SWEEP_FILE,
+    corpus_texts,
+    read_corpus_units,
+    read_eval_split,
+    read_sweep,
+    read_training_result,
+    rung_model_path,
+)
 from encoder_pipeline.lib.sweep import (
     CHOICE_RULE,
     QuerySet,
@@ -41,8 +37,6 @@ from encoder_pipeline.lib.sweep import (
 from encoder_pipeline.resources import ArtifactStoreResource, PipelineSettings
 
 GROUP = "serving"
-CHOICE_FILE = "choice.json"
-SWEEP_FILE = "sweep.json"
 TOP_K = 100  # results per query for nDCG@10 and Recall@100
 SERVED_K = 10  # results per timed query, as served
 
@@ -52,15 +46,6 @@ def best_rung(store: ArtifactStore, domain: str) -> tuple[str, dict[str, float]]
     scores = {r: read_training_result(store, domain, r)["dev_ndcg_at_10"] for r in RUNGS}
     order = sorted(RUNGS, key=lambda r: (scores[r], RUNGS.index(r)), reverse=True)
     return order[0], scores
-
-
-def read_index_choice(store: ArtifactStore, domain: str) -> dict:
-    return json.loads((store.latest(domain, "embedding_index") / CHOICE_FILE).read_text())
-
-
-def read_sweep(store: ArtifactStore, domain: str) -> dict:
-    """index_sweep's `sweep.json`: rung, model_path, revision, latency_queries, points, chosen, rule."""
-    return json.loads((store.latest(domain, "index_sweep") / SWEEP_FILE).read_text())
 
 
 @dg.asset(

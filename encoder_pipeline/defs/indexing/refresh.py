@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from encoder_pipeline.defs.shared import CORPUS_FILE, corpus_texts, embeddings_cache
+from encoder_pipeline.defs.shared import embeddings_cache
 from encoder_pipeline.lib import encoders
 from encoder_pipeline.lib.artifacts import ArtifactStore, MissingArtifact
 from encoder_pipeline.lib.drift import diff_units
@@ -30,6 +30,7 @@ from encoder_pipeline.lib.index import (
     load_index,
     update_index,
 )
+from encoder_pipeline.lib.layout import CORPUS_FILE, corpus_texts
 
 MAX_REFRESH_FRACTION = 0.3
 

@@ -11,8 +11,8 @@ import json
 import dagster as dg
 import pandas as pd
 
-from encoder_pipeline.defs.shared import CORPUS_FILE, EVAL_FILE
 from encoder_pipeline.lib.artifacts import ArtifactStore
+from encoder_pipeline.lib.layout import CORPUS_FILE, EVAL_FILE
 from encoder_pipeline.lib.leakage import EvalTexts, audit_rows
 
 LEAKAGE_CHECK = "no_eval_leakage"

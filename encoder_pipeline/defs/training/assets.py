@@ -4,35 +4,30 @@ report can attribute the lift to each data decision (heuristic -> + synthetic ->
 import json
 from collections.abc import Callable
 from dataclasses import asdict
-from pathlib import Path
 
 import dagster as dg
 import pandas as pd
 
-from encoder_pipeline.defs.pairs.assets import (
-    heuristic_pairs,
-    mined_negatives,
-    read_mined,
-    read_pairs,
-    read_synthetic,
-    synthetic_queries,
-)
-from encoder_pipeline.defs.shared import (
-    corpus_texts,
-    domain_spec,
-    publish,
-    read_eval_split,
-    read_sample_units,
-)
+from encoder_pipeline.defs.pairs.assets import heuristic_pairs, mined_negatives, synthetic_queries
+from encoder_pipeline.defs.shared import domain_spec, publish
 from encoder_pipeline.domains import domain_partitions
 from encoder_pipeline.lib.artifacts import ArtifactStore
 from encoder_pipeline.lib.encoders import model_fingerprint
+from encoder_pipeline.lib.layout import (
+    MODEL_DIR,
+    TRAINING_FILE,
+    corpus_texts,
+    read_eval_split,
+    read_mined,
+    read_pairs,
+    read_sample_units,
+    read_synthetic,
+    rung_model_path,
+)
 from encoder_pipeline.lib.train import DevSet, TrainingConfig, TrainingDataError, train_encoder
 from encoder_pipeline.resources import ArtifactStoreResource, PipelineSettings
 
 GROUP = "training"
-MODEL_DIR = "model"
-RESULT_FILE = "training.json"
 
 RowsFn = Callable[[ArtifactStore, str], pd.DataFrame]
 
@@ -72,14 +67,6 @@ def dev_set(store: ArtifactStore, domain: str, seed: int, distractors: int) -> D
     chosen = pd.concat([units[units["doc_id"].isin(positives)], sampled])
     corpus = dict(zip(chosen["doc_id"], corpus_texts(chosen), strict=True))
     return DevSet(split.dev.queries, corpus, relevant)
-
-
-def read_training_result(store: ArtifactStore, domain: str, rung: str) -> dict:
-    return json.loads((store.latest(domain, rung) / RESULT_FILE).read_text())
-
-
-def rung_model_path(store: ArtifactStore, domain: str, rung: str) -> Path:
-    return store.latest(domain, rung) / MODEL_DIR
 
 
 def build_rung(name: str, data_label: str, rows_fn: RowsFn, deps: list) -> dg.AssetsDefinition:
@@ -122,7 +109,7 @@ def build_rung(name: str, data_label: str, rows_fn: RowsFn, deps: list) -> dg.As
             except TrainingDataError as error:
                 raise dg.Failure(f"domain '{spec.name}', {name}: {error}") from error
             revision = model_fingerprint(str(staging / MODEL_DIR))
-            (staging / RESULT_FILE).write_text(json.dumps({**asdict(result), "revision": revision}))
+            (staging / TRAINING_FILE).write_text(json.dumps({**asdict(result), "revision": revision}))
         return dg.MaterializeResult(metadata={
             "training_rows": dg.MetadataValue.int(result.training_rows),
             "batch_size": dg.MetadataValue.int(result.batch_size),
