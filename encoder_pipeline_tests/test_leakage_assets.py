@@ -9,6 +9,7 @@ sections, 50 other titled sections, and the planted documents, as a BEIR folder;
 come from a local OpenAI-compatible server that answers with eval questions.
 """
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -124,13 +125,12 @@ def _materialize(store_root: Path, names: list[str], llm: LLMResource) -> dg.Exe
                                      "settings": PipelineSettings(profile="tiny"), "llm": llm})
 
 
-@pytest.fixture
-def run(base, tmp_path, monkeypatch):
+@contextlib.contextmanager
+def _leaky_llm(base: dict, store_root: Path):
     """Materialize assets of the leaky domain in a copy of the base store, with an LLM endpoint that
     answers every generation prompt with an eval question (verbatim, or with case and punctuation
     changed) and every judge prompt with "1"."""
-    monkeypatch.setenv("ENCODER_PIPELINE_DOMAINS", str(base["root"] / "domains"))
-    shutil.copytree(base["root"] / "store", tmp_path / "store")
+    shutil.copytree(base["root"] / "store", store_root)
     asked = base["asked"]
     counter = iter(range(10_000))
 
@@ -145,7 +145,23 @@ def run(base, tmp_path, monkeypatch):
     server.respond = answer
     llm = LLMResource(backend="openai", base_url=server.base_url, model="fake", api_key=FAKE_KEY)
     with serving(server):
-        yield lambda names: _materialize(tmp_path / "store", names, llm), ArtifactStore(tmp_path / "store")
+        yield lambda names: _materialize(store_root, names, llm), ArtifactStore(store_root)
+
+
+@pytest.fixture
+def run(base, tmp_path, monkeypatch):
+    monkeypatch.setenv("ENCODER_PIPELINE_DOMAINS", str(base["root"] / "domains"))
+    with _leaky_llm(base, tmp_path / "store") as runner:
+        yield runner
+
+
+@pytest.fixture(scope="module")
+def filtered(base, tmp_path_factory):
+    """The three training-data assets materialized once, filter on: (result, store)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ENCODER_PIPELINE_DOMAINS", str(base["root"] / "domains"))
+        with _leaky_llm(base, tmp_path_factory.mktemp("filtered") / "store") as (materialize, store):
+            yield materialize(list(TRAINING_DATA)), store
 
 
 def _checks(result) -> dict[str, bool]:
@@ -159,26 +175,41 @@ def _metadata(result, asset: str) -> dict:
     return {k: v.value for k, v in event.materialization.metadata.items()}
 
 
-def test_the_filter_keeps_every_planted_leak_out_of_every_training_file(run):
-    materialize, store = run
-    result = materialize(list(TRAINING_DATA))
-    assert result.success
-    assert _checks(result) == dict.fromkeys(TRAINING_DATA, True)
-    # what was planted reached each asset and was dropped there (a planted document the eval split
-    # drew as a held-out dev document never reaches training in the first place)
-    split = json.loads((store.latest(DOMAIN, "eval_set") / "eval_set.json").read_text())
-    planted = {"planted-verbatim", "planted-punctuation", "planted-near-copy"}
-    in_training = planted - set(split["held_out_doc_ids"])
+PLANTED = {"planted-verbatim", "planted-punctuation", "planted-near-copy"}
+
+
+def _eval_split(store: ArtifactStore) -> dict:
+    return json.loads((store.latest(DOMAIN, "eval_set") / "eval_set.json").read_text())
+
+
+def test_the_filter_keeps_the_planted_leaks_out_of_the_heuristic_pairs(filtered):
+    result, store = filtered
+    assert result.success and _checks(result)["heuristic_pairs"]
+    # every planted document left in training gave a pair that was dropped (one the eval split drew
+    # as a held-out dev document never reaches training in the first place)
+    in_training = PLANTED - set(_eval_split(store)["held_out_doc_ids"])
     assert len(in_training) >= 2
     assert _metadata(result, "heuristic_pairs")["pairs_dropped_eval_overlap"] >= len(in_training)
+    pairs = pd.read_parquet(store.latest(DOMAIN, "heuristic_pairs") / "pairs.parquet")
+    assert not PLANTED & set(pairs["doc_id"])
+
+
+def test_the_filter_keeps_the_planted_leaks_out_of_the_synthetic_queries(filtered):
+    result, store = filtered
     # every answer is an eval question: whatever the round trip keeps, the unfiltered file had them
     assert _metadata(result, "synthetic_queries")["queries_unfiltered_dropped_eval_overlap"] >= 1
+    assert _checks(result)["synthetic_queries"]
+    eval_questions = {leakage.normalize(q) for q in _eval_split(store)["eval"]["queries"].values()}
+    for name in TRAINING_DATA["synthetic_queries"]:
+        written = pd.read_parquet(store.latest(DOMAIN, "synthetic_queries") / name)
+        assert not {leakage.normalize(q) for q in written["query"]} & eval_questions, name
+
+
+def test_the_filter_keeps_the_planted_leaks_out_of_the_mined_negatives(filtered):
+    result, _ = filtered
+    # the planted near-copies of eval documents are the likeliest negatives of the FAQ-like pairs
     assert _metadata(result, "mined_negatives")["dropped_eval_overlap"] >= 1
-    unfiltered = pd.read_parquet(store.latest(DOMAIN, "synthetic_queries") / "synthetic_unfiltered.parquet")
-    pairs = pd.read_parquet(store.latest(DOMAIN, "heuristic_pairs") / "pairs.parquet")
-    assert not planted & set(pairs["doc_id"])
-    eval_questions = {leakage.normalize(q) for q in split["eval"]["queries"].values()}
-    assert not {leakage.normalize(q) for q in unfiltered["query"]} & eval_questions
+    assert _checks(result)["mined_negatives"]  # the audit of the published file found none left
 
 
 def test_a_broken_filter_is_caught_by_each_assets_blocking_check(run, monkeypatch):

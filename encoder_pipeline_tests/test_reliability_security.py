@@ -327,6 +327,7 @@ def hand_made_report(store: ArtifactStore, domain: str) -> None:
         (staging / "report.json").write_text(json.dumps(report))
 
 
+@pytest.mark.slow  # a whole tiny run with a custom-code base model and the local LLM: ~40 s
 def test_only_the_domain_spec_turns_on_a_model_folders_code(tmp_path, monkeypatch):
     """`trust_remote_code` is off unless the spec sets it; heuristic_pairs (which encodes with the
     base model) passes the spec's value on: the custom code base model runs its code only then.
