@@ -17,13 +17,12 @@ from sentence_transformers import util
 
 from encoder_pipeline.lib.encoders import document_texts
 from encoder_pipeline.lib.extractors import Extraction, ExtractorConfig, get
-from encoder_pipeline.lib.extractors.base import PAIR_COLUMNS
+from encoder_pipeline.lib.extractors.base import PAIR_COLUMNS, STRUCTURAL_ENOUGH
 from encoder_pipeline.lib.heldout import EvalSplit
 from encoder_pipeline.lib.leakage import EvalTexts
 
-# When the structural extractors give at least this many pairs, structure-free rows are at most
+# Once the structural extractors give STRUCTURAL_ENOUGH pairs, structure-free rows are at most
 # FREE_SHARE of a rung's structural + structure-free rows: they teach less than real structure.
-STRUCTURAL_ENOUGH = 500
 FREE_SHARE = 0.25
 
 

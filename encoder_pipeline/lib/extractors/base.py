@@ -18,6 +18,9 @@ import pandas as pd
 
 PAIR_COLUMNS = ["query", "positive", "doc_id", "extractor"]
 MIN_QUERY_WORDS = 3  # the default of the spec's [queries] min_words, for structural and synthetic queries
+# Structural pairs past which structure-free ones are not needed: domain add leaves them out, and a
+# rung caps them (lib.pairs.cap_pairs).
+STRUCTURAL_ENOUGH = 500
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,9 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from encoder_pipeline.lib.extractors.base import REGISTRY, ExtractorConfig
+from encoder_pipeline.lib.extractors.base import REGISTRY, STRUCTURAL_ENOUGH, ExtractorConfig
 
 MIN_STRUCTURAL_SHARE = 0.10
-STRUCTURAL_ENOUGH = 500  # structural pairs past which structure-free rows are capped, not needed
 MIN_FREE_SHARE = 0.05
 SAMPLE_UNITS = 2000
 # Lines that read as source code rather than prose.
