@@ -21,13 +21,8 @@ import time
 from encoder_pipeline.domains import load_domain
 from encoder_pipeline.lib.corpus import CleaningConfig, clean_corpus
 from encoder_pipeline.lib.encoders import document_texts
-from encoder_pipeline.lib.llm import (
-    Completion,
-    GenerationParams,
-    LocalGGUFBackend,
-    _load_gguf,
-    ensure_local_gguf,
-)
+from encoder_pipeline.lib.llm import Completion, GenerationParams, LocalGGUFBackend, ensure_local_gguf
+from encoder_pipeline.lib.llm.local_gguf import _load_gguf
 from encoder_pipeline.lib.queries import PromptSpec, build_prompts, parse_query
 from encoder_pipeline.lib.sources import read_corpus
 from encoder_pipeline.resources import LLMResource

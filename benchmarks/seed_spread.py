@@ -50,6 +50,7 @@ from encoder_pipeline.lib.layout import (
 )
 from encoder_pipeline.lib.metrics import dense_run, evaluate
 from encoder_pipeline.lib.train import TrainingConfig, interpolate_with_base, train_encoder
+from encoder_pipeline.lib.vector_cache import cached_embeddings
 from encoder_pipeline.profiles import get_profile
 from encoder_pipeline.resources import ArtifactStoreResource, LLMResource, PipelineSettings
 
@@ -94,7 +95,7 @@ def ndcg(model: str, store: ArtifactStore, domain: str, dims: int | None = None)
     units = read_sample_units(store, domain)
     split = read_eval_split(store, domain)
     qids = list(split.queries)
-    corpus = encoders.cached_embeddings(model, corpus_texts(units), embeddings_cache(store, domain))
+    corpus = cached_embeddings(model, corpus_texts(units), embeddings_cache(store, domain))
     queries = encoders.encode(encoders.load_encoder(model), [split.queries[q] for q in qids])
     width = dims or corpus.shape[1]
     corpus, queries = truncate(corpus, width), truncate(queries, width)

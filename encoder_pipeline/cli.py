@@ -22,6 +22,7 @@ import sys
 
 from encoder_pipeline.lib.formats import REGISTRY as FORMATS
 from encoder_pipeline.paths import ensure_dagster_home, project_root
+from encoder_pipeline.profiles import PROFILES
 
 
 def _instance():
@@ -32,15 +33,17 @@ def _instance():
     return dg.DagsterInstance.get()
 
 
-def register_domains(instance) -> list[str]:
-    """Add a `domain` partition for every spec file (what the spec sensor does on each tick)."""
-    from encoder_pipeline.domains import domain_names, domain_partitions
+def sync_domain_partitions(instance) -> tuple[list[str], list[str]]:
+    """Make the `domain` partitions match the valid spec files (what the spec sensor does on each
+    tick): (added, removed)."""
+    from encoder_pipeline.domains import domain_partitions, partition_sync
 
-    existing = set(instance.get_dynamic_partitions(domain_partitions.name))
-    new = [name for name in domain_names() if name not in existing]
-    if new:
-        instance.add_dynamic_partitions(domain_partitions.name, new)
-    return new
+    sync = partition_sync(instance.get_dynamic_partitions(domain_partitions.name))
+    if sync.add:
+        instance.add_dynamic_partitions(domain_partitions.name, sync.add)
+    for name in sync.remove:
+        instance.delete_dynamic_partition(domain_partitions.name, name)
+    return sync.add, sync.remove
 
 
 def cmd_domains(args: argparse.Namespace) -> int:
@@ -57,9 +60,14 @@ def cmd_domains(args: argparse.Namespace) -> int:
         corpus_format, location = FORMATS[spec.corpus.format], spec.corpus_location()
         status = "ok" if corpus_format.present(location) else "corpus missing (set ENCODER_PIPELINE_CORPUS_ROOT)"
         print(f"{name:12s} {spec.corpus.format:14s} {corpus_format.describe(location)}  [{status}]")
-    added = register_domains(_instance())
+    added, removed = sync_domain_partitions(_instance())
     if added:
         print(f"registered partitions: {', '.join(added)}")
+    if removed:
+        print(f"removed partitions whose spec is gone: {', '.join(removed)} (their artifacts stay "
+              "until `encoder-pipeline gc`)")
+    if failures:
+        print("invalid specs are not registered as partitions: fix them and run `encoder-pipeline domains`")
     return 1 if failures else 0
 
 
@@ -73,7 +81,7 @@ def cmd_materialize(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     instance = _instance()
-    register_domains(instance)
+    sync_domain_partitions(instance)
     job = defs.resolve_job_def("train_encoder_job")
     run_config = {"resources": {"settings": {"config": {"profile": args.profile, "seed": args.seed}}}}
     result = job.execute_in_process(instance=instance, partition_key=args.domain,
@@ -136,7 +144,7 @@ def cmd_domain_add(args: argparse.Namespace) -> int:
     print(f"{args.name}: {fmt} corpus at {corpus}")
     for line in summary.lines():
         print(f"  {line}")
-    added = register_domains(_instance())
+    added, _ = sync_domain_partitions(_instance())
     print(f"spec written to {spec.source_file}; partition "
           f"{'registered' if args.name in added else 'already registered'} (it shows in the UI now)")
     print(f"review its targets, then: encoder-pipeline materialize --domain {args.name}")
@@ -242,7 +250,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
     store = ArtifactStoreResource().store()  # the root rollback and gc act on, read now
     instance = _instance()
-    register_domains(instance)
+    sync_domain_partitions(instance)
     result = defs.resolve_job_def("train_encoder_job").execute_in_process(
         instance=instance, partition_key=args.domain, asset_selection=[dg.AssetKey("serving_index")],
         run_config={"resources": {"artifacts": {"config": {"root": str(store.root)}}},
@@ -338,7 +346,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     instance = _instance()
-    register_domains(instance)
+    sync_domain_partitions(instance)
     run_config = ({"resources": {"settings": {"config": {"profile": args.profile}}}}
                   if args.profile else {})
     backfill = submit_backfill(instance, wanted, run_config, title=f"encoder-pipeline backfill "
@@ -357,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("materialize", help="materialize the whole graph for one domain")
     run.add_argument("--domain", default="code")
-    run.add_argument("--profile", choices=["tiny", "default", "full"],
+    run.add_argument("--profile", choices=list(PROFILES),
                      default=os.environ.get("ENCODER_PIPELINE_PROFILE", "default"))
     run.add_argument("--seed", type=int, default=0)
     run.set_defaults(handler=cmd_materialize)
@@ -410,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     gc.set_defaults(handler=cmd_gc)
     backfill = commands.add_parser("backfill", help="launch a Dagster backfill of train_encoder_job")
     backfill.add_argument("--domains", required=True, help="`all` or a comma-separated list")
-    backfill.add_argument("--profile", choices=["tiny", "default", "full"],
+    backfill.add_argument("--profile", choices=list(PROFILES),
                           help="size profile of every run (default: the code location's)")
     backfill.set_defaults(handler=cmd_backfill)
     args = parser.parse_args(argv)

@@ -13,6 +13,8 @@ import os
 import re
 import tempfile
 import tomllib
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -202,7 +204,8 @@ class DomainSpec(_Strict):
         "evaluated on the eval set like the off-the-shelf model.",
     )
     remote_llm_allowed: bool = Field(
-        False, description="Opt in to sending document text to a remote LLM endpoint."
+        False, description="Opt in to sending document text to an LLM endpoint off this machine "
+        "(a server on a loopback address counts as this machine)."
     )
     trust_remote_code: bool = Field(
         False, description="Opt in to running the Python code shipped inside model folders (a config's "
@@ -288,6 +291,29 @@ def spec_files(directory: Path | None = None) -> list[Path]:
 def domain_names(directory: Path | None = None) -> list[str]:
     """Names of every spec file present, valid or not (an invalid one fails when it runs)."""
     return [path.stem for path in spec_files(directory) if DOMAIN_NAME.match(path.stem)]
+
+
+@dataclass(frozen=True)
+class PartitionSync:
+    """What the `domain` partitions need so that they match the spec files: `add` (valid specs
+    without a partition), `remove` (partitions whose spec file is gone; their artifacts stay on disk
+    until `gc`), and `invalid` (spec files that do not load, by name: never registered)."""
+
+    add: list[str]
+    remove: list[str]
+    invalid: dict[str, str]
+
+
+def partition_sync(existing: Iterable[str], directory: Path | None = None) -> PartitionSync:
+    names, invalid = domain_names(directory), {}
+    for name in names:
+        try:
+            load_domain(name, directory)
+        except SpecError as error:
+            invalid[name] = str(error)
+    existing = set(existing)
+    return PartitionSync([n for n in names if n not in existing and n not in invalid],
+                         sorted(existing - set(names)), invalid)
 
 
 def load_domain(name: str, directory: Path | None = None) -> DomainSpec:

@@ -5,24 +5,16 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
 
 import dagster as dg
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from encoder_pipeline.lib.artifacts import ArtifactStore
 from encoder_pipeline.lib.encoders import DEFAULT_BASE_MODEL
 from encoder_pipeline.lib.engines import configure_engines, ray_address_from_env
-from encoder_pipeline.lib.llm import (
-    GenerationParams,
-    LLMBackend,
-    LocalGGUFBackend,
-    OpenAIBackend,
-    ResponseCache,
-    ensure_local_gguf,
-)
+from encoder_pipeline.lib.llm import GenerationParams, LLMBackend, ResponseCache, backend_kind, backend_names
 from encoder_pipeline.paths import artifact_root
-from encoder_pipeline.profiles import Profile, get_profile
+from encoder_pipeline.profiles import Profile, ProfileName, get_profile
 
 
 class ArtifactStoreResource(dg.ConfigurableResource):
@@ -37,7 +29,7 @@ class ArtifactStoreResource(dg.ConfigurableResource):
 class PipelineSettings(dg.ConfigurableResource):
     """Run-wide knobs, editable in the launchpad: size profile, base model, seed, serving price."""
 
-    profile: Literal["tiny", "default", "full"] = "default"
+    profile: ProfileName = "default"
     base_model: str = Field(
         DEFAULT_BASE_MODEL,
         description="A sentence-transformers folder or name; the default is the packaged MiniLM.",
@@ -84,25 +76,14 @@ class PipelineSettings(dg.ConfigurableResource):
         configure_engines(self.ray_address, self.ray_embed_workers, self.ray_embed_gpus)
 
 
-def _build_backend(fields: dict, models_dir: str) -> LLMBackend:
-    if fields["backend"] == "local":
-        return LocalGGUFBackend(ensure_local_gguf(models_dir), batch_size=fields["local_batch_size"])
-    return OpenAIBackend(
-        base_url=fields["base_url"], model=fields["model"], api_key=fields["api_key"],
-        max_concurrency=fields["max_concurrency"], max_tokens_budget=fields["max_tokens_budget"],
-        max_usd_budget=fields["max_usd_budget"],
-        usd_per_1m_prompt_tokens=fields["usd_per_1m_prompt_tokens"],
-        usd_per_1m_completion_tokens=fields["usd_per_1m_completion_tokens"],
-    )
-
-
 class LLMResource(dg.ConfigurableResource):
     """Synthetic-query generator: the offline local model (default) or an OpenAI-compatible API.
 
     Bind `api_key` with `dg.EnvVar(...)`: the key is read at run time and never stored.
     """
 
-    backend: Literal["local", "openai"] = "local"
+    backend: str = Field("local", description="Which registered backend generates: "
+                         + ", ".join(backend_names()) + ".")
     base_url: str | None = None
     model: str = "gpt-4o-mini"
     api_key: str | None = None
@@ -116,9 +97,30 @@ class LLMResource(dg.ConfigurableResource):
     top_p: float = 0.9
     max_new_tokens: int = 48
 
+    @field_validator("backend")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        backend_kind(value)  # raises, naming the registered backends
+        return value
+
+    @property
+    def documents_go_to(self) -> str | None:
+        """Where prompts (document text) are sent; None when they stay on this machine (the local
+        model, or an OpenAI-compatible server on a loopback address)."""
+        return backend_kind(self.backend).documents_go_to(self.model_dump())
+
     @property
     def is_remote(self) -> bool:
-        return self.backend == "openai"
+        return self.documents_go_to is not None
+
+    @property
+    def model_label(self) -> str:
+        return backend_kind(self.backend).model_label(self.model_dump())
+
+    @property
+    def follows_instructions(self) -> bool:
+        """An instruction-tuned model, which can judge candidates (a base model only continues text)."""
+        return backend_kind(self.backend).follows_instructions
 
     def params(self, seed: int) -> GenerationParams:
         return GenerationParams(temperature=self.temperature, top_p=self.top_p,
@@ -128,7 +130,7 @@ class LLMResource(dg.ConfigurableResource):
         """A picklable constructor (Daft ships it to its workers), built from plain values."""
         if self.is_remote and not self.api_key:
             raise ValueError("the openai LLM backend needs an api key: bind api_key with dg.EnvVar")
-        return functools.partial(_build_backend, self.model_dump(), str(models_dir))
+        return functools.partial(backend_kind(self.backend).build, self.model_dump(), str(models_dir))
 
     def cache(self, cache_dir: Path) -> ResponseCache:
         return ResponseCache(cache_dir)

@@ -45,6 +45,22 @@ def stdlib_units():
     return units
 
 
+@pytest.fixture(scope="session")
+def stand_in_llm():
+    """The `llm` resource for runs that test the graph, not the LLM's output: an OpenAI-compatible
+    server on 127.0.0.1 (fake_llm.py, real HTTP) that answers each prompt with words of its passage,
+    in milliseconds where the local model takes a second or more per prompt. The local model's
+    own output runs in test_lib_llm.py, the tiny `code` run and test_any_corpus.py's manual."""
+    from fake_llm import FakeOpenAIServer, passage_words_query, serving
+
+    from encoder_pipeline.resources import LLMResource
+
+    server = FakeOpenAIServer()
+    server.respond = passage_words_query
+    with serving(server):
+        yield LLMResource(backend="openai", base_url=server.base_url, model="stand-in")
+
+
 @pytest.fixture
 def artifact_root(tmp_path, monkeypatch):
     root = tmp_path / "artifacts"

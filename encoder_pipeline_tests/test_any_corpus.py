@@ -2,7 +2,8 @@
 paragraphs titled by their website, (b) the Python manual with every title removed and its FAQ as the
 judged set, (c) standard-library functions dumped to JSONL with their docstrings inside the code,
 (d) the same functions without docstrings. Each goes through `domain add` (which chooses the
-extractors) and the data stages at tiny scale with the local LLM; (b) goes on to the report."""
+extractors) and the data stages at tiny scale; (b) goes on to the report with the local LLM, the others
+use the stand-in LLM server (conftest.stand_in_llm): the extractors and the graph are under test."""
 
 import ast
 import contextlib
@@ -77,7 +78,7 @@ CORPORA = {  # name: (build, domain add arguments beyond the corpus, expected ex
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def built(tmp_path_factory, stand_in_llm):
     """Per corpus, once: `domain add` (its printout) and the data stages (their result), in a
     workspace of its own (spec folder, artifact root, Dagster home)."""
     runs = {}
@@ -88,7 +89,8 @@ def built(tmp_path_factory):
             with pytest.MonkeyPatch.context() as patch:
                 _enter(workspace, patch)
                 printed = _add(name, workspace)
-                runs[name] = workspace, printed, _materialize(name, workspace, DATA_STAGES)
+                llm = LLMResource() if name == "manual" else stand_in_llm
+                runs[name] = workspace, printed, _materialize(name, workspace, DATA_STAGES, llm)
         return runs[name]
     return build
 
@@ -111,14 +113,14 @@ def _add(name: str, workspace: Path) -> str:
     return printed.getvalue()
 
 
-def _materialize(name: str, workspace: Path, assets: list[str]) -> dg.ExecuteInProcessResult:
+def _materialize(name: str, workspace: Path, assets: list[str], llm: LLMResource) -> dg.ExecuteInProcessResult:
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(domain_partitions.name, [name])
     selected = [a for a in defs.assets if isinstance(a, dg.AssetsDefinition)
                 and a.key.to_user_string() in assets]
     return dg.materialize(selected, instance=instance, partition_key=name, raise_on_error=False, resources={
         "artifacts": ArtifactStoreResource(root=str(workspace / "home")),
-        "settings": PipelineSettings(profile="tiny"), "llm": LLMResource()})
+        "settings": PipelineSettings(profile="tiny"), "llm": llm})
 
 
 @pytest.mark.parametrize("name", list(CORPORA))
@@ -152,7 +154,7 @@ def test_an_untitled_corpus_goes_end_to_end_to_a_report(built, monkeypatch):
     _enter(workspace, monkeypatch)
     rest = [a.key.to_user_string() for a in defs.assets if isinstance(a, dg.AssetsDefinition)
             and a.key.to_user_string() not in DATA_STAGES]
-    result = _materialize("manual", workspace, rest)
+    result = _materialize("manual", workspace, rest, LLMResource())
     report_events = [e for e in result.get_asset_materialization_events()
                      if e.asset_key.to_user_string() == "eval_report"]
     assert report_events, [e.step_failure_data.error.message for e in result.get_step_failure_events()]

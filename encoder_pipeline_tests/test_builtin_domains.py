@@ -16,10 +16,10 @@ from encoder_pipeline.definitions import defs
 from encoder_pipeline.domains import domain_partitions, load_domain
 from encoder_pipeline.lib.artifacts import ArtifactStore
 from encoder_pipeline.lib.encoders import DEFAULT_BASE_MODEL
-from encoder_pipeline.resources import ArtifactStoreResource, LLMResource, PipelineSettings
+from encoder_pipeline.resources import ArtifactStoreResource, PipelineSettings
 from encoder_pipeline_tests.conftest import requires_shared_corpora, shared_corpus
 
-pytestmark = [requires_shared_corpora, pytest.mark.slow]  # ~95 s each on 2 cores
+pytestmark = [requires_shared_corpora, pytest.mark.slow]
 
 
 OTHER_DOCUMENTS = 400
@@ -45,7 +45,7 @@ def _cut_corpus(domain: str, root: Path) -> None:
 
 
 @pytest.mark.parametrize("domain", ["web_qa", "biomedical", "legal"])
-def test_builtin_domain_materializes_end_to_end(domain, tmp_path, monkeypatch):
+def test_builtin_domain_materializes_end_to_end(domain, tmp_path, monkeypatch, stand_in_llm):
     _cut_corpus(domain, tmp_path / "corpora")
     monkeypatch.setenv("ENCODER_PIPELINE_CORPUS_ROOT", str(tmp_path / "corpora"))
     instance = dg.DagsterInstance.ephemeral()
@@ -57,7 +57,7 @@ def test_builtin_domain_materializes_end_to_end(domain, tmp_path, monkeypatch):
         # encode) included: which teacher mines is test_domains' concern; the teacher's scores are
         # still distilled where the spec asks (biomedical).
         "settings": PipelineSettings(profile="tiny", teacher_model=DEFAULT_BASE_MODEL),
-        "llm": LLMResource(),
+        "llm": stand_in_llm,  # the graph is under test here, not the LLM's queries
     }, raise_on_error=False)
     # every asset materializes; serving_index only when the blocking promotion check passed (a
     # trained encoder worse than off-the-shelf at this tiny scale is a legitimate "do not promote")

@@ -26,8 +26,8 @@ from spec_files import write_spec
 
 from encoder_pipeline.definitions import defs
 from encoder_pipeline.defs.corpus.assets import clean_corpus
-from encoder_pipeline.defs.domains.drift import CORPUS_SOURCE, DATA_VERSION_TAG
-from encoder_pipeline.defs.domains.sensors import REASON_TAG, corpus_drift_sensor
+from encoder_pipeline.defs.corpus.drift import CORPUS_SOURCE, DATA_VERSION_TAG
+from encoder_pipeline.defs.automation.sensors import REASON_TAG, corpus_drift_sensor
 from encoder_pipeline.defs.evaluation.assets import SAFE_TO_PROMOTE
 from encoder_pipeline.defs.indexing.assets import embedding_index
 from encoder_pipeline.defs.training.assets import RUNGS

@@ -17,7 +17,7 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 import pytest
-from test_lib_llm import FAKE_KEY, FakeOpenAIServer, serving
+from fake_llm import FAKE_KEY, FakeOpenAIServer, serving
 
 from encoder_pipeline.definitions import defs
 from encoder_pipeline.domains import domain_partitions
@@ -99,7 +99,7 @@ usd_per_1k_queries = 0.01
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> dict:
+def base(tmp_path_factory, stand_in_llm) -> dict:
     """clean_corpus and eval_set of the leaky domain, materialized once; tests copy the store."""
     root = tmp_path_factory.mktemp("leaky")
     asked = _build_corpus(root / "corpus")
@@ -107,7 +107,7 @@ def base(tmp_path_factory) -> dict:
     (root / "domains" / f"{DOMAIN}.toml").write_text(SPEC.format(path=root / "corpus"))
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("ENCODER_PIPELINE_DOMAINS", str(root / "domains"))
-        result = _materialize(root / "store", ["clean_corpus", "eval_set"], llm=LLMResource())
+        result = _materialize(root / "store", ["clean_corpus", "eval_set"], llm=stand_in_llm)
     assert result.success
     units = pd.read_parquet(ArtifactStore(root / "store").latest(DOMAIN, "clean_corpus") / "corpus.parquet")
     assert {"planted-verbatim", "planted-punctuation", "planted-near-copy"} <= set(units["doc_id"]), \

@@ -1,20 +1,16 @@
-"""Tests for lib/llm.py: a real local HTTP server plays the OpenAI endpoint; the real gemma runs."""
+"""Tests for lib/llm/: a real local HTTP server plays the OpenAI endpoint; the real gemma runs."""
 
 from __future__ import annotations
 
-import contextlib
-import json
-import threading
 import time
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
+from fake_llm import COMPLETION_TOKENS, FAKE_KEY, PROMPT_TOKENS, FakeOpenAIServer, serving
 
-from encoder_pipeline.lib import llm
 from encoder_pipeline.lib.llm import (
     BudgetExceeded,
     Completion,
@@ -22,102 +18,12 @@ from encoder_pipeline.lib.llm import (
     LocalGGUFBackend,
     OpenAIBackend,
     ResponseCache,
+    core,
     ensure_local_gguf,
     generate_cached,
+    local_gguf,
 )
-
-FAKE_KEY = "sk-test-DO-NOT-LEAK-0123456789abcdef"
-PROMPT_TOKENS = 10
-COMPLETION_TOKENS = 5
-
-
-class FakeOpenAIServer(ThreadingHTTPServer):
-    """OpenAI chat-completions on 127.0.0.1 with scripted failures, counting every request."""
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.script: list[int] = []  # status codes to answer first, one per request, then 200
-        self.delay_s = 0.0
-        self.null_content = False
-        self.respond: Callable[[str], str] | None = None  # scripted answers, by prompt
-        self.requests = 0
-        self.in_flight = 0
-        self.max_in_flight = 0
-        self.authorizations: list[str] = []
-        self.lock = threading.Lock()
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/v1"
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: FakeOpenAIServer
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-    def do_POST(self) -> None:
-        server = self.server
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        with server.lock:
-            server.requests += 1
-            server.in_flight += 1
-            server.max_in_flight = max(server.max_in_flight, server.in_flight)
-            server.authorizations.append(self.headers.get("Authorization", ""))
-            status = server.script.pop(0) if server.script else 200
-        try:
-            time.sleep(server.delay_s)
-            if self.path != "/v1/chat/completions":
-                status = 404
-            if status == 200:
-                prompt = body["messages"][0]["content"]
-                content = None if server.null_content else (
-                    server.respond(prompt) if server.respond else f"answer to {prompt}")
-                payload = {
-                    "id": f"chatcmpl-{server.requests}",
-                    "object": "chat.completion",
-                    "created": int(time.time()),
-                    "model": body["model"],
-                    "choices": [
-                        {
-                            "index": 0,
-                            "message": {"role": "assistant", "content": content},
-                            "finish_reason": "stop",
-                        }
-                    ],
-                    "usage": {
-                        "prompt_tokens": PROMPT_TOKENS,
-                        "completion_tokens": COMPLETION_TOKENS,
-                        "total_tokens": PROMPT_TOKENS + COMPLETION_TOKENS,
-                    },
-                }
-            else:
-                payload = {"error": {"message": f"scripted {status}", "type": "server_error"}}
-            data = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.send_header("retry-after-ms", "10")  # keeps the client's backoff short
-            self.end_headers()
-            self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client gave up on a slow answer
-        finally:
-            with server.lock:
-                server.in_flight -= 1
-
-
-@contextlib.contextmanager
-def serving(srv: FakeOpenAIServer) -> Iterator[FakeOpenAIServer]:
-    """`srv` answering on a background thread for the duration of the block."""
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    try:
-        yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
+from encoder_pipeline.resources import LLMResource
 
 
 @pytest.fixture
@@ -169,7 +75,7 @@ def test_cache_failed_write_keeps_old_entry_and_leaves_no_temp_file(
     def crash(src: str, dst: str) -> None:
         raise OSError("disk gone")
 
-    monkeypatch.setattr(llm.os, "replace", crash)
+    monkeypatch.setattr(core.os, "replace", crash)
     with pytest.raises(OSError, match="disk gone"):
         cache.put(key, Completion("new", 1, 1))
     assert cache.get(key) == Completion("old", 1, 1, cached=True)
@@ -353,13 +259,13 @@ def test_prefix_cache_and_decode_rounds_keep_the_greedy_tokens(
     one_pass = LocalGGUFBackend(gemma.gguf_path, batch_size=3, prefix_cache=False).generate(
         prompts, greedy)
     assert max(c.completion_tokens for c in one_pass) > 3
-    monkeypatch.setattr(llm, "ROUND_TOKENS", 3)
+    monkeypatch.setattr(local_gguf, "ROUND_TOKENS", 3)
     cached = LocalGGUFBackend(gemma.gguf_path, batch_size=2)
     assert cached.generate(prompts, greedy) == one_pass
     uncached = LocalGGUFBackend(gemma.gguf_path, batch_size=2, prefix_cache=False)
     assert uncached.generate(prompts, greedy) == one_pass
     shared = cached._prefix
-    assert shared is not None and len(shared.ids) >= llm.MIN_SHARED_PREFIX_TOKENS
+    assert shared is not None and len(shared.ids) >= local_gguf.MIN_SHARED_PREFIX_TOKENS
     # a later call whose prompts extend the kept prefix reuses it, single prompts included
     assert cached.generate(prompts[1:2], greedy) == one_pass[1:2]
     assert cached._prefix is shared
@@ -381,9 +287,29 @@ def test_sampler_draws_from_the_top_k_top_p_distribution() -> None:
     warpers = LogitsProcessorList(
         [TemperatureLogitsWarper(0.7), TopKLogitsWarper(50), TopPLogitsWarper(0.9)])
     expected = warpers(None, scores.clone()).softmax(-1)
-    sampler = llm._TopKTopPSampler(temperature=0.7, top_p=0.9)
+    sampler = local_gguf._TopKTopPSampler(temperature=0.7, top_p=0.9)
     candidates, probs = sampler.distribution(scores)
     got = torch.zeros_like(expected).scatter_(-1, candidates, probs / probs.sum(-1, keepdim=True))
     assert torch.allclose(got, expected, atol=1e-6)
     drawn = sampler(None, scores).argmax(-1)
     assert bool((expected.gather(-1, drawn[:, None]) > 0).all())
+
+
+@pytest.mark.parametrize("base_url, remote", [
+    (None, True), ("https://api.openai.com/v1", True), ("http://10.0.0.5:8000/v1", True),
+    ("http://localhost:11434/v1", False), ("http://127.0.0.1:8080/v1", False), ("http://[::1]:8000/v1", False),
+])
+def test_only_a_server_on_this_machine_keeps_documents_local(base_url, remote):
+    """The domain's remote opt-in applies where prompts leave the machine; a loopback server
+    (Ollama, llama.cpp, vLLM on this host) needs neither the opt-in nor a key."""
+    resource = LLMResource(backend="openai", base_url=base_url)
+    assert resource.is_remote is remote
+    assert resource.documents_go_to == (base_url or "https://api.openai.com/v1" if remote else None)
+    assert resource.follows_instructions and not LLMResource().is_remote
+    if not remote:
+        assert isinstance(resource.backend_factory(Path("."))(), OpenAIBackend)
+
+
+def test_the_backend_must_be_registered():
+    with pytest.raises(ValueError, match="unknown LLM backend 'llamacpp'; known: local, openai"):
+        LLMResource(backend="llamacpp")

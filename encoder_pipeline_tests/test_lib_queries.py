@@ -118,9 +118,13 @@ def test_generation_runs_as_a_daft_udf_through_the_cache(tmp_path):
 
     class EchoBackend:  # the real backends are exercised in test_lib_llm.py
         name, model = "echo", "echo-1"
+        prompts_per_call, streams_completions = 8, False
 
-        def generate(self, prompts, params):
+        def generate(self, prompts, params, on_complete=None):
             return [Completion(f"query for {p}", 5, 3) for p in prompts]
+
+        def explain(self, error):
+            return None
 
     prompts = [{"doc_id": f"d{i}", "prompt": f"passage {i}"} for i in range(20)]
     first = generate_frame(prompts, EchoBackend, str(tmp_path), GenerationParams())

@@ -12,7 +12,7 @@ import pytest
 
 from encoder_pipeline import cli
 from encoder_pipeline.definitions import defs
-from encoder_pipeline.defs.evaluation.serving import serving_index
+from encoder_pipeline.defs.serving.assets import serving_index
 from encoder_pipeline.domains import domain_partitions
 from encoder_pipeline.lib.artifacts import ArtifactStore, Manifest
 from encoder_pipeline.lib.index import load_index, save_index

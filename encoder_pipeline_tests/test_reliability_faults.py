@@ -21,14 +21,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from fake_llm import FAKE_KEY, FakeOpenAIServer
 from spec_files import write_spec
-from test_lib_llm import FAKE_KEY, FakeOpenAIServer
 from test_promotion import D, candidate, put, serve
 from transformers import TrainerCallback
 
 from encoder_pipeline.definitions import defs
 from encoder_pipeline.defs.evaluation.assets import SAFE_TO_PROMOTE
-from encoder_pipeline.defs.evaluation.serving import serving_index
+from encoder_pipeline.defs.serving.assets import serving_index
 from encoder_pipeline.domains import domain_partitions
 from encoder_pipeline.lib import encoders
 from encoder_pipeline.lib.artifacts import ArtifactStore, Manifest, remove_torn_arrays

@@ -8,8 +8,8 @@ import re
 
 import dagster as dg
 import pytest
+from fake_llm import FAKE_KEY, FakeOpenAIServer, serving
 from spec_files import write_spec
-from test_lib_llm import FAKE_KEY, FakeOpenAIServer, serving
 
 from encoder_pipeline import cli
 from encoder_pipeline.definitions import defs
@@ -256,8 +256,9 @@ def cli_home(tmp_path, monkeypatch):
 
 
 def test_cli_domains_lists_an_invalid_spec_and_exits_1(tmp_path, cli_home, capsys):
-    """README: `encoder-pipeline domains` lists a spec with an unknown key as INVALID and exits with
-    1; the valid spec beside it is listed and registered all the same."""
+    """README: `encoder-pipeline domains` lists a spec with an unknown key as INVALID, does not
+    register it, and exits with 1; the valid spec beside it is listed and registered all the same;
+    once its spec file is deleted, its partition goes too."""
     (tmp_path / "good.jsonl").write_text('{"_id": "1", "title": "t", "text": "some words here"}\n')
     write_spec(tmp_path / "domains", name="good", path=str(tmp_path / "good.jsonl"))
     spec_for(tmp_path / "domains", tmp_path / "good.jsonl", corpus_keys='on_malformd = "skip"') \
@@ -268,9 +269,13 @@ def test_cli_domains_lists_an_invalid_spec_and_exits_1(tmp_path, cli_home, capsy
                     lines["mine"]), lines["mine"]
     assert "[ok]" in lines["good"] and "INVALID" not in lines["good"]
     with dg.DagsterInstance.from_config(str(cli_home)) as instance:
-        assert "good" in instance.get_dynamic_partitions(domain_partitions.name)
+        assert instance.get_dynamic_partitions(domain_partitions.name) == ["good"]
     (tmp_path / "domains" / "mine.toml").unlink()
     assert cli.main(["domains"]) == 0  # the same folder without the bad spec
+    (tmp_path / "domains" / "good.toml").unlink()
+    assert cli.main(["domains"]) == 0 and "removed partitions whose spec is gone: good" in capsys.readouterr().out
+    with dg.DagsterInstance.from_config(str(cli_home)) as instance:
+        assert instance.get_dynamic_partitions(domain_partitions.name) == []
 
 
 def test_cli_materialize_exits_1_when_the_run_fails(tmp_path, cli_home, capsys):

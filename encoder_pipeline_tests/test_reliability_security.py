@@ -14,8 +14,8 @@ from pathlib import Path
 import dagster as dg
 import pytest
 import yaml
+from fake_llm import FakeOpenAIServer
 from spec_files import write_spec
-from test_lib_llm import FakeOpenAIServer
 
 from encoder_pipeline import definitions
 from encoder_pipeline.defs.training.assets import RUNGS
@@ -24,7 +24,7 @@ from encoder_pipeline.lib import encoders
 from encoder_pipeline.lib.artifacts import ArtifactStore, Manifest
 from encoder_pipeline.lib.encoders import DEFAULT_BASE_MODEL, load_encoder, resolve_model_path
 from encoder_pipeline.lib.layout import SWEEP_FILE
-from encoder_pipeline.lib.llm import GenerationParams, OpenAIBackend
+from encoder_pipeline.lib.llm import GenerationParams, OpenAIBackend, openai_compatible
 from encoder_pipeline.lib.search import Searcher
 from encoder_pipeline.resources import ArtifactStoreResource, LLMResource, PipelineSettings
 from encoder_pipeline_tests.conftest import PROJECT_ROOT, shared_corpus
@@ -91,6 +91,8 @@ def secret_runs(tmp_path_factory):
         logger.setLevel(logging.DEBUG)
     try:
         with pytest.MonkeyPatch.context() as env:
+            # counted as remote although it listens on 127.0.0.1: the opt-in is under test
+            env.setattr(openai_compatible, "on_this_machine", lambda base_url: False)
             env.setenv("ENCODER_PIPELINE_DOMAINS", str(base / "domains"))
             env.setenv("ENCODER_PIPELINE_LLM_BACKEND", "openai")
             env.setenv("ENCODER_PIPELINE_LLM_BASE_URL", server.base_url)

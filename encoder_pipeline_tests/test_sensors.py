@@ -10,7 +10,7 @@ import pytest
 from spec_files import write_spec
 
 from encoder_pipeline.definitions import defs
-from encoder_pipeline.defs.domains.sensors import (
+from encoder_pipeline.defs.automation.sensors import (
     corpus_drift_sensor,
     domain_specs_sensor,
     weekly_retrain_schedule,
@@ -36,6 +36,23 @@ def test_new_spec_file_becomes_a_partition(domains, tmp_path):
     assert request.partitions_def_name == domain_partitions.name and request.partition_keys == ["notes"]
     instance.add_dynamic_partitions(domain_partitions.name, ["notes"])
     assert isinstance(domain_specs_sensor(dg.build_sensor_context(instance=instance)), dg.SkipReason)
+
+
+def test_partitions_follow_the_spec_files_invalid_ones_never_registered(domains, tmp_path):
+    """An invalid spec gets no partition (the sensor says why); a spec file that is deleted loses
+    its partition."""
+    instance = dg.DagsterInstance.ephemeral()
+    write_spec(domains, name="notes", path=tmp_path / "notes.jsonl")
+    (domains / "broken.toml").write_text((domains / "notes.toml").read_text().replace("[corpus]", "[corpus]\nbogus = 1"))
+    result = domain_specs_sensor(dg.build_sensor_context(instance=instance))
+    [request] = result.dynamic_partitions_requests
+    assert request.partition_keys == ["notes"]
+    instance.add_dynamic_partitions(domain_partitions.name, ["notes"])
+    skip = domain_specs_sensor(dg.build_sensor_context(instance=instance))
+    assert isinstance(skip, dg.SkipReason) and "invalid, not registered: broken" in skip.skip_message
+    (domains / "notes.toml").unlink()
+    [delete] = domain_specs_sensor(dg.build_sensor_context(instance=instance)).dynamic_partitions_requests
+    assert isinstance(delete, dg.DeleteDynamicPartitionsRequest) and delete.partition_keys == ["notes"]
 
 
 def test_a_domain_never_built_is_observed_not_retrained(domains, tmp_path):

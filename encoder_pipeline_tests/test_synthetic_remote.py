@@ -5,10 +5,11 @@ import re
 
 import dagster as dg
 import pytest
-from test_lib_llm import FAKE_KEY, FakeOpenAIServer, serving
+from fake_llm import FAKE_KEY, FakeOpenAIServer, serving
 
 from encoder_pipeline.definitions import defs
 from encoder_pipeline.domains import domain_partitions
+from encoder_pipeline.lib.llm import openai_compatible
 from encoder_pipeline.paths import project_root
 from encoder_pipeline.resources import ArtifactStoreResource, LLMResource, PipelineSettings
 
@@ -24,7 +25,10 @@ def answer(prompt: str) -> str:
 
 
 @pytest.fixture
-def server():
+def server(monkeypatch):
+    """The fake endpoint, counted as remote (it listens on 127.0.0.1, which would count as this
+    machine): the opt-in and the `sent_to_llm` record are what is under test."""
+    monkeypatch.setattr(openai_compatible, "on_this_machine", lambda base_url: False)
     srv = FakeOpenAIServer()
     srv.respond = answer
     with serving(srv):

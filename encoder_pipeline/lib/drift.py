@@ -37,7 +37,7 @@ from daft import col
 from daft.functions import list_count, list_distinct, lower, regexp_extract_all
 
 from encoder_pipeline.lib.encoders import document_texts
-from encoder_pipeline.lib.index import LoadedIndex, update_index
+from encoder_pipeline.lib.index import UPDATABLE_PRECISIONS, LoadedIndex, update_index
 from encoder_pipeline.lib.metrics import evaluate, to_parent_run
 
 SNAPSHOT_FILE = "source_snapshot.parquet"
@@ -47,6 +47,9 @@ VOCABULARY_SIZE = 200_000  # a larger tail is mostly ids and typos
 VOCABULARY_SAMPLE = 5_000  # changed documents read to estimate the vocabulary shift
 NEW_TERMS_SHOWN = 10
 CANARY_K = 100  # units retrieved per query, then cut to the top 10 documents, as the report does
+# Past this many documents to embed, the canary would outlast a sensor tick; a change that large
+# crosses the changed-fraction threshold of any corpus under ~20k documents anyway.
+CANARY_MAX_DOCUMENTS = 2_000
 
 Action = Literal["none", "refresh", "retrain"]
 
@@ -237,6 +240,83 @@ class Drift:
         if self.canary_recall_before is None or self.canary_recall_after is None:
             return None
         return self.canary_recall_before - self.canary_recall_after
+
+
+@dataclass(frozen=True)
+class ServedCanary:
+    """What the canary measures with: the served index (loaded fresh: the canary updates it), its
+    encoder, and the eval set's queries and judgments."""
+
+    index: LoadedIndex
+    embed: Callable[[list[str]], np.ndarray]
+    queries: dict[str, str]
+    qrels: dict[str, dict[str, int]]
+
+
+def fill_canary(drift: Drift, changes: CorpusDiff, texts: pd.DataFrame, served: Callable[[], ServedCanary],
+                clean: Callable[[pd.DataFrame, set[str]], pd.DataFrame]) -> None:
+    """The drift's canary: the served index re-measured with `changes` (since it was built) applied,
+    their units (`clean(documents, judged ids)`: the run's own cleaning) embedded and swapped in.
+    `texts`: the raw rows of at least the new or changed documents."""
+    if not changes:
+        drift.canary_note = "the served index covers the corpus as it is"
+        return
+    if len(changes.new_or_changed) > CANARY_MAX_DOCUMENTS:
+        drift.canary_note = (f"{len(changes.new_or_changed)} documents to embed (> "
+                             f"{CANARY_MAX_DOCUMENTS}): canary skipped")
+        return
+    try:
+        canary = served()
+    except FileNotFoundError as error:  # an artifact cleaned up since: measure without the canary
+        drift.canary_note = f"canary skipped: {error}"
+        return
+    if canary.index.precision not in UPDATABLE_PRECISIONS:
+        drift.canary_note = f"a {canary.index.precision} index cannot be updated in place: canary skipped"
+        return
+    judged = {doc for rels in canary.qrels.values() for doc in rels}
+    new_docs = texts[texts["doc_id"].isin(set(changes.new_or_changed))]
+    units = clean(new_docs, judged & set(new_docs["doc_id"])) if len(new_docs) else pd.DataFrame(
+        columns=["doc_id", "parent_id", "title", "text"])
+    drift.canary_recall_before, drift.canary_recall_after = canary_recall(
+        canary.index, canary.embed, canary.queries, canary.qrels, changes.gone_or_changed, units)
+
+
+def measure_drift(raw: daft.DataFrame, current: pd.DataFrame, training: Snapshot | None,
+                  indexed: Snapshot | None, canary: Callable[[Drift, CorpusDiff, pd.DataFrame], None]
+                  ) -> Drift:
+    """The corpus now (`raw`, and `current`, its snapshot) against the `training` snapshot and the
+    served index's (`indexed`; None: nothing served); reads the text of changed documents only.
+    `canary(drift, changes since indexed, their texts)` fills the canary (`fill_canary`)."""
+    drift = Drift(fingerprint(current), len(current))
+    if training is None:
+        return drift
+    since_training = diff_snapshots(training.documents, current)
+    drift.training_fingerprint = training.fingerprint
+    drift.added, drift.changed = len(since_training.added), len(since_training.changed)
+    drift.removed, drift.changed_fraction = len(since_training.removed), since_training.changed_fraction
+    if indexed is None:
+        drift.canary_note = "no served index with a corpus snapshot"
+        since_indexed = None
+    else:
+        drift.indexed_fingerprint = indexed.fingerprint
+        since_indexed = diff_snapshots(indexed.documents, current)
+
+    hashes = dict(zip(current["doc_id"], current["hash"], strict=True))
+    sample = spread_sample(since_training.new_or_changed, hashes) if training.vocabulary else []
+    canary_docs = since_indexed.new_or_changed[:CANARY_MAX_DOCUMENTS + 1] if since_indexed else []
+    wanted = sorted(set(sample) | set(canary_docs))
+    texts = raw.where(col("doc_id").is_in(wanted)).to_pandas() if wanted else raw.limit(0).to_pandas()
+    if sample:
+        tokens = dict(zip(current["doc_id"], current["tokens"], strict=True))
+        sampled = texts[texts["doc_id"].isin(set(sample))]
+        shift = vocabulary_shift(training.vocabulary,
+                                 document_texts(list(sampled["title"]), list(sampled["text"])),
+                                 changed_tokens=sum(tokens[d] for d in since_training.new_or_changed),
+                                 corpus_tokens=int(current["tokens"].sum()))
+        drift.new_token_share, drift.new_terms = shift.new_token_share, shift.new_terms
+    if since_indexed is not None:
+        canary(drift, since_indexed, texts)
+    return drift
 
 
 @dataclass(frozen=True)

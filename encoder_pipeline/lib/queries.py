@@ -216,8 +216,7 @@ class CachedGenerator:
                                                 "cached": c.cached, "error": None}
                         for c in report.completions]
             except Exception as error:
-                explain = getattr(self.backend, "explain", None)
-                explained = explain(error) if explain else None
+                explained = self.backend.explain(error)
                 if explained is None:
                     raise
                 self.failure = str(explained)

@@ -2,7 +2,7 @@
 few-shot prompts with a per-document task, persona and length; answers parsed and deduplicated; each
 query retrieves from the training corpus: dropped when its seed document is not in the top-k (round
 trip), its positive relabeled when another document fits it better (an LLM judge where one is given,
-else the base encoder's margin rule); then the leakage filter. `defs/pairs` wraps these in assets.
+else the base encoder's margin rule); then the leakage filter. `defs/training_data` wraps these in assets.
 """
 
 from __future__ import annotations

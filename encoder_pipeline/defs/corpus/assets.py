@@ -40,6 +40,7 @@ from encoder_pipeline.lib.pairs import extract_training_pairs
 from encoder_pipeline.lib.queries import STRUCTURE_EXAMPLES, PromptSpec, prompt_examples, query_generator
 from encoder_pipeline.lib.sources import CorpusError, Skipped, read_corpus, read_judged
 from encoder_pipeline.lib.train import MIN_TRAINING_PAIRS
+from encoder_pipeline.lib.vector_cache import cached_embeddings
 from encoder_pipeline.resources import ArtifactStoreResource, LLMResource, PipelineSettings
 
 GROUP = "corpus"
@@ -80,7 +81,7 @@ def cleaning_config(spec: DomainSpec, settings: PipelineSettings) -> CleaningCon
     kinds={"daft", "parquet"},
     owners=["team:retrieval"],
     check_specs=[dg.AssetCheckSpec("enough_documents", asset="clean_corpus")],
-    deps=["corpus_source"],  # the raw corpus, observed by corpus_drift_sensor (defs/domains/drift.py)
+    deps=["corpus_source"],  # the raw corpus, observed by corpus_drift_sensor (defs/corpus/drift.py)
 )
 def clean_corpus(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource,
                  settings: PipelineSettings) -> dg.MaterializeResult:
@@ -188,7 +189,7 @@ def eval_set(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource
                                cache_dir, params, spec.queries.min_words, SPLIT_SEED)(doc_ids, passages)
     cache = embeddings_cache(store, spec.name)
     score = haystack_scorer(
-        units, lambda texts: encoders.cached_embeddings(settings.base_model, texts, cache,
+        units, lambda texts: cached_embeddings(settings.base_model, texts, cache,
                                                         bf16=settings.bf16_inference,
                                                         trust_remote_code=spec.trust_remote_code),
         lambda queries: encoders.encode(encoders.load_encoder(settings.base_model,

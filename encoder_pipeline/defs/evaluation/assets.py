@@ -17,7 +17,7 @@ from pydantic import Field
 from encoder_pipeline.defs.indexing.assets import embedding_index, index_sweep
 from encoder_pipeline.defs.shared import ProgressLog, domain_spec, embeddings_cache, publish
 from encoder_pipeline.defs.training.assets import RUNGS
-from encoder_pipeline.domains import domain_partitions
+from encoder_pipeline.domains import Targets, domain_partitions
 from encoder_pipeline.lib import encoders
 from encoder_pipeline.lib import report as lib_report
 from encoder_pipeline.lib.artifacts import ArtifactStore
@@ -55,6 +55,7 @@ from encoder_pipeline.lib.report_page import (
 )
 from encoder_pipeline.lib.search import NothingServed, served_index
 from encoder_pipeline.lib.sweep import latency_queries
+from encoder_pipeline.lib.vector_cache import cached_embeddings
 from encoder_pipeline.resources import ArtifactStoreResource, PipelineSettings
 
 GROUP = "evaluation"
@@ -121,7 +122,7 @@ class _Systems:
     def dense(self, model_path: str) -> Callable[[Haystack, dict[str, Run]], Run]:
         """Exact search over the haystack's units embedded by `model_path` (per-unit cache)."""
         def answer(hay: Haystack, _: dict[str, Run]) -> Run:
-            vectors = encoders.cached_embeddings(model_path, hay.texts, self.cache, bf16=self.bf16,
+            vectors = cached_embeddings(model_path, hay.texts, self.cache, bf16=self.bf16,
                                                  trust_remote_code=self.trust)
             model = encoders.load_encoder(model_path, trust_remote_code=self.trust)
             return dense_run(self.encode(model), vectors, self.qids, hay.parents, TOP_K)
@@ -220,7 +221,7 @@ def eval_report(context: dg.AssetExecutionContext, config: ReportConfig,
     # The off-the-shelf model over the whole corpus: its own line in the timings, then cached for the
     # systems and the latency below.
     encoding = ProgressLog(context, "embedding the corpus with the off-the-shelf model")
-    base_vectors = encoders.cached_embeddings(settings.base_model, stacks[CORPUS].texts, answers.cache,
+    base_vectors = cached_embeddings(settings.base_model, stacks[CORPUS].texts, answers.cache,
                                               bf16=bf16, trust_remote_code=trust, progress=encoding)
     results = evaluate_systems(systems, stacks, split.qrels)
 
@@ -261,7 +262,6 @@ def eval_report(context: dg.AssetExecutionContext, config: ReportConfig,
         serving_usd_per_hour=usd_per_hour, build_costs=build_costs(store, spec.name, settings.build_usd_per_hour),
         figures=list(FIGURES),
     )
-    served, before, promotion = report["after"], report["before"], report["promotion"]
     shown = {name: r.means["ndcg@10"] for name, r in results.items()}
     figures = {
         "ladder.png": lib_report.ladder_png(
@@ -280,7 +280,16 @@ def eval_report(context: dg.AssetExecutionContext, config: ReportConfig,
         (staging / "report.md").write_text(render(report, lambda name, alt: f"![{alt}]({name})"))
         for name, png in figures.items():
             (staging / name).write_bytes(png)
-    report_dir = store.latest(spec.name, "eval_report")
+    return dg.MaterializeResult(
+        metadata=_metadata(report, figures, store.latest(spec.name, "eval_report"),
+                           encoding.metadata("off_the_shelf_corpus")),
+        check_results=_checks(report, targets, config.promotion_tolerance),
+    )
+
+
+def _checks(report: dict, targets: Targets, tolerance: float) -> list[dg.AssetCheckResult]:
+    """The committed targets and `beats_off_the_shelf` (WARN), and the blocking promotion gate."""
+    served, before, promotion = report["after"], report["before"], report["promotion"]
 
     def check(name: str, passed: bool, **values) -> dg.AssetCheckResult:
         return dg.AssetCheckResult(check_name=name, passed=bool(passed),
@@ -288,7 +297,7 @@ def eval_report(context: dg.AssetExecutionContext, config: ReportConfig,
 
     met = served["targets_met"]
     current_ndcg = (report["currently_served"] or {}).get("ndcg@10")
-    checks = [
+    return [
         check("ndcg_at_10_target", met["ndcg_at_10"], value=served["ndcg@10"],
               target=targets.ndcg_at_10),
         check("p95_latency_target", met["p95_latency_ms"], value=served["p95_ms"],
@@ -301,40 +310,41 @@ def eval_report(context: dg.AssetExecutionContext, config: ReportConfig,
         dg.AssetCheckResult(
             check_name=SAFE_TO_PROMOTE, passed=promotion["safe"], severity=dg.AssetCheckSeverity.ERROR,
             metadata={"reason": promotion["reason"], "candidate": served["ndcg@10"],
-                      "off_the_shelf": before["ndcg@10"], "tolerance": config.promotion_tolerance,
+                      "off_the_shelf": before["ndcg@10"], "tolerance": tolerance,
                       **({"currently_served": current_ndcg} if current_ndcg is not None else {})},
         ),
     ]
-    build = report["build_costs"]
-    return dg.MaterializeResult(
-        metadata={
-            "verdict": report["verdict"],
-            "report": dg.MetadataValue.md(render(report, lambda name, alt: lib_report.md_image(figures[name],
-                                                                                               alt))),
-            "human_judged": split.human_judged,
-            "evidence": split.evidence,
-            "evidence_meaning": EVIDENCE_WORDS[split.evidence],
-            "safe_to_promote": promotion["safe"],
-            "ndcg_at_10": dg.MetadataValue.float(served["ndcg@10"]),
-            "ndcg_at_10_off_the_shelf": dg.MetadataValue.float(before["ndcg@10"]),
-            "ndcg_at_10_bm25": dg.MetadataValue.float(shown[bm25_corpus]),
-            "ndcg_at_10_hybrid": dg.MetadataValue.float(shown[HYBRID]),
-            **{f"ndcg_at_10/{r}": dg.MetadataValue.float(shown[r]) for r in RUNGS},
-            **{f"p_vs_below/{r}": dg.MetadataValue.float(report["ladder"][r]["p_vs_below"]) for r in RUNGS},
-            "mrr_at_10": dg.MetadataValue.float(served["mrr@10"]),
-            "recall_at_100": dg.MetadataValue.float(served["recall@100"]),
-            "p95_latency_ms": dg.MetadataValue.float(served["p95_ms"]),
-            "index_mb": dg.MetadataValue.float(served["index_mb"]),
-            "usd_per_1k_queries": dg.MetadataValue.float(served["usd_per_1k_queries"]),
-            "haystack_corpus_units": dg.MetadataValue.int(report["haystacks"][CORPUS]["units"]),
-            "haystack_sample_units": dg.MetadataValue.int(report["haystacks"][SAMPLE]["units"]),
-            **encoding.metadata("off_the_shelf_corpus"),
-            "migration_top10_overlap": dg.MetadataValue.float(report["migration"]["top10_overlap"]),
-            "migration_top1_agreement": dg.MetadataValue.float(report["migration"]["top1_agreement"]),
-            "build_usd": dg.MetadataValue.float(build["training_usd"] + build["generation_usd"]
-                                                + build["llm_api_usd"]),
-            "report_path": dg.MetadataValue.path(str(report_dir)),
-            **{f"figure/{name}": dg.MetadataValue.path(str(report_dir / name)) for name in figures},
-        },
-        check_results=checks,
-    )
+
+
+def _metadata(report: dict, figures: dict[str, bytes], report_dir: Path,
+              encoding: dict[str, dg.MetadataValue]) -> dict:
+    """The page with its plots inline, and the numbers the UI plots over time."""
+    served, before, build = report["after"], report["before"], report["build_costs"]
+    shown = {name: system["ndcg@10"] for name, system in report["systems"].items()}
+    return {
+        "verdict": report["verdict"],
+        "report": dg.MetadataValue.md(render(report, lambda name, alt: lib_report.md_image(figures[name], alt))),
+        "human_judged": report["human_judged"],
+        "evidence": report["evidence"],
+        "evidence_meaning": report["evidence_words"],
+        "safe_to_promote": report["promotion"]["safe"],
+        "ndcg_at_10": dg.MetadataValue.float(served["ndcg@10"]),
+        "ndcg_at_10_off_the_shelf": dg.MetadataValue.float(before["ndcg@10"]),
+        "ndcg_at_10_bm25": dg.MetadataValue.float(shown[report["hybrid"]["runs"][0]]),
+        "ndcg_at_10_hybrid": dg.MetadataValue.float(shown[HYBRID]),
+        **{f"ndcg_at_10/{r}": dg.MetadataValue.float(shown[r]) for r in RUNGS},
+        **{f"p_vs_below/{r}": dg.MetadataValue.float(report["ladder"][r]["p_vs_below"]) for r in RUNGS},
+        "mrr_at_10": dg.MetadataValue.float(served["mrr@10"]),
+        "recall_at_100": dg.MetadataValue.float(served["recall@100"]),
+        "p95_latency_ms": dg.MetadataValue.float(served["p95_ms"]),
+        "index_mb": dg.MetadataValue.float(served["index_mb"]),
+        "usd_per_1k_queries": dg.MetadataValue.float(served["usd_per_1k_queries"]),
+        "haystack_corpus_units": dg.MetadataValue.int(report["haystacks"][CORPUS]["units"]),
+        "haystack_sample_units": dg.MetadataValue.int(report["haystacks"][SAMPLE]["units"]),
+        **encoding,
+        "migration_top10_overlap": dg.MetadataValue.float(report["migration"]["top10_overlap"]),
+        "migration_top1_agreement": dg.MetadataValue.float(report["migration"]["top1_agreement"]),
+        "build_usd": dg.MetadataValue.float(build["training_usd"] + build["generation_usd"] + build["llm_api_usd"]),
+        "report_path": dg.MetadataValue.path(str(report_dir)),
+        **{f"figure/{name}": dg.MetadataValue.path(str(report_dir / name)) for name in figures},
+    }

@@ -34,9 +34,10 @@ from encoder_pipeline.lib.sweep import (
     sweep,
     time_encoding,
 )
+from encoder_pipeline.lib.vector_cache import cached_embeddings
 from encoder_pipeline.resources import ArtifactStoreResource, PipelineSettings
 
-GROUP = "serving"
+GROUP = "indexing"
 TOP_K = 100  # results per query for nDCG@10 and Recall@100
 SERVED_K = 10  # results per timed query, as served
 
@@ -77,7 +78,7 @@ def index_sweep(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResou
     units = read_corpus_units(store, spec.name)
     parents, ids, titles = list(units["parent_id"]), list(units["doc_id"]), list(units["title"])
     encoding = ProgressLog(context, f"embedding the corpus with {rung}")
-    corpus_vectors = encoders.cached_embeddings(model_path, corpus_texts(units),
+    corpus_vectors = cached_embeddings(model_path, corpus_texts(units),
                                                 embeddings_cache(store, spec.name),
                                                 bf16=settings.bf16_inference,
                                                 trust_remote_code=spec.trust_remote_code, progress=encoding)

@@ -18,10 +18,8 @@ import numpy as np
 import pandas as pd
 
 from encoder_pipeline.defs.shared import embeddings_cache
-from encoder_pipeline.lib import encoders
 from encoder_pipeline.lib.artifacts import ArtifactStore, MissingArtifact
 from encoder_pipeline.lib.drift import diff_units
-from encoder_pipeline.lib.encoders import Progress
 from encoder_pipeline.lib.index import (
     RESCORE_MULTIPLIER,
     UPDATABLE_PRECISIONS,
@@ -31,6 +29,7 @@ from encoder_pipeline.lib.index import (
     update_index,
 )
 from encoder_pipeline.lib.layout import CORPUS_FILE, corpus_texts
+from encoder_pipeline.lib.vector_cache import Progress, cached_embeddings
 
 MAX_REFRESH_FRACTION = 0.3
 
@@ -49,7 +48,7 @@ class BuiltIndex:
 
 def _embed(swept: dict, units: pd.DataFrame, store: ArtifactStore, domain: str, bf16: bool,
            trust_remote_code: bool, progress: Progress | None) -> np.ndarray:
-    return encoders.cached_embeddings(swept["model_path"], corpus_texts(units),
+    return cached_embeddings(swept["model_path"], corpus_texts(units),
                                       embeddings_cache(store, domain), bf16=bf16,
                                       trust_remote_code=trust_remote_code, progress=progress)
 

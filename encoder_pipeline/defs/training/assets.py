@@ -8,8 +8,8 @@ from dataclasses import asdict
 import dagster as dg
 import pandas as pd
 
-from encoder_pipeline.defs.pairs.assets import heuristic_pairs, mined_negatives, synthetic_queries
 from encoder_pipeline.defs.shared import domain_spec, publish
+from encoder_pipeline.defs.training_data.assets import heuristic_pairs, mined_negatives, synthetic_queries
 from encoder_pipeline.domains import domain_partitions
 from encoder_pipeline.lib.artifacts import ArtifactStore
 from encoder_pipeline.lib.encoders import model_fingerprint

@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 
 from encoder_pipeline.defs.corpus.assets import clean_corpus, eval_set
-from encoder_pipeline.defs.pairs.checks import leakage_check, leakage_check_spec
 from encoder_pipeline.defs.shared import (
     domain_spec,
     embeddings_cache,
@@ -18,6 +17,7 @@ from encoder_pipeline.defs.shared import (
     md_table,
     publish,
 )
+from encoder_pipeline.defs.training_data.checks import leakage_check, leakage_check_spec
 from encoder_pipeline.domains import DomainSpec, domain_partitions
 from encoder_pipeline.lib import encoders
 from encoder_pipeline.lib.artifacts import ArtifactStore, remove_torn_arrays
@@ -50,6 +50,7 @@ from encoder_pipeline.lib.queries import (
     prompt_examples,
 )
 from encoder_pipeline.lib.synthetic import TrainingCorpus, greedy, synthesize
+from encoder_pipeline.lib.vector_cache import cached_embeddings
 from encoder_pipeline.resources import ArtifactStoreResource, LLMResource, PipelineSettings
 
 GROUP = "training_data"
@@ -59,7 +60,7 @@ def training_corpus(store: ArtifactStore, spec: DomainSpec, settings: PipelineSe
     """The training sample minus held-out documents, embedded by the base model through the
     domain's per-unit cache."""
     def encode_corpus(texts: list[str]) -> np.ndarray:
-        return encoders.cached_embeddings(settings.base_model, texts, embeddings_cache(store, spec.name),
+        return cached_embeddings(settings.base_model, texts, embeddings_cache(store, spec.name),
                                           bf16=settings.bf16_inference,
                                           trust_remote_code=spec.trust_remote_code)
 
@@ -155,11 +156,11 @@ def synthetic_queries(context: dg.AssetExecutionContext, artifacts: ArtifactStor
         corpus, sample, prompt_spec, lambda prompts: generate_frame(prompts, backend_factory, cache_dir, params),
         queries_per_document=sizes.queries_per_document, relabel_config=relabel_config,
         min_words=spec.queries.min_words, seed=settings.seed, leaks=leak_filter(store, spec.name),
-        # an instruction-following model judges; the local base model cannot
+        # an instruction-following model judges; a base model cannot
         judge=(lambda prompts: generate_frame(prompts, backend_factory, cache_dir, greedy(params)))
-        if llm.is_remote else None)
+        if llm.follows_instructions else None)
     synthetic, counts = result.synthetic, result.counts
-    config = {"backend": llm.backend, "model": llm.model if llm.is_remote else "local",
+    config = {"backend": llm.backend, "model": llm.model_label,
               **params.as_dict(), **relabel_config.__dict__}
     generated = result.rows[result.rows["text"].notna()]
     fresh = generated[~generated["cached"].astype(bool)]
@@ -187,10 +188,9 @@ def synthetic_queries(context: dg.AssetExecutionContext, artifacts: ArtifactStor
             "cache_hits": dg.MetadataValue.int(int(generated["cached"].astype(bool).sum())),
             "estimated_usd": dg.MetadataValue.float(usd),
             "not_generated_budget_or_error": dg.MetadataValue.int(len(result.rows) - len(generated)),
-            "llm": f"{llm.backend}:{llm.model if llm.is_remote else 'gemma3-270m-q4_k_m'}",
-            "sent_to_llm": ("document title and text, to " + (llm.base_url or "api.openai.com")
-                            if llm.is_remote else
-                            "document title and text, to the local model (nothing left the machine)"),
+            "llm": f"{llm.backend}:{llm.model_label}",
+            "sent_to_llm": (f"document title and text, to {llm.documents_go_to}" if llm.is_remote else
+                            "document title and text, to a model on this machine (nothing left it)"),
             "sample": md_table(sample_rows[["document", "query", "relabeled_positive"]]),
         },
         check_results=[leakage_check(store, spec.name, "synthetic_queries",

