@@ -114,7 +114,7 @@ def main() -> None:
     parser.add_argument("--distill-weight", type=float,
                         help="default: the domain spec's training.distill_weight")
     parser.add_argument("--fine-tuned-weights", type=float, nargs="+",
-                        help="default: the domain spec's training.fine_tuned_weight")
+                        help="default: the domain spec's training.fine_tuned_weight, else 1")
     args = parser.parse_args()
     store = ArtifactStoreResource().store()
     needed, variants = ABLATIONS[args.ablation]
@@ -134,7 +134,9 @@ def main() -> None:
     sizes = get_profile(args.profile)
     base = ndcg(encoders.DEFAULT_BASE_MODEL, store, args.domain)
     spec = load_domain(args.domain)
-    weights = args.fine_tuned_weights or [spec.training.fine_tuned_weight]
+    # Unset in the spec, the pipeline chooses the share on the dev slice; here each share is scored.
+    weights = args.fine_tuned_weights or [1.0 if spec.training.fine_tuned_weight is None
+                                          else spec.training.fine_tuned_weight]
     distill_weight = spec.training.distill_weight if args.distill_weight is None else args.distill_weight
 
     def label(variant: str, weight: float) -> str:

@@ -14,15 +14,25 @@
 
 Runs go through the project's Dagster instance (DAGSTER_HOME defaults to the project root), so
 they show in the UI with their lineage and metadata.
+
+Exit codes (every command):
+    0  done
+    1  a run started and failed (its log above; the run in the UI)
+    2  bad input, refused before anything ran: a spec, a corpus, a domain name, an argument
+    3  the run finished but the promotion gate (safe_to_promote) kept the candidate from serving
 """
 
 import argparse
 import os
 import sys
+import tempfile
+from pathlib import Path
 
 from encoder_pipeline.lib.formats import REGISTRY as FORMATS
 from encoder_pipeline.paths import ensure_dagster_home, project_root
 from encoder_pipeline.profiles import PROFILES
+
+EXIT_OK, EXIT_RUN_FAILED, EXIT_BAD_INPUT, EXIT_REFUSED = 0, 1, 2, 3  # the table in the module doc
 
 
 def _instance():
@@ -33,17 +43,17 @@ def _instance():
     return dg.DagsterInstance.get()
 
 
-def sync_domain_partitions(instance) -> tuple[list[str], list[str]]:
-    """Make the `domain` partitions match the valid spec files (what the spec sensor does on each
-    tick): (added, removed)."""
+def sync_domain_partitions(instance, remove: bool = False) -> tuple[list[str], list[str]]:
+    """Register a partition for every valid spec file (what the spec sensor does on each tick) and,
+    with `remove` (`domains`), drop those whose spec file is gone: (added, removed)."""
     from encoder_pipeline.domains import domain_partitions, partition_sync
 
     sync = partition_sync(instance.get_dynamic_partitions(domain_partitions.name))
     if sync.add:
         instance.add_dynamic_partitions(domain_partitions.name, sync.add)
-    for name in sync.remove:
+    for name in sync.remove if remove else []:
         instance.delete_dynamic_partition(domain_partitions.name, name)
-    return sync.add, sync.remove
+    return sync.add, sync.remove if remove else []
 
 
 def cmd_domains(args: argparse.Namespace) -> int:
@@ -60,7 +70,7 @@ def cmd_domains(args: argparse.Namespace) -> int:
         corpus_format, location = FORMATS[spec.corpus.format], spec.corpus_location()
         status = "ok" if corpus_format.present(location) else "corpus missing (set ENCODER_PIPELINE_CORPUS_ROOT)"
         print(f"{name:12s} {spec.corpus.format:14s} {corpus_format.describe(location)}  [{status}]")
-    added, removed = sync_domain_partitions(_instance())
+    added, removed = sync_domain_partitions(_instance(), remove=True)
     if added:
         print(f"registered partitions: {', '.join(added)}")
     if removed:
@@ -68,7 +78,24 @@ def cmd_domains(args: argparse.Namespace) -> int:
               "until `encoder-pipeline gc`)")
     if failures:
         print("invalid specs are not registered as partitions: fix them and run `encoder-pipeline domains`")
-    return 1 if failures else 0
+    return EXIT_BAD_INPUT if failures else EXIT_OK
+
+
+def _read_as_the_run_will(spec) -> list[str]:
+    """clean_corpus's reading and cleaning of the new domain, in a scratch folder: raises what the
+    run would raise (CorpusError, the same message), else returns what cleaning will change."""
+    import pandas as pd
+
+    from encoder_pipeline.defs.corpus.assets import clean_domain_corpus
+    from encoder_pipeline.lib.corpus_summary import cleaning_warnings
+    from encoder_pipeline.lib.sources import Skipped
+    from encoder_pipeline.resources import PipelineSettings
+
+    skipped = Skipped()
+    with tempfile.TemporaryDirectory(prefix="domain-add-") as scratch:
+        units = Path(scratch) / "units.parquet"
+        _, report = clean_domain_corpus(spec, PipelineSettings(), units, skipped)
+        return cleaning_warnings(pd.read_parquet(units, columns=["parent_id"]), report.counts, skipped.count)
 
 
 def cmd_materialize(args: argparse.Namespace) -> int:
@@ -79,14 +106,25 @@ def cmd_materialize(args: argparse.Namespace) -> int:
         load_domain(args.domain)
     except SpecError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    from encoder_pipeline.run_output import stage_logger_defs
+
     instance = _instance()
     sync_domain_partitions(instance)
     job = defs.resolve_job_def("train_encoder_job")
     run_config = {"resources": {"settings": {"config": {"profile": args.profile, "seed": args.seed}}}}
+    stages = None
+    if not args.verbose:  # one line per stage instead of Dagster's event stream
+        logger_defs, logger_config, stages = stage_logger_defs()
+        job, run_config = job.with_logger_defs(logger_defs), {**run_config, **logger_config}
     result = job.execute_in_process(instance=instance, partition_key=args.domain,
                                     run_config=run_config, raise_on_error=False)
     print(f"run {result.run_id}: {'success' if result.success else 'FAILED'}")
+    if stages is not None and stages.failed and not stages.refused:
+        for step, reason in stages.failed.items():
+            print(f"failed stage: {step}\nreason: {reason}", file=sys.stderr)
+        print(f"full log: `encoder-pipeline materialize --domain {args.domain} --verbose`, or run "
+              f"{result.run_id} in the UI (`dagster dev`)", file=sys.stderr)
     reported = any(e.asset_key.to_user_string() == "eval_report"
                    for e in result.get_asset_materialization_events())
     from encoder_pipeline.lib.layout import read_report
@@ -102,8 +140,8 @@ def cmd_materialize(args: argparse.Namespace) -> int:
                if c.check_name == "safe_to_promote" and not c.passed]
     if blocked:
         print(not_promoted_message(store, args.domain), file=sys.stderr)
-        return 3
-    return 0 if result.success else 1
+        return EXIT_REFUSED
+    return EXIT_OK if result.success else EXIT_RUN_FAILED
 
 
 def not_promoted_message(store, domain: str) -> str:
@@ -123,32 +161,40 @@ def not_promoted_message(store, domain: str) -> str:
 
 def cmd_domain_add(args: argparse.Namespace) -> int:
     from encoder_pipeline.domains import SpecError, add_domain, new_spec_text
-    from encoder_pipeline.lib.corpus_summary import detect_format, summarize_corpus
+    from encoder_pipeline.lib.corpus_summary import detect_format, detect_id_field, summarize_corpus
     from encoder_pipeline.lib.sources import CorpusError
 
     def local(path: str | None) -> str | None:  # user paths are taken from where the command runs
         return path if path is None or "://" in path else os.path.abspath(path)
 
     corpus, judged = local(args.corpus), local(args.judged)
+    door: list[str] = []
     try:
         fmt = args.format or detect_format(corpus)
-        summary = summarize_corpus(fmt, corpus, args.id_field, args.title_field, args.text_field, judged)
+        id_field = args.id_field or detect_id_field(fmt, corpus)
+        summary = summarize_corpus(fmt, corpus, id_field, args.title_field, args.text_field, judged,
+                                   on_malformed=args.on_malformed)
         spec = add_domain(args.name, new_spec_text(
-            args.name, fmt, corpus, id_field=args.id_field, title_field=args.title_field,
+            args.name, fmt, corpus, id_field=id_field, title_field=args.title_field,
             text_field=args.text_field, judged=judged, description=args.description,
             extractors=summary.choice.keys, extractor_notes=summary.choice.notes,
-            code=summary.choice.code), overwrite=args.force)
+            code=summary.choice.code, on_malformed=args.on_malformed), overwrite=args.force,
+            check=lambda spec: door.extend(_read_as_the_run_will(spec)))
     except (CorpusError, SpecError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"{args.name}: {fmt} corpus at {corpus}")
+        print("nothing was written or registered", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"{args.name}: {fmt} corpus at {corpus}" + (f" (ids from field '{id_field}')"
+                                                       if FORMATS[fmt].uses_fields else ""))
     for line in summary.lines():
         print(f"  {line}")
+    for warning in door:
+        print(f"  warning: {warning}")
     added, _ = sync_domain_partitions(_instance())
     print(f"spec written to {spec.source_file}; partition "
           f"{'registered' if args.name in added else 'already registered'} (it shows in the UI now)")
     print(f"review its targets, then: encoder-pipeline materialize --domain {args.name}")
-    return 0
+    return EXIT_OK
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -156,23 +202,29 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     from encoder_pipeline.lib.artifacts import MissingArtifact
     from encoder_pipeline.lib.index import EncoderMismatch
-    from encoder_pipeline.lib.search import Searcher
+    from encoder_pipeline.lib.search import DomainNotBuilt, Searcher
 
     query = " ".join(args.query).strip()
     if not query:
         print("error: empty query", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     try:
         searcher = Searcher.for_domain(args.domain, backend=args.backend)
         hits = searcher.search(query, k=args.k)
+    except DomainNotBuilt as error:
+        print(f"error: {_unknown_domain(args.domain) or error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except (MissingArtifact, EncoderMismatch, ImportError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    tokens, read = searcher.query_tokens(query)
+    if tokens > read:
+        print(f"note: the query is {tokens} tokens; the encoder reads its first {read}", file=sys.stderr)
     if args.json:
         print(json.dumps({"query": query, "served": searcher.describe(), "hits": [
             {"rank": rank, "score": round(hit.score, 6), "id": hit.id, "parent_id": hit.parent_id,
              "title": hit.title} for rank, hit in enumerate(hits, 1)]}, indent=2))
-        return 0
+        return EXIT_OK
     served = searcher.describe()
     of_corpus = (f" of the corpus's {served['corpus_units']:,} ({served['corpus_documents']:,} documents)"
                  if served["corpus_units"] is not None else "")
@@ -183,20 +235,36 @@ def cmd_search(args: argparse.Namespace) -> int:
     print(f"{'rank':>4}  {'score':>6}  {'id':<{width}}  title")
     for rank, hit in enumerate(hits, 1):
         print(f"{rank:>4}  {hit.score:6.3f}  {hit.id:<{width}}  {hit.title}")
-    return 0
+    return EXIT_OK
+
+
+def _unknown_domain(name: str) -> str | None:
+    """Why `name` is no domain (a bad name, no spec: naming the known ones), else None. Said instead
+    of "build it with materialize --domain NAME" when that command would be refused too."""
+    from encoder_pipeline.domains import SpecError, load_domain
+
+    try:
+        load_domain(name)
+    except SpecError as error:
+        return str(error)
+    return None
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from encoder_pipeline.lib.artifacts import MissingArtifact
     from encoder_pipeline.lib.export import ExportError, export_model
+    from encoder_pipeline.lib.search import DomainNotBuilt
 
     try:
         folder = export_model(args.domain, args.out, overwrite=args.overwrite)
+    except DomainNotBuilt as error:
+        print(f"error: {_unknown_domain(args.domain) or error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except (MissingArtifact, ExportError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     print(f"exported {args.domain} encoder to {folder} (model card: {folder / 'README.md'})")
-    return 0
+    return EXIT_OK
 
 
 def _record_serving_change(domain: str, before: str, after: str, action: str) -> None:
@@ -217,10 +285,10 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         before, after = rollback(ArtifactStoreResource().store(), args.domain)
     except (NothingServed, PromotionError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     _record_serving_change(args.domain, before, after, "rollback")
     print(f"{args.domain}: now serving serving_index {after} (was {before})")
-    return 0
+    return EXIT_OK
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
@@ -233,17 +301,17 @@ def cmd_promote(args: argparse.Namespace) -> int:
     if args.version and args.force:
         print("error: give --force (promote the latest candidate over its report's refusal) or "
               "--version (serve an earlier promotion again), not both", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     if args.version:
         try:
             before, after = promote(ArtifactStoreResource().store(), args.domain, args.version)
         except (NothingServed, PromotionError) as error:
             print(f"error: {error}", file=sys.stderr)
-            return 2
+            return EXIT_BAD_INPUT
         if before != after:
             _record_serving_change(args.domain, before, after, "promote")
         print(f"{args.domain}: now serving serving_index {after} (was {before})")
-        return 0
+        return EXIT_OK
     # A new candidate goes through the serving_index asset itself: the same gate (which `force`
     # overrides on the record), lineage in the UI.
     from encoder_pipeline.definitions import defs
@@ -262,7 +330,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
         reasons = [(error.cause or error).message.strip() for error in errors if error]
         print(f"not promoted (run {result.run_id}): {'; '.join(reasons) or 'see the run in the UI'}",
               file=sys.stderr)
-        return 3
+        return EXIT_REFUSED
     event = next(e for e in result.get_asset_materialization_events())
     metadata = event.materialization.metadata
     forced = (f", FORCED over its report's refusal ({metadata['reason'].value})"
@@ -270,7 +338,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     print(f"{args.domain}: promoted embedding_index {metadata['promoted_version'].value}{forced} "
           f"(previously served: {metadata['previous_version'].value}); "
           f"{metadata['gc_deleted_versions'].value} old versions collected")
-    return 0
+    return EXIT_OK
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
@@ -280,18 +348,18 @@ def cmd_gc(args: argparse.Namespace) -> int:
     store = ArtifactStoreResource().store()
     if not store.domain_dir(args.domain).is_dir():
         print(f"error: no artifacts for domain '{args.domain}' under {store.root}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     keep = args.keep if args.keep is not None else PipelineSettings().keep_promoted_versions
     if keep < 1:
         print("error: --keep must be at least 1", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     result = garbage_collect(store, args.domain, keep, dry_run=args.dry_run)
     verb = "would delete" if args.dry_run else "deleted"
     for asset, version in result.deleted:
         print(f"{verb} {asset}/{version}")
     print(f"{args.domain}: {verb} {len(result.deleted)} versions ({result.freed_bytes / 1e6:.1f} MB), "
           f"kept {result.kept} (the last {keep} promotions, what they need, every LATEST)")
-    return 0
+    return EXIT_OK
 
 
 def submit_backfill(instance, domains: list[str], run_config: dict, title: str):
@@ -338,13 +406,13 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     if unknown or not wanted:
         print(f"error: unknown domain(s) {', '.join(unknown) or '(none given)'}; known: "
               f"{', '.join(known)} (or `all`)", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     try:
         for name in wanted:
             load_domain(name)
     except SpecError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     instance = _instance()
     sync_domain_partitions(instance)
     run_config = ({"resources": {"settings": {"config": {"profile": args.profile}}}}
@@ -356,7 +424,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     print(f"the Dagster daemon launches its runs: `DAGSTER_HOME={os.environ['DAGSTER_HOME']} dagster dev "
           f"-h 127.0.0.1` from {project_root()} runs one; watch it at "
           f"http://127.0.0.1:3000/runs/b/{backfill.backfill_id}")
-    return 0
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -368,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--profile", choices=list(PROFILES),
                      default=os.environ.get("ENCODER_PIPELINE_PROFILE", "default"))
     run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--verbose", action="store_true", help="Dagster's full event stream instead of "
+                     "one line per stage")
     run.set_defaults(handler=cmd_materialize)
     domains = commands.add_parser("domains", help="validate spec files and register partitions")
     domains.set_defaults(handler=cmd_domains)
@@ -379,10 +449,14 @@ def main(argv: list[str] | None = None) -> int:
     add.add_argument("--judged", help="BEIR folder with queries.jsonl and qrels/dev.tsv (evaluated on)")
     add.add_argument("--format", choices=[key for key, f in FORMATS.items() if f.uses_location],
                      help="default: detected from the path")
-    add.add_argument("--id-field", default="_id")
+    add.add_argument("--id-field", help="the id column (default: the first of _id, id, doc_id the "
+                     "corpus has; else ids are content hashes)")
     add.add_argument("--title-field", default="title")
     add.add_argument("--text-field", default="text")
     add.add_argument("--description", default="")
+    add.add_argument("--on-malformed", choices=["fail", "skip"], default="fail",
+                     help="malformed entries (a bad JSONL line, a non-UTF-8 file): refuse the corpus "
+                     "(default) or leave them out, counted")
     add.add_argument("--force", action="store_true", help="replace an existing spec")
     add.set_defaults(handler=cmd_domain_add)
     search = commands.add_parser("search", help="search a domain's served index")

@@ -13,7 +13,7 @@ import os
 import re
 import tempfile
 import tomllib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -175,10 +175,10 @@ class DriftSpec(_Strict):
 
 
 class TrainingSpec(_Strict):
-    fine_tuned_weight: float = Field(
-        1.0, ge=0, le=1, description="WiSE-FT: each rung's weights become this share of the fine-tuned "
-        "ones plus the rest of the base model's. Below 1 when the real queries look unlike the "
-        "training pairs and training alone loses to the base model (README: biomedical).")
+    fine_tuned_weight: float | None = Field(
+        None, ge=0, le=1, description="WiSE-FT: each rung's weights become this share of the fine-tuned "
+        "ones plus the rest of the base model's. Unset: chosen per rung on the dev slice among 1, 0.75, "
+        "0.5, 0.25 and 0 (the base model, when no merge beats it beyond noise); set it to override.")
     teacher_model: str = Field(
         "", description="The encoder that mines this domain's hard negatives (and whose scores are "
         "distilled); empty: the base model. The run's `settings.teacher_model` overrides it.")
@@ -335,7 +335,7 @@ def _toml_string(value: str) -> str:
 def new_spec_text(name: str, corpus_format: str, corpus_path: str, *, id_field: str = "_id",
                   title_field: str = "title", text_field: str = "text", judged: str | None = None,
                   description: str = "", extractors: list[str] | None = None,
-                  extractor_notes: list[str] = (), code: bool = False) -> str:
+                  extractor_notes: list[str] = (), code: bool = False, on_malformed: str = "fail") -> str:
     """A spec for a user's corpus with generic defaults: paragraphs of up to 200 words (whole
     functions for code, layout kept), questions as queries, the extractors `domain add` found usable
     (each one's finding as a comment), placeholder targets to commit to (edit them before building).
@@ -363,6 +363,8 @@ def new_spec_text(name: str, corpus_format: str, corpus_path: str, *, id_field: 
     if FORMATS[corpus_format].uses_fields:
         lines += [f"id_field = {_toml_string(id_field)}", f"title_field = {_toml_string(title_field)}",
                   f"text_field = {_toml_string(text_field)}"]
+    if on_malformed != "fail":
+        lines.append(f"on_malformed = {_toml_string(on_malformed)}  # malformed entries are left out, counted")
     lines += [
         'license = ""  # the corpus\'s licence or terms: the exported model card repeats it',
         "",
@@ -391,10 +393,11 @@ def new_spec_text(name: str, corpus_format: str, corpus_path: str, *, id_field: 
     return "\n".join(lines)
 
 
-def add_domain(name: str, spec_text: str, directory: Path | None = None, overwrite: bool = False
-               ) -> DomainSpec:
+def add_domain(name: str, spec_text: str, directory: Path | None = None, overwrite: bool = False,
+               check: Callable[[DomainSpec], None] | None = None) -> DomainSpec:
     """Validate `spec_text` as domain `name` and publish it as `<directory>/<name>.toml` (atomic
-    rename); nothing is written when validation fails or the domain exists and `overwrite` is off."""
+    rename); nothing is written when validation or `check(spec)` fails (`domain add` reads the
+    corpus there as the run will), or the domain exists and `overwrite` is off."""
     directory = directory or domains_dir()
     if not DOMAIN_NAME.match(name):
         raise SpecError(f"domain name {name!r}: use lowercase letters, digits and _, starting with a letter")
@@ -406,5 +409,7 @@ def add_domain(name: str, spec_text: str, directory: Path | None = None, overwri
         staging = Path(staging_dir) / target.name  # the file name must match the domain name
         staging.write_text(spec_text, encoding="utf-8")
         spec = load_spec(staging)
+        if check is not None:
+            check(spec)
         os.replace(staging, target)
     return spec.model_copy(update={"source_file": str(target)})

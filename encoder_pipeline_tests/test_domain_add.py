@@ -2,6 +2,7 @@
 real Dagster instance, or nothing is written and the error says which field is wrong."""
 
 import json
+import re
 import sqlite3
 
 import dagster as dg
@@ -23,6 +24,17 @@ def workspace(tmp_path, monkeypatch):
     (tmp_path / "dagster").mkdir()
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+def policy_rows(n: int) -> list[tuple[str, str, str]]:
+    """(id, title, text) of `n` real privacy-policy segments."""
+    legal = shared_corpus("legal/privacy_policies")
+    rows = [json.loads(line) for line in (legal / "corpus.jsonl").read_text().splitlines()[:n]]
+    return [(row["_id"], row["title"], row["text"]) for row in rows]
+
+
+def write_jsonl(path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
 def partitions(workspace) -> list[str]:
@@ -86,9 +98,82 @@ def test_beir_folder_with_judged_set_is_detected(workspace, capsys):
 def test_existing_domain_is_not_replaced_without_force(workspace, capsys):
     folder = workspace / "pages"
     folder.mkdir()
-    (folder / "a.md").write_text("# Cookies\n\nWe use cookies to keep you signed in.\n")
+    for i, (_id, title, text) in enumerate(policy_rows(20)):
+        (folder / f"page{i}.md").write_text(f"# {title}\n\n{text}\n")
     assert cli.main(["domain", "add", "pages", "--corpus", str(folder)]) == 0
     assert cli.main(["domain", "add", "pages", "--corpus", str(folder)]) == 2
     assert "already exists" in capsys.readouterr().err
     assert cli.main(["domain", "add", "pages", "--corpus", str(folder), "--force"]) == 0
     assert load_domain("pages").corpus.format == "files"
+
+
+# --- validation at the door: what the run would refuse is refused here, with the run's message ------
+
+def _refused(workspace, capsys, argv: list[str], message: str) -> None:
+    assert cli.main(["domain", "add", "mine", *argv]) == 2
+    error = capsys.readouterr().err
+    assert message in error and "nothing was written or registered" in error, error
+    assert not (workspace / "domains" / "mine.toml").exists() and "mine" not in partitions(workspace)
+
+
+def test_duplicate_ids_are_refused_at_the_door(workspace, capsys):
+    rows = [{"_id": "same" if i < 2 else doc, "title": t, "text": x} for i, (doc, t, x) in enumerate(policy_rows(40))]
+    write_jsonl(workspace / "c.jsonl", rows)
+    _refused(workspace, capsys, ["--corpus", "c.jsonl"], "the corpus has 1 duplicate document ids")
+
+
+def test_a_judged_set_naming_unknown_documents_is_refused_at_the_door(workspace, capsys):
+    rows = policy_rows(40)
+    write_jsonl(workspace / "c.jsonl", [{"_id": d, "title": t, "text": x} for d, t, x in rows])
+    judged = workspace / "judged"
+    (judged / "qrels").mkdir(parents=True)
+    write_jsonl(judged / "queries.jsonl", [{"_id": "q1", "text": "do you sell my data"}])
+    (judged / "qrels" / "dev.tsv").write_text("query-id\tcorpus-id\tscore\nq1\tnot-a-document\t1\n")
+    _refused(workspace, capsys, ["--corpus", "c.jsonl", "--judged", str(judged)],
+             "the judged set's qrels name 1 documents that are not in the corpus")
+
+
+@pytest.mark.parametrize("text, message", [("", "no documents left after cleaning"),
+                                           ("We never sell your personal data to anyone.", "only 1 units are left")])
+def test_all_empty_or_all_identical_texts_are_refused_at_the_door(workspace, capsys, text, message):
+    write_jsonl(workspace / "c.jsonl", [{"_id": f"d{i}", "title": "", "text": text} for i in range(40)])
+    _refused(workspace, capsys, ["--corpus", "c.jsonl"], message)
+
+
+def test_a_malformed_line_names_the_flag_that_skips_it(workspace, capsys):
+    rows = policy_rows(40)
+    (workspace / "c.jsonl").write_text("".join(json.dumps({"_id": d, "title": t, "text": x}) + "\n"
+                                               for d, t, x in rows) + '{"_id": "broken", "text": \n')
+    _refused(workspace, capsys, ["--corpus", "c.jsonl"], "--on-malformed skip")
+    assert cli.main(["domain", "add", "mine", "--corpus", "c.jsonl", "--on-malformed", "skip"]) == 0
+    assert "1 malformed entries are left out" in capsys.readouterr().out
+    assert load_domain("mine").corpus.on_malformed == "skip"
+
+
+def test_an_id_column_is_found_and_what_cleaning_changes_is_counted(workspace, capsys):
+    """A CSV whose ids are in `id` keeps them; a giant document and the empty texts are warned
+    about with counts before anything is built."""
+    rows = policy_rows(40)
+    giant = " ".join(text for _, _, text in rows)  # about 40 segments' worth of words in one document
+    frame = pd.DataFrame({"id": [d for d, _, _ in rows] + ["giant", "empty"],
+                          "title": [t for _, t, _ in rows] + ["everything", ""],
+                          "text": [x for _, _, x in rows] + [giant, ""]})
+    frame.to_csv(workspace / "c.csv", index=False)
+    assert cli.main(["domain", "add", "mine", "--corpus", "c.csv"]) == 0
+    printed = capsys.readouterr().out
+    assert "(ids from field 'id')" in printed and load_domain("mine").corpus.id_field == "id"
+    assert re.search(r"warning: document 'giant' becomes [\d,]+ of the [\d,]+ units \(\d+%\)", printed), printed
+    assert re.search(r"warning: 1 units are empty", printed), printed
+
+
+def test_a_corpus_not_in_english_is_flagged_for_the_english_base_model(workspace, capsys):
+    sentences = ["Wir speichern Ihre Daten nur so lange, wie es für den Zweck erforderlich ist.",
+                 "Sie können der Verarbeitung Ihrer personenbezogenen Daten jederzeit widersprechen.",
+                 "Cookies helfen uns, die Nutzung unserer Webseite zu analysieren und zu verbessern.",
+                 "Wir geben Ihre Daten nicht ohne Ihre ausdrückliche Einwilligung an Dritte weiter."]
+    write_jsonl(workspace / "c.jsonl", [{"_id": f"d{i}", "title": f"Abschnitt {i}",
+                                         "text": f"{sentences[i % 4]} Absatz {i} der Datenschutzerklärung."}
+                                        for i in range(40)])
+    assert cli.main(["domain", "add", "mine", "--corpus", "c.jsonl"]) == 0
+    printed = capsys.readouterr().out
+    assert "warning: most of the corpus is not English (de" in printed and "multilingual" in printed

@@ -56,8 +56,8 @@ def test_the_corpus_format_comes_from_the_registry_and_fits_the_other_fields(tmp
         load_spec(spec)
 
 
-def test_training_weight_defaults_to_the_plain_fine_tune_and_is_bounded(tmp_path):
-    assert load_spec(write_spec(tmp_path)).training.fine_tuned_weight == 1.0
+def test_training_weight_is_chosen_on_dev_unless_set_and_is_bounded(tmp_path):
+    assert load_spec(write_spec(tmp_path)).training.fine_tuned_weight is None  # chosen per rung on dev
     assert load_spec(write_spec(tmp_path, extra="""
         [training]
         fine_tuned_weight = 0.5

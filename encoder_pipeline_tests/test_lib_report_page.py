@@ -72,3 +72,15 @@ def test_one_haystack_when_the_sample_is_the_whole_corpus():
     stacks = haystacks(units, units)
     assert stacks[SAMPLE].units is stacks[CORPUS].units
     assert "the training sample is all of it" in stacks[SAMPLE].what
+
+
+def test_a_rung_that_fell_back_to_the_base_model_is_said_so_in_the_verdict():
+    from encoder_pipeline.lib.report_page import verdict
+
+    met = {"ndcg_at_10": True, "p95_latency_ms": True, "index_mb": True, "usd_per_1k_queries": True}
+    fell_back = {"ndcg@10": 0.71, "fine_tuned_weight": 0.0, "targets_met": met}
+    said = verdict(0.7, 0.72, fell_back)
+    assert said.startswith("Training did not beat the off-the-shelf model on the dev slice beyond noise")
+    assert said.endswith("the off-the-shelf model already clears it.")
+    assert verdict(0.7, 0.72, {**fell_back, "fine_tuned_weight": 0.5}).startswith(
+        "The off-the-shelf model already clears the bar")

@@ -11,6 +11,7 @@ import pytest
 from encoder_pipeline.lib import formats
 from encoder_pipeline.lib.formats import CORPUS_COLUMNS
 from encoder_pipeline.lib.formats.files import parse_document_file
+from encoder_pipeline.lib.formats.jsonl import parse_line
 from encoder_pipeline.lib.sources import CorpusError, read_corpus
 from encoder_pipeline_tests.conftest import shared_corpus
 
@@ -120,3 +121,14 @@ def test_formats_are_detected_from_the_registry(tmp_path):
     assert {name: formats.detect(name if "://" in name else str(tmp_path / name)) for name in cases} == cases
     with pytest.raises(CorpusError, match=r"cannot tell the format of .*a\.xlsx: pass --format \(.*sqlite"):
         formats.detect(str(tmp_path / "a.xlsx"))
+
+
+@pytest.mark.parametrize("line, message", [
+    (b'{"_id": "1", "text": "a\x01b"}\n', ("not valid JSON (raw control character U+0001 inside a string "
+                                           "(write it as \\u0001), character 24)")),
+    (b'{"_id": "1", "text": \n', "not valid JSON (Expecting value, character 23)"),
+    (b'["a list"]\n', "not a JSON object"),
+    (b'{"_id": "\xff"}\n', "not valid UTF-8 (byte 9)"),
+])
+def test_a_malformed_line_is_named_in_plain_words(line, message):
+    assert parse_line(line) == (None, message)

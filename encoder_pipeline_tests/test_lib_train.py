@@ -15,12 +15,15 @@ from encoder_pipeline.lib.extractors import ExtractorConfig
 from encoder_pipeline.lib.losses import MNRLWithGOR, _gor, contrastive_loss, distillation_term, gor_term
 from encoder_pipeline.lib.pairs import extract_training_pairs
 from encoder_pipeline.lib.train import (
+    MERGE_P,
     DevSet,
     TrainingConfig,
     TrainingDataError,
     auto_batch_size,
+    choose_merge,
     interpolate_with_base,
     order_dimensions_by_variance,
+    pick_merge,
     train_encoder,
 )
 
@@ -140,7 +143,8 @@ def test_training_lowers_loss_and_writes_a_loadable_model(pairs, tmp_path):
     base = encoders.load_encoder(encoders.DEFAULT_BASE_MODEL)
     before, loss_before = dev.ndcg_at_10(base), mnrl_loss(base, pairs.head(32))
     result = train_encoder(encoders.DEFAULT_BASE_MODEL, pd.concat([pairs] * 2), tmp_path,
-                           TrainingConfig(batch_size=16, epochs=1, learning_rate=1e-4), dev)
+                           TrainingConfig(batch_size=16, epochs=1, learning_rate=1e-4, fine_tuned_weight=1.0),
+                           dev)
     assert result.steps == 12 and result.pairs_per_second > 0 and result.best_step == 12
     assert result.loss == "Matryoshka(384/192/96/48) of MNRL + 0.1 GOR"  # batch 16 <= mini-batch
     trained = encoders.load_encoder(str(tmp_path / "model"))
@@ -266,3 +270,39 @@ def test_training_with_weight_zero_gives_back_the_base_model(pairs, tmp_path):
     np.testing.assert_allclose(  # the rotation appended after training keeps every inner product
         trained.encode(QUERIES) @ trained.encode(POSITIVES).T, base.encode(QUERIES) @ base.encode(POSITIVES).T,
         atol=1e-4)
+
+
+def test_pick_merge_keeps_a_merge_only_when_it_beats_the_base_beyond_noise():
+    queries = [f"q{i}" for i in range(30)]
+    base = {q: 0.5 for q in queries}
+    clearly_better = {1.0: {q: 0.7 for q in queries}, 0.5: {q: 0.75 for q in queries}, 0.0: base}
+    kept = pick_merge(clearly_better)
+    assert kept["weight"] == 0.5 and kept["p_vs_base"] < MERGE_P and "beats the base model" in kept["rule"]
+    rng = np.random.default_rng(0)  # +0.01 on average, spread 0.2 per query: noise
+    noisy = {1.0: {q: 0.5 + d for q, d in zip(queries, rng.normal(0.01, 0.2, 30), strict=True)}, 0.0: base}
+    fallback = pick_merge(noisy)
+    assert fallback["weight"] == 0.0 and fallback["rule"].startswith("the base model: no merge beats it")
+    worse = {1.0: {q: 0.3 for q in queries}, 0.25: {q: 0.45 for q in queries}, 0.0: base}
+    assert pick_merge(worse)["weight"] == 0.0
+    tie = {1.0: {q: 0.8 for q in queries}, 0.75: {q: 0.8 for q in queries}, 0.0: base}
+    assert pick_merge(tie)["weight"] == 1.0  # ties go to more fine-tuning
+
+
+def test_a_merge_that_cannot_beat_the_base_gives_the_base_and_leaves_the_model_alone(pairs):
+    """choose_merge scores every share on the dev slice for real: a 'fine-tune' that is noise loses
+    to the base model, which is then chosen; the model passed in is left as it was."""
+    dev = DevSet({f"q{i}": q for i, q in enumerate(pairs["query"][:24])},
+                 dict(zip(pairs["doc_id"], pairs["positive"], strict=True)),
+                 {f"q{i}": {d} for i, d in enumerate(pairs["doc_id"][:24])})
+    base = encoders.load_encoder(encoders.DEFAULT_BASE_MODEL, max_seq_length=32)
+    noise = encoders.load_encoder(encoders.DEFAULT_BASE_MODEL, max_seq_length=32, fresh=True)
+    with torch.no_grad():
+        for parameter in noise.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.2)
+    before = {name: tensor.clone() for name, tensor in noise.state_dict().items()}
+    choice = choose_merge(noise, base, dev, weights=(1.0, 0.5, 0.0))
+    assert choice["weight"] == 0.0 and set(choice["dev_ndcg_at_10"]) == {"1", "0.5", "0"}
+    assert choice["dev_ndcg_at_10"]["0"] == pytest.approx(dev.ndcg_at_10(base), abs=1e-3)
+    assert choice["dev_ndcg_at_10"]["1"] < choice["dev_ndcg_at_10"]["0"]
+    for name, tensor in noise.state_dict().items():
+        torch.testing.assert_close(tensor, before[name])

@@ -255,15 +255,15 @@ def cli_home(tmp_path, monkeypatch):
     return home
 
 
-def test_cli_domains_lists_an_invalid_spec_and_exits_1(tmp_path, cli_home, capsys):
+def test_cli_domains_lists_an_invalid_spec_and_exits_2(tmp_path, cli_home, capsys):
     """README: `encoder-pipeline domains` lists a spec with an unknown key as INVALID, does not
-    register it, and exits with 1; the valid spec beside it is listed and registered all the same;
+    register it, and exits with 2 (bad input); the valid spec beside it is listed and registered all the same;
     once its spec file is deleted, its partition goes too."""
     (tmp_path / "good.jsonl").write_text('{"_id": "1", "title": "t", "text": "some words here"}\n')
     write_spec(tmp_path / "domains", name="good", path=str(tmp_path / "good.jsonl"))
     spec_for(tmp_path / "domains", tmp_path / "good.jsonl", corpus_keys='on_malformd = "skip"') \
         .rename(tmp_path / "domains" / "mine.toml")
-    assert cli.main(["domains"]) == 1
+    assert cli.main(["domains"]) == 2
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
     assert re.match(r"mine\s+INVALID\s+.*mine\.toml: field 'corpus\.on_malformd': unknown field",
                     lines["mine"]), lines["mine"]
@@ -278,19 +278,34 @@ def test_cli_domains_lists_an_invalid_spec_and_exits_1(tmp_path, cli_home, capsy
         assert instance.get_dynamic_partitions(domain_partitions.name) == []
 
 
+def test_the_exit_codes_are_one_table_in_help(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    shown = capsys.readouterr().out
+    for code, meaning in ((cli.EXIT_OK, "done"), (cli.EXIT_RUN_FAILED, "a run started and failed"),
+                          (cli.EXIT_BAD_INPUT, "bad input"), (cli.EXIT_REFUSED, "the run finished but the promotion gate")):
+        assert re.search(rf"^ +{code}  {meaning}", shown, re.MULTILINE), shown
+
+
 def test_cli_materialize_exits_1_when_the_run_fails(tmp_path, cli_home, capsys):
     """README: the CLI exits with 1 when a run fails (here clean_corpus, on a malformed line that
-    only the run reads), after the run was recorded, failed, on the instance."""
+    only the run reads), after the run was recorded, failed, on the instance; what it prints is a
+    line per stage and the failure's reason, not Dagster's event stream."""
     lines = [json.dumps({"_id": f"d{i}", "title": f"title {i}", "text": f"text number {i} of the corpus"})
              for i in range(30)]
     lines.insert(5, '{"_id": "x", "text": "cut off')
     (tmp_path / "corpus.jsonl").write_text("\n".join(lines) + "\n")
     write_spec(tmp_path / "domains", path=str(tmp_path / "corpus.jsonl"))
     assert cli.main(["materialize", "--domain", "mine", "--profile", "tiny"]) == 1
-    out = capsys.readouterr().out
+    printed = capsys.readouterr()
+    out = printed.out
     with dg.DagsterInstance.from_config(str(cli_home)) as instance:
         [record] = instance.get_run_records()
     assert f"run {record.dagster_run.run_id}: FAILED" in out
+    # a run you can read: a line per stage, the reason in one line, where the full log is; no trace
+    assert "clean_corpus: started" in out and re.search(r"clean_corpus: FAILED: .*1 malformed line", out), out
+    assert "failed stage: clean_corpus" in printed.err and "--verbose" in printed.err
+    assert "Stack Trace" not in out + printed.err and " - DEBUG - " not in out + printed.err
     assert record.dagster_run.status == dg.DagsterRunStatus.FAILURE
     assert record.dagster_run.tags["dagster/partition"] == "mine"
 

@@ -4,6 +4,7 @@ the build's promoted candidate, or, when its report refused it, the same candida
 (conftest's tiny_code_served checks the refusal first)."""
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -53,6 +54,10 @@ def test_search_cli_returns_the_known_document(home, known, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].split() == ["rank", "score", "id", "title"]
     assert len(lines) == 5 and any(line.split()[2] == doc_id for line in lines[2:])
+    assert "note: the query is" not in capsys.readouterr().err
+
+    assert cli.main(["search", "--domain", "code", " ".join([query] * 200), "-k", "1"]) == 0
+    assert re.search(r"note: the query is \d+ tokens; the encoder reads its first 128", capsys.readouterr().err)
 
 
 def test_search_api_agrees_with_the_report(built, known):
@@ -103,6 +108,12 @@ def test_search_names_the_command_for_an_unbuilt_domain(home, capsys):
     assert "encoder-pipeline materialize --domain web_qa" in capsys.readouterr().err
     with pytest.raises(DomainNotBuilt, match="served here: code"):
         Searcher.for_domain("web_qa", home)
+    # a name no spec has gets no suggestion that would be refused, but what is wrong with it
+    assert cli.main(["search", "--domain", "MyDocs", "what is a decorator"]) == 2
+    error = capsys.readouterr().err
+    assert "use lowercase letters" in error and "materialize" not in error
+    assert cli.main(["search", "--domain", "nodocs", "what is a decorator"]) == 2
+    assert "no spec for domain 'nodocs' (known domains:" in capsys.readouterr().err
 
 
 def test_only_serving_index_is_served_and_a_moved_root_still_loads(built, known, tmp_path):
@@ -152,6 +163,12 @@ def test_export_writes_a_loadable_model_with_a_card(home, known, tmp_path, capsy
     assert load_index(served.index_dir, encoders.model_fingerprint(str(out))).index.ntotal > 0
     assert cli.main(["export", "--domain", "code", "--out", str(out)]) == 2  # no silent overwrite
     assert "--overwrite" in capsys.readouterr().err
+    # --overwrite replaces an earlier export, and refuses to delete what no export wrote
+    assert cli.main(["export", "--domain", "code", "--out", str(out), "--overwrite"]) == 0
+    (out / "my_notes.txt").write_text("mine")
+    assert cli.main(["export", "--domain", "code", "--out", str(out), "--overwrite"]) == 2
+    assert "holds 1 files an export did not write (my_notes.txt)" in capsys.readouterr().err
+    assert (out / "my_notes.txt").read_text() == "mine" and (out / "README.md").exists()
 
 
 def test_onnx_int8_query_encoder_matches_torch(built, known, tmp_path):

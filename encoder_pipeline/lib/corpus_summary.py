@@ -9,13 +9,21 @@ from dataclasses import dataclass, field
 
 import daft
 import numpy as np
+import pandas as pd
 import py3langid
 from daft import col
 
 from encoder_pipeline.lib import formats
+from encoder_pipeline.lib.encoders import DEFAULT_BASE_MODEL
 from encoder_pipeline.lib.extractors import ExtractorConfig
 from encoder_pipeline.lib.extractors.choose import SAMPLE_UNITS, Choice, choose_extractors
 from encoder_pipeline.lib.sources import CorpusError, read_corpus, read_judged
+
+ID_FIELDS = ("_id", "id", "doc_id")  # common id columns, in the order they are looked for
+GIANT_SHARE = 0.1  # one document becoming this share of the units (of at least GIANT_MIN_UNITS) is flagged
+GIANT_MIN_UNITS = 20
+DUPLICATE_SHARE = 0.5  # most units dropped as duplicates is flagged
+ENGLISH_SHARE = 0.5  # below this share of English documents, an English-only base model is flagged
 
 
 def detect_format(location: str) -> str:
@@ -32,6 +40,46 @@ def source_fields(fmt: str, location: str) -> list[str]:
         raise
     except Exception as error:  # Daft raises several exception types for unreadable input
         raise CorpusError(f"cannot read {location} as {fmt}: {error}") from error
+
+
+def detect_id_field(fmt: str, location: str) -> str:
+    """The first of ID_FIELDS the source has ("_id" when it has none: then ids are content hashes)."""
+    fields = source_fields(fmt, location) if formats.get(fmt).uses_fields else []
+    return next((name for name in ID_FIELDS if name in fields), ID_FIELDS[0])
+
+
+def cleaning_warnings(units: pd.DataFrame, counts: dict[str, int], skipped: int) -> list[str]:
+    """What cleaning will change that a user should hear about before building, with counts:
+    `units` the cleaned units (`parent_id`), `counts` the cleaning report's, `skipped` malformed
+    entries left out."""
+    warnings = []
+    per_document = units["parent_id"].value_counts()
+    if len(units) >= GIANT_MIN_UNITS and per_document.iloc[0] >= GIANT_SHARE * len(units):
+        giants = per_document[per_document >= GIANT_SHARE * len(units)]
+        warnings.append("; ".join(f"document {doc!r} becomes {n:,} of the {len(units):,} units ({n / len(units):.0%})"
+                                  for doc, n in giants.items())
+                        + ": a giant document dominates training and the index; split it or leave it "
+                          "out (corpus.exclude)")
+    empty = counts.get("dropped_short_or_empty", 0)
+    if empty:
+        warnings.append(f"{empty:,} units are empty or shorter than unit.min_words and are dropped")
+    duplicates = counts.get("dropped_exact_duplicates", 0) + counts.get("dropped_near_duplicates", 0)
+    if duplicates >= DUPLICATE_SHARE * max(counts.get("units_after_chunking", 0), 1):
+        warnings.append(f"{duplicates:,} of {counts['units_after_chunking']:,} units are duplicates and are dropped "
+                        f"({counts.get('dropped_exact_duplicates', 0):,} exact, "
+                        f"{counts.get('dropped_near_duplicates', 0):,} near)")
+    if skipped:
+        warnings.append(f"{skipped:,} malformed entries are left out (on_malformed = \"skip\")")
+    return warnings
+
+
+def language_warning(languages: list[tuple[str, float]], base_model: str, english_only: bool) -> str | None:
+    english = dict(languages).get("en", 0.0)
+    if not english_only or english >= ENGLISH_SHARE or not languages:
+        return None
+    shown = ", ".join(f"{code} {share:.0%}" for code, share in languages)
+    return (f"most of the corpus is not English ({shown}) and the base model {base_model} was trained "
+            "on English: set settings.base_model to a multilingual sentence-transformers model")
 
 
 @dataclass
@@ -70,13 +118,14 @@ class CorpusSummary:
 
 def summarize_corpus(fmt: str, location: str, id_field: str = "_id", title_field: str = "title",
                      text_field: str = "text", judged: str | None = None, sample: int = 500,
-                     seed: int = 0) -> CorpusSummary:
+                     seed: int = 0, on_malformed: str = "fail", base_model: str = DEFAULT_BASE_MODEL
+                     ) -> CorpusSummary:
     """Read the corpus as the pipeline will (same readers, same field mapping) and describe it.
 
     Counting streams through Daft; only `sample` documents are pulled into memory for lengths and
     language identification (py3langid).
     """
-    frame = read_corpus(fmt, location, id_field, title_field, text_field)
+    frame = read_corpus(fmt, location, id_field, title_field, text_field, on_malformed=on_malformed)
     stats = frame.agg(
         col("doc_id").count().alias("documents"),
         (col("text").length() == 0).cast(daft.DataType.int64()).sum().alias("empty"),
@@ -102,6 +151,10 @@ def summarize_corpus(fmt: str, location: str, id_field: str = "_id", title_field
     )
     if summary.empty_documents > documents / 2:
         summary.warnings.append(f"most documents have empty text: is '{text_field}' the right field?")
+    # The packaged default was trained on English; another model's languages are its user's call.
+    language = language_warning(summary.languages, base_model, english_only=base_model == DEFAULT_BASE_MODEL)
+    if language:
+        summary.warnings.append(language)
     if words["p50"] > 400:
         summary.warnings.append("documents are long (median > 400 words): set unit.max_words to chunk them")
     if judged:

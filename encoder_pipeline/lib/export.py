@@ -171,7 +171,9 @@ def model_card(domain: str, served: ServedIndex, spec: Any, report: dict | None,
                    if key not in {"encoder_revision", "kind", "precision", "dim", "dims", "count"}]
     training_rows = [[key, training.get(key)] for key in (
         "training_rows", "batch_size", "steps", "loss", "train_seconds", "dev_ndcg_at_10",
-        "matryoshka_dim", "dev_ndcg_at_10_truncated") if key in training]
+        "matryoshka_dim", "dev_ndcg_at_10_truncated", "fine_tuned_weight") if key in training]
+    if training.get("merge", {}).get("rule"):  # how the share of fine-tuned weights was chosen
+        training_rows.append(["merge with the base model", training["merge"]["rule"]])
     training_rows += [[key, config.get(key)] for key in ("epochs", "learning_rate", "seed", "max_seq_length")
                       if key in config]
     libraries = ", ".join(f"{k} {v}" for k, v in manifest.get("libraries", {}).items())
@@ -262,6 +264,17 @@ def _spec(domain: str):
         return None
 
 
+EXPORT_MARKER = ".encoder_pipeline_export"  # JSON: what an export wrote (no .json suffix: not part of the revision)
+
+
+def _not_exported(folder: Path) -> list[str]:
+    """The files under `folder` that no export wrote (all of them when it holds no export marker)."""
+    present = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    marker = folder / EXPORT_MARKER
+    written = set(json.loads(marker.read_text()).get("files", [])) if marker.is_file() else set()
+    return [name for name in present if name not in written and name != EXPORT_MARKER]
+
+
 def export_model(domain: str, out_dir: str | Path, store: ArtifactStore | None = None,
                  overwrite: bool = False) -> Path:
     """Copy the domain's served encoder to `out_dir` with a model card (README.md); returns the folder.
@@ -275,8 +288,14 @@ def export_model(domain: str, out_dir: str | Path, store: ArtifactStore | None =
     served = served_index(domain, store)
     model_path = served.encoder_folder()
     out = Path(out_dir).expanduser().resolve()
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"{out} exists and is not empty (pass overwrite=True / --overwrite to replace it)")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ExportError(f"{out} exists and is not empty (pass overwrite=True / --overwrite to replace it)")
+        foreign = _not_exported(out)
+        if foreign:
+            raise ExportError(f"{out} holds {len(foreign)} files an export did not write ("
+                              f"{', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}): --overwrite "
+                              "replaces only an earlier export; move them or choose another folder")
     rung_dir = model_path.parent
     manifest = _read_json(rung_dir / "manifest.json")
     training = _read_json(rung_dir / "training.json")
@@ -310,6 +329,8 @@ def export_model(domain: str, out_dir: str | Path, store: ArtifactStore | None =
         target = staging / "model"
         shutil.copytree(model_path, target, ignore=shutil.ignore_patterns("README.md"))
         (target / "README.md").write_text(card, encoding="utf-8")
+        written = sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file())
+        (target / EXPORT_MARKER).write_text(json.dumps({"domain": domain, "files": written}, indent=2))
         copied = model_fingerprint(str(target))
         if copied != served.revision:
             raise ExportError(f"the copy's revision {copied} differs from the served index's "

@@ -190,6 +190,11 @@ class Searcher:
         """The top-k units for one query, best first (score: the index's inner product)."""
         return self.search_many([query], k)[0]
 
+    def query_tokens(self, query: str) -> tuple[int, int]:
+        """(tokens in `query`, tokens the encoder reads): a longer query is cut to the second."""
+        model = getattr(self.encoder, "model", self.encoder)  # an ONNX encoder wraps the torch model
+        return len(model.tokenizer(query)["input_ids"]), int(model.max_seq_length)
+
     def describe(self) -> dict:
         """What is being served, for display."""
         info = self.index.info

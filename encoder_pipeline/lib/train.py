@@ -69,6 +69,9 @@ MIN_STEPS_PER_EPOCH = 64
 NEGATIVE_COLUMN = re.compile(r"^negative_\d+$")
 DEV_METRIC = "dev_cosine_ndcg@10"
 RUN_FILE = "run.json"
+# Fine-tuned shares tried on the dev slice (LM-Cocktail / WiSE-FT); 0.0 is the base model itself.
+MERGE_WEIGHTS = (1.0, 0.75, 0.5, 0.25, 0.0)
+MERGE_P = 0.05  # a merge is kept over the base model only when it beats it on dev with p below this
 
 
 class TrainingDataError(ValueError):
@@ -95,13 +98,15 @@ class TrainingConfig:
     seed: int = 0
     checkpoint_every_s: float = 300.0  # mid-epoch checkpoint interval (epoch ends always save)
     # WiSE-FT: the kept weights are this share of the fine-tuned ones plus the rest of the base
-    # model's (`interpolate_with_base`); 1.0 keeps the fine-tuned weights as they are.
-    fine_tuned_weight: float = 1.0
+    # model's (`interpolate_with_base`); 1.0 keeps the fine-tuned weights as they are. None: chosen
+    # on the dev slice among MERGE_WEIGHTS (`choose_merge`), 1.0 when there is no dev slice.
+    fine_tuned_weight: float | None = None
     order_dimensions: bool = True  # append the variance-ordering rotation after training
     rotation_sample: int = 4000  # documents the rotation is estimated from
 
     def __post_init__(self) -> None:
-        _check_fine_tuned_weight(self.fine_tuned_weight)  # before training, not after it
+        if self.fine_tuned_weight is not None:
+            _check_fine_tuned_weight(self.fine_tuned_weight)  # before training, not after it
 
 
 def _check_fine_tuned_weight(weight: float) -> None:
@@ -143,6 +148,17 @@ class DevSet:
     def ndcg_at_10(self, model) -> float:
         return float(self.evaluator()(model)[DEV_METRIC])
 
+    def per_query_ndcg_at_10(self, model) -> dict[str, float]:
+        """Each dev query's nDCG@10 (pytrec_eval) over this corpus: what a paired test needs."""
+        from encoder_pipeline.lib.encoders import encode
+        from encoder_pipeline.lib.metrics import dense_run, evaluate
+
+        qids, doc_ids = list(self.queries), list(self.corpus)
+        run = dense_run(encode(model, [self.queries[q] for q in qids]),
+                        encode(model, [self.corpus[d] for d in doc_ids]), qids, doc_ids, 10)
+        qrels = {q: dict.fromkeys(docs, 1) for q, docs in self.relevant.items()}
+        return {q: row["ndcg@10"] for q, row in evaluate(run, qrels)[1].items()}
+
     def fingerprint(self) -> str:
         blob = json.dumps([self.queries, self.corpus, {k: sorted(v) for k, v in self.relevant.items()}],
                           sort_keys=True)
@@ -172,6 +188,8 @@ class TrainingResult:
     resumed_from_step: int = 0  # 0: a fresh run
     world_size: int = 1  # training processes (DDP ranks; one per GPU)
     dev_history: list[dict] = field(default_factory=list)  # [{step, ndcg@10, ndcg@10 truncated}]
+    fine_tuned_weight: float = 1.0  # the share of fine-tuned weights kept (0.0: the base model)
+    merge: dict = field(default_factory=dict)  # how it was chosen: dev nDCG@10 per weight, p, rule
 
 
 def train_encoder(base_model: str, rows: pd.DataFrame, output_dir: str | Path, config: TrainingConfig,
@@ -257,9 +275,13 @@ def train_encoder(base_model: str, rows: pd.DataFrame, output_dir: str | Path, c
     )
     started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    if config.fine_tuned_weight < 1.0:
-        interpolate_with_base(model, load_encoder(base_model, config.max_seq_length, trust_remote_code),
-                              config.fine_tuned_weight)
+    base = load_encoder(base_model, config.max_seq_length, trust_remote_code)
+    merge = (choose_merge(model, base, dev, config.seed) if config.fine_tuned_weight is None and dev
+             else {"weight": 1.0 if config.fine_tuned_weight is None else config.fine_tuned_weight,
+                   "rule": "no dev slice" if config.fine_tuned_weight is None else "set in the spec"})
+    weight = merge["weight"]
+    if weight < 1.0:
+        interpolate_with_base(model, base, weight)
     if config.order_dimensions:
         documents = list(dict.fromkeys([*rows["positive"], *(dev.corpus.values() if dev else ())]))
         order_dimensions_by_variance(model, documents, config.rotation_sample, config.seed)
@@ -272,7 +294,7 @@ def train_encoder(base_model: str, rows: pd.DataFrame, output_dir: str | Path, c
                for e in trainer.state.log_history if f"eval_{DEV_METRIC}" in e]
     best_step = trainer.state.best_global_step or trainer.state.global_step
     kept = next((h for h in history if h["step"] == best_step), history[-1] if history else None)
-    if kept and (config.order_dimensions or config.fine_tuned_weight < 1.0):  # the saved model changed
+    if kept and (config.order_dimensions or weight < 1.0):  # the saved model changed
         scores = dev.evaluator([quarter])(model)
         kept = {**kept, "ndcg@10": scores[DEV_METRIC],
                 "ndcg@10_truncated": scores[f"dev_cosine_dim{quarter}_ndcg@10"]}
@@ -298,6 +320,8 @@ def train_encoder(base_model: str, rows: pd.DataFrame, output_dir: str | Path, c
         resumed_from_step=_step_of(resume_from) if resume_from else 0,
         dev_history=history,
         world_size=world_size,
+        fine_tuned_weight=weight,
+        merge=merge,
     )
 
 
@@ -362,6 +386,44 @@ def training_loss(model: SentenceTransformer, config: TrainingConfig, per_device
                             matryoshka_dims=_matryoshka_dims(config, model.get_embedding_dimension()),
                             gor_weight=config.gor_weight, gather_across_devices=world_size > 1,
                             distill_weight=config.distill_weight)
+
+
+def choose_merge(model: SentenceTransformer, base: SentenceTransformer, dev: DevSet, seed: int = 0,
+                 weights: Sequence[float] = MERGE_WEIGHTS) -> dict:
+    """The fine-tuned share (of `weights`) to keep, chosen on the dev slice (`pick_merge`); `model`
+    is left as it was. Each share's merge with the base (weights averaged, no retraining) is scored
+    per dev query."""
+    tuned = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    per_query = {}
+    try:
+        for weight in weights:
+            model.load_state_dict(tuned)
+            if weight < 1.0:
+                interpolate_with_base(model, base, weight)
+            per_query[weight] = dev.per_query_ndcg_at_10(base if weight == 0.0 else model)
+    finally:
+        model.load_state_dict(tuned)
+    return pick_merge(per_query, seed)
+
+
+def pick_merge(per_query: dict[float, dict[str, float]], seed: int = 0) -> dict:
+    """The rule over {fine-tuned share: {dev query: nDCG@10}} (share 0.0: the base model): the best
+    mean is kept only when it beats the base with p < MERGE_P in a paired randomization test; else
+    the base model, since training did not help beyond noise. Ties go to more fine-tuning.
+    Returns {weight, dev_ndcg_at_10: {share: mean}, p_vs_base, rule}."""
+    from encoder_pipeline.lib.report import paired_randomization_test
+
+    scores = {w: float(np.mean(list(q.values()))) if q else 0.0 for w, q in per_query.items()}
+    best = max(scores, key=lambda w: (scores[w], w))
+    p = paired_randomization_test(per_query[best], per_query[0.0], seed=seed)[1]
+    beats = best != 0.0 and scores[best] > scores[0.0] and p < MERGE_P
+    queries = len(per_query[best])
+    rule = (f"share {best:g} of the fine-tuned weights: best on the dev slice ({queries} queries), beats "
+            f"the base model (p = {p:.3f})") if beats else (
+            f"the base model: no merge beats it on the dev slice ({queries} queries) beyond noise "
+            f"(best, share {best:g}: {scores[best]:.4f} vs {scores[0.0]:.4f}, p = {p:.3f})")
+    return {"weight": best if beats else 0.0, "p_vs_base": round(p, 4), "rule": rule,
+            "dev_ndcg_at_10": {f"{w:g}": round(v, 4) for w, v in scores.items()}}
 
 
 def interpolate_with_base(model: SentenceTransformer, base: SentenceTransformer, fine_tuned_weight: float

@@ -2,7 +2,9 @@
 
 import dataclasses
 import os
+from pathlib import Path
 
+import daft
 import dagster as dg
 import pandas as pd
 import pyarrow.parquet as pq
@@ -17,7 +19,7 @@ from encoder_pipeline.defs.shared import (
 )
 from encoder_pipeline.domains import AUTO, DomainSpec, domain_partitions
 from encoder_pipeline.lib import encoders
-from encoder_pipeline.lib.corpus import CleaningConfig
+from encoder_pipeline.lib.corpus import CleaningConfig, CleaningReport
 from encoder_pipeline.lib.corpus import clean_corpus_to_parquet as clean_to_parquet
 from encoder_pipeline.lib.drift import write_snapshot
 from encoder_pipeline.lib.extractors import get
@@ -52,15 +54,28 @@ def _judged(spec: DomainSpec, settings: PipelineSettings):
     if location is None:
         return None
     if "://" not in location and not os.path.isdir(location):
-        raise dg.Failure(
-            f"domain '{spec.name}': judged set not found at {location} (spec {spec.source_file}, "
-            "field 'judged.path'); set ENCODER_PIPELINE_CORPUS_ROOT or fix the path"
-        )
-    try:
-        queries, qrels = read_judged(location, spec.judged.split)
-    except CorpusError as error:
-        raise dg.Failure(f"domain '{spec.name}' (spec {spec.source_file}): {error}") from error
+        raise CorpusError(f"judged set not found at {location} (field 'judged.path'); set "
+                          "ENCODER_PIPELINE_CORPUS_ROOT or fix the path")
+    queries, qrels = read_judged(location, spec.judged.split)
     return sample_judged(queries, qrels, settings.sizes().judged_queries, settings.seed)
+
+
+def clean_domain_corpus(spec: DomainSpec, settings: PipelineSettings, out_path: Path, skipped: Skipped
+                        ) -> tuple[daft.DataFrame, CleaningReport]:
+    """Read the domain's corpus (and judged set) as its spec says and clean it into `out_path`: what
+    clean_corpus publishes, and what `domain add` runs before it writes a spec, so a corpus the run
+    would refuse is refused at the door with the same CorpusError."""
+    judged = _judged(spec, settings)
+    protected = {doc for rels in judged[1].values() for doc in rels} if judged else set()
+    raw = read_corpus(spec.corpus.format, spec.corpus_location(), spec.corpus.id_field,
+                      spec.corpus.title_field, spec.corpus.text_field, spec.corpus.exclude,
+                      spec.corpus.on_malformed, skipped, include=spec.corpus.include)
+    return raw, clean_to_parquet(raw, _refusing_config(spec, settings), out_path, protected)
+
+
+def _refusing_config(spec: DomainSpec, settings: PipelineSettings) -> CleaningConfig:
+    """Fewer units than training needs pairs is refused when cleaning, before any model or LLM runs."""
+    return dataclasses.replace(cleaning_config(spec, settings), min_units=MIN_TRAINING_PAIRS)
 
 
 def cleaning_config(spec: DomainSpec, settings: PipelineSettings) -> CleaningConfig:
@@ -92,11 +107,6 @@ def clean_corpus(context: dg.AssetExecutionContext, artifacts: ArtifactStoreReso
     sample, judged documents always in): training data is built on the sample, the served index
     covers every unit."""
     spec = domain_spec(context)
-    location = spec.corpus_location()
-    judged = _judged(spec, settings)
-    protected = {doc for rels in judged[1].values() for doc in rels} if judged else set()
-    # Fewer units than training needs pairs is refused here, before any model or LLM runs.
-    config = dataclasses.replace(cleaning_config(spec, settings), min_units=MIN_TRAINING_PAIRS)
     store = artifacts.store()
     # Cleaning streams to a scratch file beside the artifacts (the corpus never sits in memory
     # whole), which then moves into the published version with a rename.
@@ -104,14 +114,11 @@ def clean_corpus(context: dg.AssetExecutionContext, artifacts: ArtifactStoreReso
         cleaned = scratch / CORPUS_FILE
         skipped = Skipped()  # malformed entries left out under corpus.on_malformed = "skip"
         try:
-            raw = read_corpus(spec.corpus.format, location, spec.corpus.id_field,
-                              spec.corpus.title_field, spec.corpus.text_field, spec.corpus.exclude,
-                              spec.corpus.on_malformed, skipped, include=spec.corpus.include)
-            report = clean_to_parquet(raw, config, cleaned, protected)
+            raw, report = clean_domain_corpus(spec, settings, cleaned, skipped)
         except CorpusError as error:
-            raise dg.Failure(f"domain '{spec.name}' (spec {spec.source_file}, corpus {location}): "
-                             f"{error}") from error
-        with publish(context, artifacts, settings, config.__dict__, upstream=[],
+            raise dg.Failure(f"domain '{spec.name}' (spec {spec.source_file}, corpus "
+                             f"{spec.corpus_location()}): {error}") from error
+        with publish(context, artifacts, settings, _refusing_config(spec, settings).__dict__, upstream=[],
                      corpus_fingerprint=report.fingerprint) as staging:
             os.replace(cleaned, staging / CORPUS_FILE)
             write_snapshot(raw, staging)  # what corpus_drift_sensor measures drift against
@@ -190,8 +197,8 @@ def eval_set(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource
     cache = embeddings_cache(store, spec.name)
     score = haystack_scorer(
         units, lambda texts: cached_embeddings(settings.base_model, texts, cache,
-                                                        bf16=settings.bf16_inference,
-                                                        trust_remote_code=spec.trust_remote_code),
+                                               bf16=settings.bf16_inference,
+                                               trust_remote_code=spec.trust_remote_code),
         lambda queries: encoders.encode(encoders.load_encoder(settings.base_model,
                                                               trust_remote_code=spec.trust_remote_code),
                                         queries, bf16=settings.bf16_inference))

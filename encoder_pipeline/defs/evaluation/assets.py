@@ -123,7 +123,7 @@ class _Systems:
         """Exact search over the haystack's units embedded by `model_path` (per-unit cache)."""
         def answer(hay: Haystack, _: dict[str, Run]) -> Run:
             vectors = cached_embeddings(model_path, hay.texts, self.cache, bf16=self.bf16,
-                                                 trust_remote_code=self.trust)
+                                        trust_remote_code=self.trust)
             model = encoders.load_encoder(model_path, trust_remote_code=self.trust)
             return dense_run(self.encode(model), vectors, self.qids, hay.parents, TOP_K)
         return answer
@@ -222,7 +222,7 @@ def eval_report(context: dg.AssetExecutionContext, config: ReportConfig,
     # systems and the latency below.
     encoding = ProgressLog(context, "embedding the corpus with the off-the-shelf model")
     base_vectors = cached_embeddings(settings.base_model, stacks[CORPUS].texts, answers.cache,
-                                              bf16=bf16, trust_remote_code=trust, progress=encoding)
+                                     bf16=bf16, trust_remote_code=trust, progress=encoding)
     results = evaluate_systems(systems, stacks, split.qrels)
 
     # Serving measurements, on the whole-corpus indexes users would search.
@@ -254,7 +254,9 @@ def eval_report(context: dg.AssetExecutionContext, config: ReportConfig,
                "dev_queries": len(split.dev.queries), "dev_evidence": split.dev.evidence,
                "eval_notes": split.notes},
         haystacks={key: hay.summary() for key, hay in stacks.items()}, results=results, rungs=RUNGS,
-        candidate={key: choice.get(key) for key in ("rung", "revision", "dims", "precision")},
+        candidate={**{key: choice.get(key) for key in ("rung", "revision", "dims", "precision")},
+                   "fine_tuned_weight": read_training_result(store, spec.name, choice["rung"]).get(
+                       "fine_tuned_weight", 1.0)},
         serving=serving, targets=targets.model_dump(), currently_served=current_info,
         tolerance=config.promotion_tolerance, iterations=config.randomization_iterations, seed=settings.seed,
         extra_models={path: results[f"extra:{path}"].means for path in spec.extra_models},

@@ -79,9 +79,9 @@ def index_sweep(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResou
     parents, ids, titles = list(units["parent_id"]), list(units["doc_id"]), list(units["title"])
     encoding = ProgressLog(context, f"embedding the corpus with {rung}")
     corpus_vectors = cached_embeddings(model_path, corpus_texts(units),
-                                                embeddings_cache(store, spec.name),
-                                                bf16=settings.bf16_inference,
-                                                trust_remote_code=spec.trust_remote_code, progress=encoding)
+                                       embeddings_cache(store, spec.name),
+                                       bf16=settings.bf16_inference,
+                                       trust_remote_code=spec.trust_remote_code, progress=encoding)
     model = encoders.load_encoder(model_path, trust_remote_code=spec.trust_remote_code)
 
     def query_set(queries: dict[str, str], qrels: dict[str, dict[str, int]]) -> QuerySet:

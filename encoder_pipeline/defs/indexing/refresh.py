@@ -49,8 +49,8 @@ class BuiltIndex:
 def _embed(swept: dict, units: pd.DataFrame, store: ArtifactStore, domain: str, bf16: bool,
            trust_remote_code: bool, progress: Progress | None) -> np.ndarray:
     return cached_embeddings(swept["model_path"], corpus_texts(units),
-                                      embeddings_cache(store, domain), bf16=bf16,
-                                      trust_remote_code=trust_remote_code, progress=progress)
+                             embeddings_cache(store, domain), bf16=bf16,
+                             trust_remote_code=trust_remote_code, progress=progress)
 
 
 def _refresh(store: ArtifactStore, domain: str, swept: dict, units: pd.DataFrame,

@@ -82,8 +82,9 @@ def build_rung(name: str, data_label: str, rows_fn: RowsFn, deps: list) -> dg.As
                     "(MultipleNegativesRankingLoss + GOR under Matryoshka, GradCache when the batch "
                     "exceeds the mini-batch, no-duplicates batches; the mining teacher's scores "
                     "distilled where the rows carry them and the spec sets `distill_weight`); the "
-                    "best epoch on the dev slice "
-                    "is kept, and a crashed run resumes from its last checkpoint.",
+                    "best epoch on the dev slice is kept, then merged with the base model at the "
+                    "share of fine-tuned weights the dev slice prefers (the base model itself when "
+                    "no merge beats it beyond noise); a crashed run resumes from its last checkpoint.",
     )
     def rung(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource,
              settings: PipelineSettings) -> dg.MaterializeResult:
@@ -114,7 +115,11 @@ def build_rung(name: str, data_label: str, rows_fn: RowsFn, deps: list) -> dg.As
             "training_rows": dg.MetadataValue.int(result.training_rows),
             "batch_size": dg.MetadataValue.int(result.batch_size),
             "loss": result.loss,
-            "fine_tuned_weight": dg.MetadataValue.float(config.fine_tuned_weight),  # 1.0: no WiSE-FT
+            "fine_tuned_weight": dg.MetadataValue.float(result.fine_tuned_weight),  # 1.0: no merge, 0.0: the base
+            "merge_rule": result.merge.get("rule", ""),
+            **({"merge_dev_ndcg_at_10": dg.MetadataValue.md(pd.DataFrame(
+                list(result.merge["dev_ndcg_at_10"].items()), columns=["fine-tuned share", "dev nDCG@10"])
+                .to_markdown(index=False))} if result.merge.get("dev_ndcg_at_10") else {}),
             "steps": dg.MetadataValue.int(result.steps),
             "train_seconds": dg.MetadataValue.float(result.train_seconds),
             "pairs_per_second": dg.MetadataValue.float(result.pairs_per_second),

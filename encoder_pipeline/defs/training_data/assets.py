@@ -61,8 +61,8 @@ def training_corpus(store: ArtifactStore, spec: DomainSpec, settings: PipelineSe
     domain's per-unit cache."""
     def encode_corpus(texts: list[str]) -> np.ndarray:
         return cached_embeddings(settings.base_model, texts, embeddings_cache(store, spec.name),
-                                          bf16=settings.bf16_inference,
-                                          trust_remote_code=spec.trust_remote_code)
+                                 bf16=settings.bf16_inference,
+                                 trust_remote_code=spec.trust_remote_code)
 
     def encode_queries(queries: list[str]) -> np.ndarray:
         model = encoders.load_encoder(settings.base_model, trust_remote_code=spec.trust_remote_code)

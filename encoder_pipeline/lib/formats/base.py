@@ -14,8 +14,8 @@ import daft
 from daft import col
 
 CORPUS_COLUMNS = ("doc_id", "title", "text", "anchor")
-MALFORMED_HINT = ('set corpus.on_malformed = "skip" in the domain spec to leave such entries out '
-                  "(they are counted)")
+MALFORMED_HINT = ('set corpus.on_malformed = "skip" in the domain spec (`domain add`: --on-malformed skip) '
+                  "to leave such entries out (they are counted)")
 
 
 class CorpusError(ValueError):

@@ -33,7 +33,12 @@ def parse_line(raw: bytes) -> tuple[dict | None, str]:
     except UnicodeDecodeError as error:
         return None, f"not valid UTF-8 (byte {error.start})"
     except json.JSONDecodeError as error:
-        return None, f"not valid JSON ({error.msg}, column {error.colno})"
+        # Python's message for a raw control character ends in a dangling "at": name the character.
+        what = error.msg.removesuffix(" at")
+        if what == "Invalid control character":
+            code = ord(error.doc[error.pos])
+            what = f"raw control character U+{code:04X} inside a string (write it as \\u{code:04x})"
+        return None, f"not valid JSON ({what}, character {error.pos + 1})"
     return (record, "") if isinstance(record, dict) else (None, "not a JSON object")
 
 
@@ -46,7 +51,7 @@ class _Scan:
     malformed: Skipped = field(default_factory=Skipped)
     missing_id: Skipped = field(default_factory=Skipped)
     has_ids: bool = False  # some line carries the id field: then a line without one is malformed
-    fields: set[str] = field(default_factory=set)
+    fields: dict[str, None] = field(default_factory=dict)  # in the order lines first show them
 
     @property
     def problems(self) -> Skipped:
@@ -68,7 +73,7 @@ def _scan(paths: list[str], id_field: str) -> _Scan:
                 if record is None:
                     scan.malformed.add(f"{path}:{number}: {problem}")
                     continue
-                scan.fields.update(record)
+                scan.fields.update(dict.fromkeys(record))
                 if _has_id(record, id_field):
                     scan.has_ids = True
                 else:
@@ -126,6 +131,14 @@ class JSONL(DaftTableFormat):
     key = "jsonl"
     suffixes = (".jsonl", ".json")
     reader = staticmethod(daft.read_json)
+
+    def source_fields(self, location: str) -> list[str]:
+        """Local files: from the well-formed lines (a malformed one is reported when the corpus is
+        read, where it can be skipped)."""
+        if is_remote(location):
+            return super().source_fields(location)
+        require_exists(location, self.location_hint)
+        return list(_scan(sorted(glob.glob(location)) if has_wildcard(location) else [location], "").fields)
 
     def read(self, location: str, fields: Fields, on_malformed: str = "fail",
              skipped: Skipped | None = None) -> daft.DataFrame:
