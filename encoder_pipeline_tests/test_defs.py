@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dagster as dg
+
 from encoder_pipeline.definitions import defs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,3 +43,18 @@ def test_dagster_definitions_validate():
                             env={**__import__("os").environ, "DAGSTER_HOME": str(ROOT)})
     assert result.returncode == 0, result.stderr[-2000:]
     assert "All code locations passed validation" in result.stderr + result.stdout
+
+
+def test_the_readme_lists_every_check():
+    """The README's check table names every asset check with the asset it guards and whether it
+    blocks: a new check, or one made blocking, must be documented."""
+    table = (ROOT / "README.md").read_text().split("| check | asset | severity | blocking |", 1)[1]
+    lines = table.splitlines()[2:]
+    rows = [line.split("|")[1:5] for line in lines[:next(i for i, line in enumerate(lines) if not line.startswith("|"))]]
+    documented = {(check.strip("` "), asset.strip("` "), blocking.strip() == "yes")
+                  for names, assets, _, blocking in rows
+                  for check in names.split(",") for asset in assets.split(",")}
+    declared = {(spec.name, spec.asset_key.to_user_string(), spec.blocking)
+                for assets_def in defs.assets if isinstance(assets_def, dg.AssetsDefinition)
+                for spec in assets_def.check_specs}
+    assert documented == declared
