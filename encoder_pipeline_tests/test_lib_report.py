@@ -8,6 +8,7 @@ import pytest
 
 from encoder_pipeline.lib.metrics import evaluate
 from encoder_pipeline.lib.report import (
+    ladder_figure,
     ladder_png,
     ladder_significance,
     latency_png,
@@ -17,6 +18,7 @@ from encoder_pipeline.lib.report import (
     regressions_in_words,
     rrf_fuse,
     safe_to_promote,
+    sweep_figure,
     sweep_png,
 )
 
@@ -138,6 +140,34 @@ def test_plots_are_valid_pngs():
              "dev": {"ndcg@10": 0.66, "recall@100": 0.85}, "eval": {"ndcg@10": 0.65, "recall@100": 0.86}}
     _assert_png(sweep_png([point, small], chosen=small, target_ndcg=0.65, target_mb=5.0))
     _assert_png(latency_png(list(np.random.default_rng(0).gamma(4, 2, size=300)), target_ms=15.0))
+
+
+def _outside_the_axes(fig) -> bool:
+    """Whether the figure's legend lies wholly outside its axes' plotting area (so it hides nothing)."""
+    fig.canvas.draw()
+    [ax] = fig.axes
+    legend = ax.get_legend().get_window_extent()
+    box = ax.get_window_extent()
+    return legend.x0 >= box.x1 or legend.y0 >= box.y1 or legend.x1 <= box.x0 or legend.y1 <= box.y0
+
+
+def test_the_sweep_labels_only_the_chosen_point_and_its_legend_hides_nothing():
+    points = [{"dims": d, "precision": p, "bytes": d * b, "dev": {"ndcg@10": 0.6 + d / 5000},
+               "eval": {"ndcg@10": 0.58 + d / 5000}}
+              for d in (48, 96, 192, 384) for p, b in (("fp32", 16000), ("fp16", 8000), ("int8", 4000),
+                                                        ("binary+int8", 4500))]
+    chosen = points[5]
+    fig = sweep_figure(points, chosen, target_ndcg=0.65, target_mb=5.0)
+    [ax] = fig.axes
+    assert [t.get_text() for t in ax.texts] == ["96 dims, fp16"]
+    assert _outside_the_axes(fig)
+    assert not [t for t in ax.xaxis.get_minorticklabels() if t.get_text()]  # no crowded minor labels
+
+
+def test_the_ladders_legend_hides_no_bar():
+    fig = ladder_figure({"bm25": 0.4, "off_the_shelf": 0.95, "encoder_heuristic": 0.97}, target=0.65)
+    assert _outside_the_axes(fig)
+    assert len(fig.axes[0].patches) == 3
 
 
 def test_markdown_image_embeds_the_png():

@@ -182,9 +182,10 @@ def _png(fig) -> bytes:
     return buffer.getvalue()
 
 
-def ladder_png(scores: Mapping[str, float], target: float | None = None,
-               title: str = "nDCG@10 on the eval set") -> bytes:
-    """Bars: nDCG@10 per system (in the given order), with the committed target as a line."""
+def ladder_figure(scores: Mapping[str, float], target: float | None = None,
+                  title: str = "nDCG@10 on the eval set"):
+    """Bars: nDCG@10 per system (in the given order), with the committed target as a line; the
+    legend sits outside the axes, so it never hides a bar."""
     fig, ax = _figure(max(6.4, 0.9 * len(scores) + 1.5))
     names = list(scores)
     bars = ax.bar(range(len(names)), [scores[n] for n in names], color="#4c72b0")
@@ -193,45 +194,56 @@ def ladder_png(scores: Mapping[str, float], target: float | None = None,
                     ha="center", va="bottom", fontsize=8)
     if target is not None:
         ax.axhline(target, color="#c44e52", linestyle="--", label=f"target {target:.2f}")
-        ax.legend(loc="upper right", fontsize=8)
+        ax.legend(loc="lower left", bbox_to_anchor=(0, 1.08), fontsize=8, frameon=False)
     ax.set_xticks(range(len(names)), [n.replace("_", "\n", 1) for n in names], fontsize=7)
     ax.set_ylim(0, 1)
     ax.set_ylabel("nDCG@10")
     ax.set_title(title, fontsize=10)
-    return _png(fig)
+    return fig
 
 
-def sweep_png(points: Sequence[Mapping], chosen: Mapping | None = None,
-              target_ndcg: float | None = None, target_mb: float | None = None) -> bytes:
+def ladder_png(scores: Mapping[str, float], target: float | None = None,
+               title: str = "nDCG@10 on the eval set") -> bytes:
+    return _png(ladder_figure(scores, target, title))
+
+
+def sweep_figure(points: Sequence[Mapping], chosen: Mapping | None = None,
+                 target_ndcg: float | None = None, target_mb: float | None = None):
     """nDCG@10 against index MB (log x) for every dims x precision point of the sweep: eval (filled)
-    and dev (hollow); the chosen point ringed; the committed targets as lines."""
-    fig, ax = _figure()
+    and dev (hollow); only the chosen point is labelled (dims/precision) and ringed, since labels on
+    every point overlap into a cluster; the committed targets as lines; the legend outside the axes."""
+    fig, ax = _figure(7.6)
     mb = [p["bytes"] / 1e6 for p in points]
     ax.scatter(mb, [p["eval"]["ndcg@10"] for p in points], color="#4c72b0", label="eval", zorder=3)
     ax.scatter(mb, [p["dev"]["ndcg@10"] for p in points], facecolors="none", edgecolors="#55a868",
                label="dev (chosen on)", zorder=3)
-    for x, p in zip(mb, points, strict=True):
-        ax.annotate(f"{p['dims']}/{p['precision']}", (x, p["eval"]["ndcg@10"]), fontsize=6,
-                    xytext=(3, 3), textcoords="offset points")
     if chosen is not None:
-        ax.scatter([chosen["bytes"] / 1e6], [chosen["eval"]["ndcg@10"]], s=180, facecolors="none",
-                   edgecolors="#c44e52", linewidths=2, label="chosen", zorder=4)
+        x, y = chosen["bytes"] / 1e6, chosen["eval"]["ndcg@10"]
+        ax.scatter([x], [y], s=180, facecolors="none", edgecolors="#c44e52", linewidths=2,
+                   label="chosen", zorder=4)
+        ax.annotate(f"{chosen['dims']} dims, {chosen['precision']}", (x, y), fontsize=8,
+                    xytext=(8, -12), textcoords="offset points", color="#c44e52")
     if target_ndcg is not None:
-        ax.axhline(target_ndcg, color="#c44e52", linestyle="--", linewidth=1)
+        ax.axhline(target_ndcg, color="#c44e52", linestyle="--", linewidth=1, label=f"target {target_ndcg:g}")
     if target_mb is not None:
         ax.axvline(target_mb, color="#8172b2", linestyle=":", linewidth=1, label=f"{target_mb} MB")
     ax.set_xscale("log")
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    plain = FuncFormatter(lambda value, _: f"{value:g}")
-    ax.xaxis.set_major_formatter(plain)
-    ax.xaxis.set_minor_formatter(plain)
-    ax.tick_params(axis="x", which="minor", labelsize=6)
+    # Labels at 1, 2, 5 x 10^k only: every minor label of a log axis crowds the next one.
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("index MB (every served byte, log scale)")
     ax.set_ylabel("nDCG@10")
     ax.set_title("Index sweep: quality vs size", fontsize=10)
-    ax.legend(fontsize=7, loc="lower right")
-    return _png(fig)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False)
+    return fig
+
+
+def sweep_png(points: Sequence[Mapping], chosen: Mapping | None = None,
+              target_ndcg: float | None = None, target_mb: float | None = None) -> bytes:
+    return _png(sweep_figure(points, chosen, target_ndcg, target_mb))
 
 
 def latency_png(times_ms: Sequence[float], target_ms: float | None = None) -> bytes:
