@@ -58,3 +58,10 @@ def test_the_readme_lists_every_check():
                 for assets_def in defs.assets if isinstance(assets_def, dg.AssetsDefinition)
                 for spec in assets_def.check_specs}
     assert documented == declared
+
+
+def test_the_shipped_instance_shows_no_onboarding_dialog(tiny_dagster_home):
+    """The project's dagster.yaml turns off Dagster's "Join the community" dialog (`nux`), which
+    would cover a new user's first page of the UI."""
+    with dg.DagsterInstance.from_config(str(tiny_dagster_home)) as instance:
+        assert instance.nux_enabled is False and instance.get_settings("telemetry") == {"enabled": False}
