@@ -195,7 +195,8 @@ def ladder_figure(scores: Mapping[str, float], target: float | None = None,
     if target is not None:
         ax.axhline(target, color="#c44e52", linestyle="--", label=f"target {target:.2f}")
         ax.legend(loc="lower left", bbox_to_anchor=(0, 1.08), fontsize=8, frameon=False)
-    ax.set_xticks(range(len(names)), [n.replace("_", "\n", 1) for n in names], fontsize=7)
+    # Long names wrap at their underscores and at " (": neighbouring labels never run into each other.
+    ax.set_xticks(range(len(names)), [n.replace("_", "\n").replace(" (", "\n(") for n in names], fontsize=7)
     ax.set_ylim(0, 1)
     ax.set_ylabel("nDCG@10")
     ax.set_title(title, fontsize=10)

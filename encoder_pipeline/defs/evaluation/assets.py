@@ -267,7 +267,8 @@ def eval_report(context: dg.AssetExecutionContext, config: ReportConfig,
     shown = {name: r.means["ndcg@10"] for name, r in results.items()}
     figures = {
         "ladder.png": lib_report.ladder_png(
-            {(f"{name} (corpus)" if corpus_differs and results[name].haystack == CORPUS else name): score
+            {(f"{name} (corpus)" if corpus_differs and results[name].haystack == CORPUS
+              and not name.endswith("@corpus") else name): score
              for name, score in shown.items()}, targets.ndcg_at_10),
         "sweep.png": lib_report.sweep_png(sweep["points"], sweep["chosen"], targets.ndcg_at_10,
                                           targets.index_mb),
