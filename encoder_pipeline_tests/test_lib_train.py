@@ -286,6 +286,8 @@ def test_pick_merge_keeps_a_merge_only_when_it_beats_the_base_beyond_noise():
     assert pick_merge(worse)["weight"] == 0.0
     tie = {1.0: {q: 0.8 for q in queries}, 0.75: {q: 0.8 for q in queries}, 0.0: base}
     assert pick_merge(tie)["weight"] == 1.0  # ties go to more fine-tuning
+    with pytest.raises(ValueError, match="must include 0.0"):
+        pick_merge({1.0: base})
 
 
 def test_a_merge_that_cannot_beat_the_base_gives_the_base_and_leaves_the_model_alone(pairs):

@@ -413,6 +413,8 @@ def pick_merge(per_query: dict[float, dict[str, float]], seed: int = 0) -> dict:
     Returns {weight, dev_ndcg_at_10: {share: mean}, p_vs_base, rule}."""
     from encoder_pipeline.lib.report import paired_randomization_test
 
+    if 0.0 not in per_query:
+        raise ValueError("the merge shares must include 0.0 (the base model): it is what a merge must beat")
     scores = {w: float(np.mean(list(q.values()))) if q else 0.0 for w, q in per_query.items()}
     best = max(scores, key=lambda w: (scores[w], w))
     p = paired_randomization_test(per_query[best], per_query[0.0], seed=seed)[1]
