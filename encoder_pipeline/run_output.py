@@ -1,6 +1,6 @@
 """What `encoder-pipeline materialize` prints: one line per stage as it starts and finishes (seconds
-and the asset's key counts), the stages' own progress lines (the corpus encodes log a rate and an
-ETA), a failed blocking check, and a failed stage's one-line reason; not Dagster's DEBUG event
+and the asset's key counts), the stages' own progress lines (training and the corpus encodes log a
+rate and an ETA), a failed blocking check, and a failed stage's one-line reason; not Dagster's DEBUG event
 stream, which `--verbose` brings back. A Dagster logger, so it sees the run's events as they happen."""
 
 from __future__ import annotations

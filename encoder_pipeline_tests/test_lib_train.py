@@ -264,7 +264,10 @@ def test_interpolation_mixes_each_weight_with_the_base_model_and_leaves_added_mo
 def test_training_with_weight_zero_gives_back_the_base_model(pairs, tmp_path):
     config = TrainingConfig(batch_size=8, max_seq_length=32, max_steps=2, learning_rate=1e-3,
                             fine_tuned_weight=0.0)
-    train_encoder(encoders.DEFAULT_BASE_MODEL, pairs.head(16), tmp_path, config)
+    reported = []
+    train_encoder(encoders.DEFAULT_BASE_MODEL, pairs.head(16), tmp_path, config,
+                  progress=lambda step, total: reported.append((step, total)))
+    assert reported == [(1, 2), (2, 2)]  # progress (for the run's ETA line) every tenth and at the end
     trained = encoders.load_encoder(str(tmp_path / "model"), max_seq_length=32)
     base = encoders.load_encoder(encoders.DEFAULT_BASE_MODEL, max_seq_length=32)
     np.testing.assert_allclose(  # the rotation appended after training keeps every inner product

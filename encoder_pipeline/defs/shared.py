@@ -49,8 +49,9 @@ def publish(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource,
 
 
 class ProgressLog:
-    """A `progress(done, total)` callback that logs `what` with a rate and an ETA, and keeps how many
-    texts it saw encoded and how long that took (for metadata: the whole-corpus encode's own line)."""
+    """A `progress(done, total)` callback that logs `what` with a rate and an ETA (corpus encodes,
+    training steps), and keeps how many it saw done and how long that took (for metadata: the
+    whole-corpus encode's own line)."""
 
     def __init__(self, context: dg.AssetExecutionContext, what: str):
         self.context, self.what = context, what
@@ -60,8 +61,10 @@ class ProgressLog:
     def __call__(self, done: int, total: int) -> None:
         self.done, self.seconds = done, time.perf_counter() - self.started
         eta = self.seconds / max(done, 1) * (total - done)
+        rate = done / max(self.seconds, 1e-9)
+        shown = f"{rate:.1f}" if rate < 10 else f"{rate:.0f}"  # training steps come slower than texts
         self.context.log.info(f"{self.what}: {done:,} of {total:,} ({done / max(total, 1):.0%}), "
-                              f"{done / max(self.seconds, 1e-9):.0f}/s, about {eta:.0f} s left")
+                              f"{shown}/s, about {eta:.0f} s left")
 
     def metadata(self, prefix: str) -> dict:
         return {f"{prefix}_units_encoded": dg.MetadataValue.int(self.done),

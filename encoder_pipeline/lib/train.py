@@ -37,7 +37,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -195,7 +195,8 @@ class TrainingResult:
 def train_encoder(base_model: str, rows: pd.DataFrame, output_dir: str | Path, config: TrainingConfig,
                   dev: DevSet | None = None, checkpoint_dir: str | Path | None = None,
                   callbacks: Sequence[TrainerCallback] = (), devices: int | None = None,
-                  trust_remote_code: bool = False) -> TrainingResult:
+                  trust_remote_code: bool = False,
+                  progress: Callable[[int, int], None] | None = None) -> TrainingResult:
     """Fine-tune `base_model` on `rows`, save a sentence-transformers folder to `output_dir/model`.
 
     `checkpoint_dir` belongs to this run (default `output_dir/checkpoints`): if it holds checkpoints
@@ -204,6 +205,7 @@ def train_encoder(base_model: str, rows: pd.DataFrame, output_dir: str | Path, c
 
     `devices` (default: the GPUs present): with more than one, and unless this process is already a
     DDP rank (torchrun), training runs in that many processes, one per device (`run_distributed`).
+    `progress(step, total steps)` is called about every tenth of training (not across DDP processes).
     """
     if len(rows) < MIN_TRAINING_PAIRS:
         raise TrainingDataError(
@@ -271,7 +273,8 @@ def train_encoder(base_model: str, rows: pd.DataFrame, output_dir: str | Path, c
     trainer = SentenceTransformerTrainer(
         model=model, args=args, train_dataset=_dataset(rows, columns, teacher_scores),
         loss=loss, evaluator=dev.evaluator([quarter]) if dev else None,
-        callbacks=[clock, _Checkpointer(config.checkpoint_every_s), *callbacks],
+        callbacks=[clock, _Checkpointer(config.checkpoint_every_s), *callbacks,
+                   *([_Progress(progress)] if progress else [])],
     )
     started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -495,6 +498,17 @@ class _StepClock(TrainerCallback):
         now = time.perf_counter()
         self.seconds += now - self._mark
         self._mark = now
+
+
+class _Progress(TrainerCallback):
+    """Reports (step, total steps) about every tenth of training and at its last step."""
+
+    def __init__(self, report: Callable[[int, int], None]) -> None:
+        self.report = report
+
+    def on_step_end(self, args, state, control, **kwargs) -> None:
+        if state.global_step % max(1, state.max_steps // 10) == 0 or state.global_step == state.max_steps:
+            self.report(state.global_step, state.max_steps)
 
 
 class _Checkpointer(TrainerCallback):

@@ -8,7 +8,7 @@ from dataclasses import asdict
 import dagster as dg
 import pandas as pd
 
-from encoder_pipeline.defs.shared import domain_spec, publish
+from encoder_pipeline.defs.shared import ProgressLog, domain_spec, publish
 from encoder_pipeline.defs.training_data.assets import heuristic_pairs, mined_negatives, synthetic_queries
 from encoder_pipeline.domains import domain_partitions
 from encoder_pipeline.lib.artifacts import ArtifactStore
@@ -106,7 +106,8 @@ def build_rung(name: str, data_label: str, rows_fn: RowsFn, deps: list) -> dg.As
                 # Checkpoints live outside the staging folder so that a re-run after a crash resumes.
                 result = train_encoder(settings.base_model, rows, staging, config, dev,
                                        checkpoint_dir=store.domain_dir(spec.name) / "_checkpoints" / name,
-                                       trust_remote_code=spec.trust_remote_code)
+                                       trust_remote_code=spec.trust_remote_code,
+                                       progress=ProgressLog(context, f"training {name} (steps)"))
             except TrainingDataError as error:
                 raise dg.Failure(f"domain '{spec.name}', {name}: {error}") from error
             revision = model_fingerprint(str(staging / MODEL_DIR))
