@@ -278,13 +278,15 @@ def train_encoder(base_model: str, rows: pd.DataFrame, output_dir: str | Path, c
     )
     started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    base = load_encoder(base_model, config.max_seq_length, trust_remote_code)
-    merge = (choose_merge(model, base, dev, config.seed) if config.fine_tuned_weight is None and dev
+    def base() -> SentenceTransformer:  # loaded only when a merge needs it
+        return load_encoder(base_model, config.max_seq_length, trust_remote_code)
+
+    merge = (choose_merge(model, base(), dev, config.seed) if config.fine_tuned_weight is None and dev
              else {"weight": 1.0 if config.fine_tuned_weight is None else config.fine_tuned_weight,
                    "rule": "no dev slice" if config.fine_tuned_weight is None else "set in the spec"})
     weight = merge["weight"]
     if weight < 1.0:
-        interpolate_with_base(model, base, weight)
+        interpolate_with_base(model, base(), weight)
     if config.order_dimensions:
         documents = list(dict.fromkeys([*rows["positive"], *(dev.corpus.values() if dev else ())]))
         order_dimensions_by_variance(model, documents, config.rotation_sample, config.seed)
