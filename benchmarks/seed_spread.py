@@ -49,6 +49,7 @@ from encoder_pipeline.lib.layout import (
     read_synthetic,
 )
 from encoder_pipeline.lib.metrics import dense_run, evaluate
+from encoder_pipeline.lib.teacher import TeacherEmbedder
 from encoder_pipeline.lib.train import TrainingConfig, interpolate_with_base, train_encoder
 from encoder_pipeline.lib.vector_cache import cached_embeddings
 from encoder_pipeline.profiles import get_profile
@@ -112,7 +113,7 @@ def main() -> None:
     parser.add_argument("--teacher", help="re-mine hard negatives with this teacher before training")
     parser.add_argument("--variants", nargs="+", help="only these variants (default: all)")
     parser.add_argument("--distill-weight", type=float,
-                        help="default: the domain spec's training.distill_weight")
+                        help="default: the domain spec's training.distill_weight, else the recipe's")
     parser.add_argument("--fine-tuned-weights", type=float, nargs="+",
                         help="default: the domain spec's training.fine_tuned_weight, else 1")
     args = parser.parse_args()
@@ -137,7 +138,11 @@ def main() -> None:
     # Unset in the spec, the pipeline chooses the share on the dev slice; here each share is scored.
     weights = args.fine_tuned_weights or [1.0 if spec.training.fine_tuned_weight is None
                                           else spec.training.fine_tuned_weight]
-    distill_weight = spec.training.distill_weight if args.distill_weight is None else args.distill_weight
+    distill_weight = next(w for w in (args.distill_weight, spec.training.distill_weight,
+                                      TrainingConfig.distill_weight) if w is not None)
+    # The teacher that mined is the one distilled, as in the pipeline's rungs.
+    teacher = store.manifest(args.domain, "mined_negatives")["config"]["teacher"]
+    embedder = TeacherEmbedder(teacher, embeddings_cache(store, args.domain))
 
     def label(variant: str, weight: float) -> str:
         return variant if len(weights) == 1 else f"{variant}, fine-tuned weight {weight:g}"
@@ -153,8 +158,9 @@ def main() -> None:
                 started = time.perf_counter()
                 train_encoder(encoders.DEFAULT_BASE_MODEL, rows, work,
                               TrainingConfig(epochs=sizes.epochs, min_batch_size=sizes.batch_size, seed=seed,
-                                             fine_tuned_weight=1.0, distill_weight=distill_weight),
-                              dev_set(store, args.domain, 0, sizes.dev_distractors))
+                                             fine_tuned_weight=1.0, distill_weight=distill_weight,
+                                             teacher=encoders.model_fingerprint(teacher)),
+                              dev_set(store, args.domain, 0, sizes.dev_distractors), teacher=embedder)
                 took = time.perf_counter() - started
                 trained = encoders.load_encoder(str(Path(work) / "model"), fresh=True)
                 fine_tuned = {key: tensor.clone() for key, tensor in trained.state_dict().items()}
@@ -172,7 +178,7 @@ def main() -> None:
     print("| system | rows | nDCG@10 mean | std | vs off-the-shelf | train s |\n|---|---|---|---|---|---|")
     print(f"| off-the-shelf | - | {base:.4f} | 0 | - | - |")
     summary = {"domain": args.domain, "ablation": args.ablation, "seeds": args.seeds,
-               "mining_teacher": store.manifest(args.domain, "mined_negatives")["config"]["teacher"],
+               "teacher": teacher,
                "distill_weight": distill_weight, "off_the_shelf": base, "variants": {}}
     for name, values in scores.items():
         mean = statistics.mean(values)

@@ -180,11 +180,12 @@ class TrainingSpec(_Strict):
         "ones plus the rest of the base model's. Unset: chosen per rung on the dev slice among 1, 0.75, "
         "0.5, 0.25 and 0 (the base model, when no merge beats it beyond noise); set it to override.")
     teacher_model: str = Field(
-        "", description="The encoder that mines this domain's hard negatives (and whose scores are "
-        "distilled); empty: the base model. The run's `settings.teacher_model` overrides it.")
-    distill_weight: float = Field(
-        0.0, ge=0, description="Weight of distilling the mining teacher's scores of each mined row "
-        "(positive and hard negatives; KL at the InfoNCE scale) in the hard-negatives rung; 0: off.")
+        "", description="Override of the teacher (it mines hard negatives, and its scores of each "
+        "batch are distilled into every rung); empty: the profile's (all-mpnet-base-v2 by default). "
+        "The run's `settings.teacher_model` overrides both.")
+    distill_weight: float | None = Field(
+        None, ge=0, description="Override of the weight of distilling the teacher's scores of each "
+        "query's in-batch candidates (KL at the InfoNCE scale); unset: the recipe's 1.0; 0: off.")
 
 
 class DomainSpec(_Strict):

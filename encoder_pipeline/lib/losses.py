@@ -1,6 +1,5 @@
-"""The ladder's contrastive loss: InfoNCE over in-batch (and mined) negatives, plus a Global
-Orthogonal Regularization term and, for mined rows that carry the teacher's scores, an optional
-distillation term; optionally GradCache'd, under MatryoshkaLoss.
+"""The ladder's loss: InfoNCE over in-batch (and mined) negatives, a Global Orthogonal
+Regularization term and a teacher-distillation term; optionally GradCache'd, under MatryoshkaLoss.
 
 How the levers compose (the reason this module exists):
 
@@ -18,10 +17,18 @@ How the levers compose (the reason this module exists):
   that dim's weight and with GOR's 1/d floor for that dim. The uncached path gets the same: its
   forward is called once per dim on the truncated embeddings. Spreading each prefix out is the point
   for truncated retrieval.
-- The distillation term (`distillation_term`) rides the same way: it reads the row-aligned
-  (anchor, positive, negative_1..N) embeddings and the labels (the teacher's scores), so under
-  GradCache it is computed in `calculate_loss` on the full batch and back-propagated through the
-  cache, and under Matryoshka it applies at every dim.
+- The distillation term (`distillation_term`) rides the same way. Its labels are the teacher's own
+  embeddings of every text of the row (query, positive, negative_1..N), so the teacher's scores can
+  be computed for whatever batch the sampler draws: each query against every candidate in the batch
+  (all positives and mined negatives), exactly the candidates InfoNCE ranks. Rows with mined
+  negatives thus learn the teacher's ranking of their own candidates, rows without them (the
+  heuristic and synthetic rungs) the teacher's in-batch score matrix, and the rungs still differ
+  only in their data. Under GradCache it is computed in `calculate_loss` on the full batch and
+  back-propagated through the cache; under Matryoshka it applies at every dim (the teacher's side
+  stays at its own width).
+  Why not sentence-transformers' `MarginMSELoss` (GPL's loss): it needs precomputed per-row
+  margins, so it cannot score in-batch candidates (rows without mined negatives would get no
+  teacher signal), and as a second loss it would run a second forward pass outside GradCache.
 - The uncached variant (`MNRLWithGOR`) computes the identical objective; `test_lib_train.py` checks
   the two give the same parameter gradients. With one mini-batch GradCache buys no memory and costs
   an extra no-grad forward pass, so `train.py` uses it only when the batch exceeds `mini_batch_size`.
@@ -57,14 +64,24 @@ def gor_term(gor: GlobalOrthogonalRegularizationLoss, embeddings: list[Tensor]) 
     return sum(gor.compute_loss_from_embeddings(embeddings).values())
 
 
-def distillation_term(embeddings: list[Tensor], teacher_scores: Tensor, scale: float) -> Tensor:
-    """KL(teacher || student) over each row's candidates (positive, negative_1..N), both softmaxed at
-    the InfoNCE scale: the student learns the teacher's ranking of the mined candidates (GPL's use
-    of a teacher's scores, with KL over the row instead of MarginMSE's per-pair margins)."""
+def distillation_term(embeddings: list[Tensor], teacher_embeddings: Tensor, scale: float) -> Tensor:
+    """KL(teacher || student) over each query's in-batch candidates, both softmaxed at the InfoNCE
+    scale: the student learns the teacher's ranking of every candidate InfoNCE ranks (GPL's use of a
+    teacher's scores, listwise over the batch instead of MarginMSE's per-pair margins).
+
+    `teacher_embeddings` holds, per row, the teacher's embeddings of the row's texts in column order
+    (query, positive, negative_1..N), flattened to one vector: shape (rows, columns * teacher dim).
+    The candidates are ordered as MultipleNegativesRankingLoss orders them (every positive, then
+    every negative_1, ...). Under DDP the term stays per device (the teacher's side is not gathered).
+    """
+    rows, columns = embeddings[0].shape[0], len(embeddings)
+    teacher = F.normalize(teacher_embeddings.to(embeddings[0]).reshape(rows, columns, -1), dim=-1)
+    teacher_candidates = teacher[:, 1:].transpose(0, 1).reshape(-1, teacher.shape[-1])
     anchors = F.normalize(embeddings[0], dim=-1)
-    candidates = F.normalize(torch.stack(embeddings[1:], dim=1), dim=-1)
-    student = scale * torch.einsum("bd,bkd->bk", anchors, candidates)
-    return F.kl_div(F.log_softmax(student, dim=-1), F.log_softmax(scale * teacher_scores.to(student), dim=-1),
+    candidates = F.normalize(torch.cat(embeddings[1:]), dim=-1)
+    student = scale * anchors @ candidates.T
+    target = scale * teacher[:, 0] @ teacher_candidates.T
+    return F.kl_div(F.log_softmax(student, dim=-1), F.log_softmax(target, dim=-1),
                     log_target=True, reduction="batchmean")
 
 
@@ -73,7 +90,7 @@ class MNRLWithGOR(nn.Module):
                  gather_across_devices: bool = False, distill_weight: float = 0.0) -> None:
         """
         MultipleNegativesRankingLoss plus `gor_weight` times a Global Orthogonal Regularization term
-        (and, given the teacher's scores as labels, `distill_weight` times `distillation_term`),
+        (and, given the teacher's embeddings as labels, `distill_weight` times `distillation_term`),
         computed from one forward pass.
 
         Args:
@@ -82,21 +99,21 @@ class MNRLWithGOR(nn.Module):
             scale: InfoNCE logit scale (1 / temperature)
             gather_across_devices: under DDP, every device's candidates are each anchor's negatives
                 (the GOR term stays per device)
-            distill_weight: weight of `distillation_term` when labels (teacher scores) are given
+            distill_weight: weight of `distillation_term` when labels (teacher embeddings) are given
 
         References:
             - InfoNCE with in-batch negatives: https://huggingface.co/papers/1705.00652
             - GOR: https://huggingface.co/papers/1708.06320; EmbeddingGemma's use of it:
               https://huggingface.co/papers/2509.20354
-            - Distilling a teacher's scores of mined negatives (GPL):
+            - Distilling a teacher's scores (GPL):
               https://huggingface.co/papers/2112.07577
 
         Inputs:
             +-------------------------------------------------+-------------------------------------+
             | Inputs                                          | Labels                              |
             +=================================================+=====================================+
-            | (anchor, positive, negative_1, ..., negative_n) | none, or the teacher's scores of    |
-            |                                                 | (positive, negative_1..n) per row   |
+            | (anchor, positive, negative_1, ..., negative_n) | none, or the teacher's embeddings   |
+            |                                                 | of the row's texts, flattened       |
             +-------------------------------------------------+-------------------------------------+
 
         Relations:
@@ -142,7 +159,7 @@ class CachedMNRLWithGOR(CachedMultipleNegativesRankingLoss):
             mini_batch_size: texts per forward pass; bounds activation memory
             gather_across_devices: under DDP, every device's candidates are each anchor's negatives
                 (the GOR term stays per device)
-            distill_weight: weight of `distillation_term` when labels (teacher scores) are given
+            distill_weight: weight of `distillation_term` when labels (teacher embeddings) are given
 
         References:
             - GradCache: https://huggingface.co/papers/2101.06983
@@ -194,7 +211,7 @@ def contrastive_loss(model: SentenceTransformer, *, gradcache: bool, mini_batch_
     """The training loss: (Cached)MNRLWithGOR, under MatryoshkaLoss when `matryoshka_dims` is given.
 
     Columns in: `query`, `positive`, then optional `negative_1..N`; labels (optional): the teacher's
-    scores of (positive, negative_1..N) per row, distilled with `distill_weight`.
+    embeddings of each row's texts (`distillation_term`), distilled with `distill_weight`.
     """
     if gradcache:
         loss: nn.Module = CachedMNRLWithGOR(model, gor_weight, scale, mini_batch_size, gather_across_devices,
@@ -213,7 +230,7 @@ def describe_loss(gradcache: bool, mini_batch_size: int, matryoshka_dims: Sequen
     if gor_weight:
         core += f" + {gor_weight:g} GOR"
     if distill_weight:
-        core += f" + {distill_weight:g} KL(teacher scores)"
+        core += f" + {distill_weight:g} KL(teacher, in-batch)"
     if matryoshka_dims:
         core = f"Matryoshka({'/'.join(str(d) for d in matryoshka_dims)}) of {core}"
     return core

@@ -34,8 +34,8 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.util import mine_hard_negatives
 
 from encoder_pipeline.lib.encoders import encode, inference_precision, load_encoder
-from encoder_pipeline.lib.engines import embed_texts, on_ray
 from encoder_pipeline.lib.index import on_gpus
+from encoder_pipeline.lib.vector_cache import cached_embeddings
 
 
 @dataclass(frozen=True)
@@ -84,15 +84,17 @@ class MiningResult:
 
 def mine_negatives(pairs: pd.DataFrame, corpus: Sequence[str], teacher: SentenceTransformer | str,
                    config: MiningConfig, cache_dir: str | Path, bf16: bool = True,
-                   trust_remote_code: bool = False) -> MiningResult:
+                   trust_remote_code: bool = False, vector_cache: str | Path | None = None) -> MiningResult:
     """Mine negatives for each (query, positive) from `corpus` (which must exclude eval documents).
 
     `cache_dir` must be specific to the teacher: mine_hard_negatives keys its embedding cache by the
     texts only (plus the model card's base-model name, often empty). Queries are mined in chunks of
     `query_chunk_size`; the corpus is embedded once and reused from that cache by every chunk.
-    When Daft runs on Ray and `teacher` is a name or folder, the corpus is embedded there first
-    (`engines.embed_texts`) and handed to mine_hard_negatives through that cache. FAISS searches
-    run on the GPUs when faiss-gpu sees any (mine_hard_negatives clones its index itself).
+    When `teacher` is a name or folder, the corpus and each chunk's queries are embedded first
+    through the shared embedding cache (`vector_cache`, default `cache_dir`; on Ray when Daft runs
+    there) and handed to mine_hard_negatives through its own cache, so what the teacher embedded for
+    the rows' labels or the report is not embedded again. FAISS searches run on the GPUs when
+    faiss-gpu sees any (mine_hard_negatives clones its index itself).
     """
     model = (load_encoder(teacher, trust_remote_code=trust_remote_code) if isinstance(teacher, str)
              else teacher)
@@ -101,14 +103,19 @@ def mine_negatives(pairs: pd.DataFrame, corpus: Sequence[str], teacher: Sentence
     # corpus, and a corpus that differed per chunk would miss the embedding cache every time.
     corpus = list(dict.fromkeys([*corpus, *pairs["positive"]]))
     dense_negatives = config.num_negatives - config.bm25_negatives
-    if isinstance(teacher, str) and on_ray():
-        corpus_cache = _cache_path(model, "corpus", corpus, cache_dir)
-        if not corpus_cache.exists():
-            corpus_cache.parent.mkdir(parents=True, exist_ok=True)
-            partial = corpus_cache.with_suffix(f".{os.getpid()}.tmp.npy")  # renamed whole, never torn
-            np.save(partial, embed_texts(teacher, corpus, model.max_seq_length, bf16,
-                                         trust_remote_code=trust_remote_code))
-            os.replace(partial, corpus_cache)
+
+    def prefill(kind: str, texts: list[str]) -> None:
+        if isinstance(teacher, str):
+            target = _cache_path(model, kind, texts, cache_dir)
+            if not target.exists():
+                vectors = cached_embeddings(teacher, texts, vector_cache or cache_dir, model.max_seq_length,
+                                            bf16, trust_remote_code)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                partial = target.with_suffix(f".{os.getpid()}.tmp.npy")  # renamed whole, never torn
+                np.save(partial, vectors)
+                os.replace(partial, target)
+
+    prefill("corpus", corpus)
     bm25 = _bm25_index(corpus) if config.bm25_negatives else None
     frames, candidates, dropped, samples = [], 0, 0, []
     corpus_vectors, index = None, None
@@ -117,6 +124,7 @@ def mine_negatives(pairs: pd.DataFrame, corpus: Sequence[str], teacher: Sentence
     query_number = pairs.groupby("query", sort=False).ngroup()
     chunks = pairs.groupby(query_number // config.query_chunk_size, sort=True)
     for number, (_, part) in enumerate(chunks):
+        prefill("query", list(dict.fromkeys(part["query"])))
         with inference_precision(bf16), _seeded(config.seed + number):
             mined = mine_hard_negatives(
                 Dataset.from_pandas(part, preserve_index=False),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -22,6 +23,7 @@ from encoder_pipeline.lib.evaluation import CORPUS, SAMPLE, Evaluated
 CANDIDATE = "served_index"
 CURRENTLY_SERVED = "currently_served"
 HYBRID = "hybrid_bm25_served"
+TEACHER = "teacher"  # the teacher off the shelf: the ceiling, on the training sample
 TARGET_NAMES = {"ndcg_at_10": ("nDCG@10", "ndcg@10", ">="), "p95_latency_ms": ("p95 latency ms", "p95_ms", "<="),
                 "index_mb": ("index MB", "index_mb", "<="),
                 "usd_per_1k_queries": ("$/1k queries", "usd_per_1k_queries", "<=")}
@@ -66,12 +68,15 @@ def verdict(target: float, off_the_shelf: float, served: Mapping[str, Any]) -> s
 def build_report(*, facts: Mapping[str, Any], haystacks: Mapping[str, dict], results: Mapping[str, Evaluated],
                  rungs: list[str], candidate: Mapping[str, Any], serving: Mapping[str, Serving],
                  targets: Mapping[str, float], currently_served: dict | None, tolerance: float,
-                 iterations: int, seed: int, **extra: Any) -> dict[str, Any]:
+                 iterations: int, seed: int, teacher: Mapping[str, Any] | None = None,
+                 **extra: Any) -> dict[str, Any]:
     """The report. `facts`: domain, unit, query form, relevance, eval queries, evidence. `results`:
     every system evaluated (see lib.evaluation). `candidate`: the candidate index's choice (rung,
     revision, dims, precision). `serving`: `Serving` of the candidate and of the off-the-shelf model
     (keys CANDIDATE and "off_the_shelf"). `currently_served`: the served version's info, with its
-    recorded nDCG@10, or None. `extra` (sweep, latency, costs, ...) is stored as given."""
+    recorded nDCG@10, or None. `teacher`: the teacher that trained the rungs (model, fallback); when
+    it is not the base model, `results` and `serving` carry it as TEACHER. `extra` (sweep, latency,
+    costs, ...) is stored as given."""
     systems = {name: {**r.means, "haystack": r.haystack} for name, r in results.items()}
     per_query = {name: r.per_query for name, r in results.items()}
     baseline = baseline_name(CORPUS if "off_the_shelf@corpus" in results else SAMPLE)
@@ -84,6 +89,10 @@ def build_report(*, facts: Mapping[str, Any], haystacks: Mapping[str, dict], res
     before = {**results[baseline].means, **vars(serving["off_the_shelf"])}
     served["targets_met"] = {name: (served[key] >= targets[name] if rule == ">=" else served[key] <= targets[name])
                              for name, (_, key, rule) in TARGET_NAMES.items()}
+    if teacher is not None and TEACHER in results:
+        diff, p = vs_baseline[TEACHER]
+        teacher = {**teacher, **results[TEACHER].means, "haystack": results[TEACHER].haystack,
+                   "diff_vs_off_the_shelf": diff, "p_vs_off_the_shelf": p, **vars(serving[TEACHER])}
     current_ndcg = None
     if currently_served is not None:
         current_ndcg = (results[CURRENTLY_SERVED].means["ndcg@10"] if CURRENTLY_SERVED in results
@@ -117,6 +126,7 @@ def build_report(*, facts: Mapping[str, Any], haystacks: Mapping[str, dict], res
                       **stats.migration(results[old].run, results[CANDIDATE].run)},
         "currently_served": currently_served,
         "promotion": {"safe": safe, "reason": reason, "tolerance": tolerance},
+        "teacher": dict(teacher) if teacher is not None else None,
         **extra,
     }
 
@@ -165,6 +175,27 @@ def _haystack_words(report: Mapping[str, Any], key: str) -> str:
     return f"{hay['what']}: {hay['units']:,} units of {hay['documents']:,} documents"
 
 
+def teacher_words(report: Mapping[str, Any]) -> str:
+    """The teacher off the shelf beside the off-the-shelf model: the ceiling, and its serving cost."""
+    teacher = report.get("teacher")
+    if not teacher:
+        return ""
+    fallback = f" {teacher['fallback']}." if teacher.get("fallback") else ""
+    if "ndcg@10" not in teacher:
+        return f"## The teacher\n\nThe base model taught ({teacher['model']}).{fallback}\n\n"
+    off_the_shelf = report["systems"]["off_the_shelf"]["ndcg@10"]
+    table = pd.DataFrame([{
+        "": f"teacher off the shelf ({Path(teacher['model']).name}, fp32 flat)",
+        "nDCG@10 (sample)": round(teacher["ndcg@10"], 4), "Δ vs off-the-shelf": _diff(teacher["diff_vs_off_the_shelf"]),
+        "p": _p(teacher["p_vs_off_the_shelf"]), "p95 ms": round(teacher["p95_ms"], 2),
+        "index MB (whole corpus)": round(teacher["index_mb"], 3),
+        "$/1k queries": round(teacher["usd_per_1k_queries"], 6)}])
+    return (f"## The teacher off the shelf (the ceiling)\n\nThe teacher distilled into every rung, served "
+            f"as it is: what it scores on the training sample ({off_the_shelf:.4f} for the off-the-shelf "
+            f"model there) and what serving it would cost (p95 timed over the sample's index; size for "
+            f"every unit of the corpus at its own width).{fallback}\n\n{table.to_markdown(index=False)}\n\n")
+
+
 def render(report: Mapping[str, Any], image: Callable[[str, str], str]) -> str:
     """The report as markdown; `image(file, alt)` places a figure (a link, or an inline data URI)."""
     served, before = report["after"], report["before"]
@@ -210,7 +241,7 @@ def render(report: Mapping[str, Any], image: Callable[[str, str], str]) -> str:
         f"One-off build cost (not in $/1k queries): training {costs['training_seconds']:.0f} s "
         f"(${costs['training_usd']:.4f}); synthetic queries {costs['generation_seconds']:.0f} s, "
         f"{costs['llm_tokens']} tokens (${costs['generation_usd']:.4f} machine time + "
-        f"${costs['llm_api_usd']:.4f} API).\n\n{whole}"
+        f"${costs['llm_api_usd']:.4f} API).\n\n{whole}{teacher_words(report)}"
         f"## Ladder ({_haystack_words(report, SAMPLE)})\n\nPaired randomization test on per-query "
         f"nDCG@10 ({report['randomization_iterations']} relabelings); hybrid = BM25 + served index by "
         f"reciprocal-rank fusion.\n\n{ladder.to_markdown(index=False)}\n\n"

@@ -68,6 +68,8 @@ MIN_TRAINING_PAIRS = 16
 MIN_STEPS_PER_EPOCH = 64
 NEGATIVE_COLUMN = re.compile(r"^negative_\d+$")
 DEV_METRIC = "dev_cosine_ndcg@10"
+TEACHER_COLUMN = "teacher_embeddings"  # per row: the teacher's embeddings of its texts, flattened
+Teacher = Callable[[list[str]], np.ndarray]  # texts -> the teacher's embeddings, one row per text
 RUN_FILE = "run.json"
 # Fine-tuned shares tried on the dev slice (LM-Cocktail / WiSE-FT); 0.0 is the base model itself.
 MERGE_WEIGHTS = (1.0, 0.75, 0.5, 0.25, 0.0)
@@ -88,9 +90,10 @@ class TrainingConfig:
     gradcache: bool | None = None  # None: only when a device's batch exceeds mini_batch_size
     matryoshka_dims: tuple[int, ...] | None = None  # None: full, 1/2, 1/4, 1/8 of the model; (): off
     gor_weight: float = 0.1  # Global Orthogonal Regularization (second moment), 0 turns it off
-    # Weight of distilling the mining teacher's scores of each row's candidates (rows that carry
-    # `score_positive`, `score_negative_1..N`); 0 turns it off.
-    distill_weight: float = 0.0
+    # Weight of distilling the teacher's scores of each query's in-batch candidates (when
+    # `train_encoder` is given a teacher; `losses.distillation_term`); 0 turns it off.
+    distill_weight: float = 1.0
+    teacher: str = ""  # the teacher's revision: part of what a resumed checkpoint must match
     learning_rate: float = 5e-5
     warmup_ratio: float = 0.1
     max_seq_length: int = 128
@@ -196,8 +199,13 @@ def train_encoder(base_model: str, rows: pd.DataFrame, output_dir: str | Path, c
                   dev: DevSet | None = None, checkpoint_dir: str | Path | None = None,
                   callbacks: Sequence[TrainerCallback] = (), devices: int | None = None,
                   trust_remote_code: bool = False,
-                  progress: Callable[[int, int], None] | None = None) -> TrainingResult:
+                  progress: Callable[[int, int], None] | None = None,
+                  teacher: Teacher | None = None) -> TrainingResult:
     """Fine-tune `base_model` on `rows`, save a sentence-transformers folder to `output_dir/model`.
+
+    `teacher(texts)` gives a teacher's embeddings of texts: every row then carries the teacher's
+    embeddings of its texts, and the loss distils the teacher's scores of each query's in-batch
+    candidates with `config.distill_weight` (set `config.teacher` to its revision).
 
     `checkpoint_dir` belongs to this run (default `output_dir/checkpoints`): if it holds checkpoints
     of the same inputs (model, rows, config, dev set), training resumes from the last one; it is
@@ -212,6 +220,9 @@ def train_encoder(base_model: str, rows: pd.DataFrame, output_dir: str | Path, c
             f"only {len(rows)} training rows; at least {MIN_TRAINING_PAIRS} are needed to train "
             "(add documents with structure, or enable synthetic queries)"
         )
+    columns = text_columns(rows)
+    if teacher is not None and config.distill_weight and TEACHER_COLUMN not in rows.columns:
+        rows = with_teacher_embeddings(rows, columns, teacher)  # once, before any DDP process starts
     devices = torch.cuda.device_count() if devices is None else devices
     if devices > 1 and distributed_world_size() == 1:
         if callbacks:
@@ -223,13 +234,8 @@ def train_encoder(base_model: str, rows: pd.DataFrame, output_dir: str | Path, c
             return TrainingResult(**json.loads(result_file.read_text()))
     output_dir = Path(output_dir)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else output_dir / "checkpoints"
-    columns = ["query", "positive"] + sorted((c for c in rows.columns if NEGATIVE_COLUMN.match(c)),
-                                             key=lambda c: int(c.split("_")[1]))
-    scores = [f"score_{c}" for c in columns[1:]]
-    # Distilled only where the rows carry the teacher's score of every candidate (mined rows).
-    carried = len(columns) > 2 and set(scores) <= set(rows.columns)
-    teacher_scores = scores if config.distill_weight and carried else []
-    rows = rows[columns + teacher_scores].reset_index(drop=True)
+    distilled = bool(config.distill_weight) and TEACHER_COLUMN in rows.columns
+    rows = rows[columns + ([TEACHER_COLUMN] if distilled else [])].reset_index(drop=True)
     batch_size = min(config.batch_size or auto_batch_size(len(rows), config.min_batch_size,
                                                            config.max_batch_size), len(rows))
     world_size = distributed_world_size()
@@ -268,10 +274,11 @@ def train_encoder(base_model: str, rows: pd.DataFrame, output_dir: str | Path, c
     )
     # Rank 0 clears a foreign checkpoint folder before the other ranks look into it.
     with args.main_process_first(local=False, desc="checkpoints"):
-        resume_from = _prepare_checkpoints(checkpoint_dir, _run_fingerprint(base_model, rows, config, dev))
+        resume_from = _prepare_checkpoints(checkpoint_dir, _run_fingerprint(base_model, rows[columns], config,
+                                                                             dev))
     clock = _StepClock()
     trainer = SentenceTransformerTrainer(
-        model=model, args=args, train_dataset=_dataset(rows, columns, teacher_scores),
+        model=model, args=args, train_dataset=_dataset(rows, columns, distilled),
         loss=loss, evaluator=dev.evaluator([quarter]) if dev else None,
         callbacks=[clock, _Checkpointer(config.checkpoint_every_s), *callbacks,
                    *([_Progress(progress)] if progress else [])],
@@ -320,7 +327,7 @@ def train_encoder(base_model: str, rows: pd.DataFrame, output_dir: str | Path, c
         dev_ndcg_at_10_truncated=round(kept["ndcg@10_truncated"], 4) if kept else float("nan"),
         loss=describe_loss(_gradcache(config, per_device), config.mini_batch_size,
                            _matryoshka_dims(config, dim), config.gor_weight,
-                           config.distill_weight if teacher_scores else 0.0),
+                           config.distill_weight if distilled else 0.0),
         best_step=int(best_step),
         resumed_from_step=_step_of(resume_from) if resume_from else 0,
         dev_history=history,
@@ -330,11 +337,28 @@ def train_encoder(base_model: str, rows: pd.DataFrame, output_dir: str | Path, c
     )
 
 
-def _dataset(rows: pd.DataFrame, columns: list[str], teacher_scores: list[str]) -> Dataset:
-    """The text columns in order, plus the teacher's scores as one `label` list per row."""
+def text_columns(rows: pd.DataFrame) -> list[str]:
+    """`query`, `positive`, then `negative_1..N` in order: the loss's column order."""
+    return ["query", "positive"] + sorted((c for c in rows.columns if NEGATIVE_COLUMN.match(c)),
+                                          key=lambda c: int(c.split("_")[1]))
+
+
+def with_teacher_embeddings(rows: pd.DataFrame, columns: list[str], teacher: Teacher) -> pd.DataFrame:
+    """`rows` plus TEACHER_COLUMN: per row, the teacher's embeddings of its texts in `columns` order,
+    flattened (the labels `losses.distillation_term` reads). Each distinct text is embedded once."""
+    texts = list(dict.fromkeys(rows[columns].to_numpy().ravel().tolist()))
+    vectors = np.asarray(teacher(texts), dtype=np.float32)
+    position = {text: i for i, text in enumerate(texts)}
+    rows_of = np.vectorize(position.__getitem__, otypes=[np.int64])(rows[columns].to_numpy())
+    flattened = vectors[rows_of].reshape(len(rows), -1)
+    return rows.assign(**{TEACHER_COLUMN: list(flattened)})
+
+
+def _dataset(rows: pd.DataFrame, columns: list[str], distilled: bool) -> Dataset:
+    """The text columns in order, plus the teacher's embeddings as one `label` vector per row."""
     data = rows[columns]
-    if teacher_scores:
-        data = data.assign(label=rows[teacher_scores].to_numpy().tolist())
+    if distilled:
+        data = data.assign(label=[vector.tolist() for vector in rows[TEACHER_COLUMN]])
     return Dataset.from_pandas(data, preserve_index=False)
 
 

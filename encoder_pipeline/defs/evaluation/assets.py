@@ -48,6 +48,7 @@ from encoder_pipeline.lib.report_page import (
     CANDIDATE,
     CURRENTLY_SERVED,
     HYBRID,
+    TEACHER,
     Serving,
     baseline_name,
     build_report,
@@ -96,6 +97,21 @@ def _served(model, index: LoadedIndex, bf16: bool):
         vector = encoders.encode(model, [query], batch_size=1, bf16=bf16)
         return index.search(vector, 10)
     return answer
+
+
+def _teacher_serving(teacher: str, stacks: dict[str, Haystack], answers: "_Systems", timing: list[str],
+                     corpus_units: int, usd_per_hour: float) -> Serving:
+    """The teacher served as it is (fp32 flat): latency timed over the training sample's index (its
+    vectors are cached from mining; encoding dominates), size for every unit of the corpus."""
+    sample = stacks[SAMPLE]
+    vectors = cached_embeddings(teacher, sample.texts, answers.cache, bf16=answers.bf16,
+                                trust_remote_code=answers.trust)
+    index = LoadedIndex(build_index(vectors, "flat"), list(sample.units["doc_id"]), sample.parents,
+                        list(sample.units["title"]), {})
+    model = encoders.load_encoder(teacher, trust_remote_code=answers.trust)
+    latency = latency_ms(_served(model, index, answers.bf16), timing)
+    return Serving(latency["p50_ms"], latency["p95_ms"], corpus_units * vectors.shape[1] * 4 / 1e6,
+                   usd_per_1k_queries(latency["mean_ms"], usd_per_hour))
 
 
 def _recording(answer: Callable[[str], object], times: list[float]) -> Callable[[str], object]:
@@ -191,9 +207,13 @@ def eval_report(context: dg.AssetExecutionContext, config: ReportConfig,
     index_dir = store.latest(spec.name, "embedding_index")
     candidate_index = load_index(index_dir, choice["revision"])
     candidate_model = encoders.load_encoder(choice["model_path"], trust_remote_code=trust)
+    trained = read_training_result(store, spec.name, choice["rung"])
+    teacher = {"model": trained.get("teacher") or settings.base_model, "fallback": trained.get("teacher_fallback")}
+    teaches = teacher["model"] != settings.base_model  # else the off-the-shelf row is the teacher's
     # The ladder on the training sample; what users get on the whole corpus.
     systems = [System("bm25", SAMPLE, answers.bm25),
                System("off_the_shelf", SAMPLE, answers.dense(settings.base_model)),
+               *([System(TEACHER, SAMPLE, answers.dense(teacher["model"]), "teacher")] if teaches else []),
                *(System(f"extra:{path}", SAMPLE, answers.dense(path), "extra") for path in spec.extra_models),
                *(System(rung, SAMPLE, answers.dense(str(rung_model_path(store, spec.name, rung))), "rung")
                  for rung in RUNGS)]
@@ -244,6 +264,8 @@ def eval_report(context: dg.AssetExecutionContext, config: ReportConfig,
                                  base_vectors.nbytes / 1e6 + (index_dir / IDS_FILE).stat().st_size / 1e6,
                                  usd_per_1k_queries(base_latency["mean_ms"], usd_per_hour)),
     }
+    if teaches:
+        serving[TEACHER] = _teacher_serving(teacher["model"], stacks, answers, timing, len(corpus), usd_per_hour)
     targets = spec.targets
     sweep = read_sweep(store, spec.name)
     report = build_report(
@@ -255,8 +277,8 @@ def eval_report(context: dg.AssetExecutionContext, config: ReportConfig,
                "eval_notes": split.notes},
         haystacks={key: hay.summary() for key, hay in stacks.items()}, results=results, rungs=RUNGS,
         candidate={**{key: choice.get(key) for key in ("rung", "revision", "dims", "precision")},
-                   "fine_tuned_weight": read_training_result(store, spec.name, choice["rung"]).get(
-                       "fine_tuned_weight", 1.0)},
+                   "fine_tuned_weight": trained.get("fine_tuned_weight", 1.0)},
+        teacher=teacher,
         serving=serving, targets=targets.model_dump(), currently_served=current_info,
         tolerance=config.promotion_tolerance, iterations=config.randomization_iterations, seed=settings.seed,
         extra_models={path: results[f"extra:{path}"].means for path in spec.extra_models},

@@ -8,7 +8,7 @@ from dataclasses import asdict
 import dagster as dg
 import pandas as pd
 
-from encoder_pipeline.defs.shared import ProgressLog, domain_spec, publish
+from encoder_pipeline.defs.shared import ProgressLog, domain_spec, embeddings_cache, publish
 from encoder_pipeline.defs.training_data.assets import heuristic_pairs, mined_negatives, synthetic_queries
 from encoder_pipeline.domains import domain_partitions
 from encoder_pipeline.lib.artifacts import ArtifactStore
@@ -24,6 +24,7 @@ from encoder_pipeline.lib.layout import (
     read_synthetic,
     rung_model_path,
 )
+from encoder_pipeline.lib.teacher import TeacherEmbedder
 from encoder_pipeline.lib.train import DevSet, TrainingConfig, TrainingDataError, train_encoder
 from encoder_pipeline.resources import ArtifactStoreResource, PipelineSettings
 
@@ -79,9 +80,9 @@ def build_rung(name: str, data_label: str, rows_fn: RowsFn, deps: list) -> dg.As
         deps=deps,
         automation_condition=dg.AutomationCondition.eager(),
         description=f"Encoder fine-tuned from the base model on {data_label} "
-                    "(MultipleNegativesRankingLoss + GOR under Matryoshka, GradCache when the batch "
-                    "exceeds the mini-batch, no-duplicates batches; the mining teacher's scores "
-                    "distilled where the rows carry them and the spec sets `distill_weight`); the "
+                    "(MultipleNegativesRankingLoss + GOR + the teacher's scores of each query's "
+                    "in-batch candidates distilled (KL), under Matryoshka, GradCache when the batch "
+                    "exceeds the mini-batch, no-duplicates batches); the "
                     "best epoch on the dev slice is kept, then merged with the base model at the "
                     "share of fine-tuned weights the dev slice prefers (the base model itself when "
                     "no merge beats it beyond noise); a crashed run resumes from its last checkpoint.",
@@ -93,29 +94,41 @@ def build_rung(name: str, data_label: str, rows_fn: RowsFn, deps: list) -> dg.As
         sizes = settings.sizes()
         rows = rows_fn(store, spec.name)
         # The batch grows with the pairs (auto_batch_size), from the profile's batch as its floor.
+        teacher = settings.teacher(spec.training.teacher_model)
+        if teacher.fallback:
+            context.log.warning(teacher.fallback)
+        distill = spec.training.distill_weight
         config = TrainingConfig(epochs=sizes.epochs, min_batch_size=sizes.batch_size, seed=settings.seed,
-                                fine_tuned_weight=spec.training.fine_tuned_weight,
-                                distill_weight=spec.training.distill_weight)
+                                fine_tuned_weight=spec.training.fine_tuned_weight, teacher=teacher.revision,
+                                **({} if distill is None else {"distill_weight": distill}))
+        embedder = TeacherEmbedder(teacher.model, embeddings_cache(store, spec.name), settings.bf16_inference,
+                                   spec.trust_remote_code,
+                                   progress=ProgressLog(context, f"embedding {name}'s rows with the teacher"))
         dev = dev_set(store, spec.name, settings.seed, sizes.dev_distractors)
         upstream = ["heuristic_pairs"] + [d.key.to_user_string() for d in deps
                                           if d.key.to_user_string() != "heuristic_pairs"]
         with publish(context, artifacts, settings,
-                     {"base_model": settings.base_model, "rows": data_label, **asdict(config)},
+                     {"base_model": settings.base_model, "rows": data_label, **asdict(config),
+                      **teacher.describe()},
                      upstream) as staging:
             try:
                 # Checkpoints live outside the staging folder so that a re-run after a crash resumes.
                 result = train_encoder(settings.base_model, rows, staging, config, dev,
                                        checkpoint_dir=store.domain_dir(spec.name) / "_checkpoints" / name,
                                        trust_remote_code=spec.trust_remote_code,
-                                       progress=ProgressLog(context, f"training {name} (steps)"))
+                                       progress=ProgressLog(context, f"training {name} (steps)"),
+                                       teacher=embedder)
             except TrainingDataError as error:
                 raise dg.Failure(f"domain '{spec.name}', {name}: {error}") from error
             revision = model_fingerprint(str(staging / MODEL_DIR))
-            (staging / TRAINING_FILE).write_text(json.dumps({**asdict(result), "revision": revision}))
+            (staging / TRAINING_FILE).write_text(json.dumps({**asdict(result), "revision": revision,
+                                                             **teacher.describe()}))
         return dg.MaterializeResult(metadata={
             "training_rows": dg.MetadataValue.int(result.training_rows),
             "batch_size": dg.MetadataValue.int(result.batch_size),
             "loss": result.loss,
+            "teacher": teacher.model,
+            **({"teacher_fallback": teacher.fallback} if teacher.fallback else {}),
             "fine_tuned_weight": dg.MetadataValue.float(result.fine_tuned_weight),  # 1.0: no merge, 0.0: the base
             "merge_rule": result.merge.get("rule", ""),
             **({"merge_dev_ndcg_at_10": dg.MetadataValue.md(pd.DataFrame(

@@ -210,8 +210,8 @@ def synthetic_queries(context: dg.AssetExecutionContext, artifacts: ArtifactStor
 def mined_negatives(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource,
                     settings: PipelineSettings) -> dg.MaterializeResult:
     """Hard negatives for every heuristic and synthetic pair, mined from the corpus minus eval
-    documents with the teacher (the run's, else the spec's, else the base model), its scores kept for
-    distillation; positive-aware: candidates scoring above 95% of the positive are dropped as likely
+    documents with the teacher (the run's, else the spec's, else the profile's: all-mpnet-base-v2 by
+    default, the base model when its packages are missing), its scores kept; positive-aware: candidates scoring above 95% of the positive are dropped as likely
     false negatives (NV-Retriever's TopK-PercPos), and 3 negatives are sampled from the teacher's top
     50 survivors. Dropped candidates are counted and sampled in the metadata."""
     spec = domain_spec(context)
@@ -219,18 +219,22 @@ def mined_negatives(context: dg.AssetExecutionContext, artifacts: ArtifactStoreR
     corpus = training_corpus(store, spec, settings)
     pairs = pd.concat([read_pairs(store, spec.name)[["query", "positive"]],
                        read_synthetic(store, spec.name)[["query", "positive"]]], ignore_index=True)
-    teacher = settings.mining_teacher(spec.training.teacher_model)
+    choice = settings.teacher(spec.training.teacher_model)
+    if choice.fallback:
+        context.log.warning(choice.fallback)
+    teacher = choice.model
     config = MiningConfig(seed=settings.seed, teacher=teacher)
     # mine_hard_negatives keys its embedding cache by text only: one folder per teacher revision.
-    cache = embeddings_cache(store, spec.name) / f"mining-{encoders.model_fingerprint(teacher)}"
+    cache = embeddings_cache(store, spec.name) / f"mining-{choice.revision}"
     remove_torn_arrays(cache)  # a run killed while that cache was being written
     mining = mine_negatives(pairs, corpus.positives(),
                             teacher, config, cache, bf16=settings.bf16_inference,
-                            trust_remote_code=spec.trust_remote_code)
+                            trust_remote_code=spec.trust_remote_code,
+                            vector_cache=embeddings_cache(store, spec.name))
     mined, leaked = leak_filter(store, spec.name).drop(mining.rows)
     overlapping = leaked.count
     report = mining.report
-    with publish(context, artifacts, settings, {**config.__dict__, "teacher": teacher},
+    with publish(context, artifacts, settings, {**config.__dict__, **choice.describe()},
                  ["clean_corpus", "eval_set", "heuristic_pairs", "synthetic_queries"]) as staging:
         mined.to_parquet(staging / MINED_FILE, index=False)
     text_columns = [c for c in mined.columns if not c.startswith("score_")]
@@ -243,6 +247,7 @@ def mined_negatives(context: dg.AssetExecutionContext, artifacts: ArtifactStoreR
             "bm25_negatives_per_row": dg.MetadataValue.int(config.bm25_negatives),
             "perc_pos": dg.MetadataValue.float(config.perc_pos),
             "teacher": teacher,
+            **({"teacher_fallback": choice.fallback} if choice.fallback else {}),
             "candidates_scored": dg.MetadataValue.int(report.candidates),
             "dropped_false_negatives": dg.MetadataValue.int(report.dropped_false_negatives),
             "dropped_false_negative_rate": dg.MetadataValue.float(round(report.dropped_rate, 4)),
