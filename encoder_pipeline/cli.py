@@ -427,6 +427,43 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_judge(args: argparse.Namespace) -> int:
+    import secrets
+    import webbrowser
+
+    from encoder_pipeline.domains import SpecError, load_domain
+    from encoder_pipeline.judge_page import bind, create_app, open_session, serve
+    from encoder_pipeline.lib.judging import JudgingError
+    from encoder_pipeline.resources import ArtifactStoreResource, PipelineSettings
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+
+    try:
+        spec = load_domain(args.domain)
+        session = open_session(spec, ArtifactStoreResource().store(), PipelineSettings(),
+                               queries_file=args.queries and os.path.abspath(args.queries),
+                               folder=args.folder and os.path.abspath(args.folder), depth=args.depth,
+                               target=args.target, say=say)
+    except (SpecError, JudgingError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        sock = bind(args.port)
+    except OSError as error:
+        print(f"error: cannot listen on 127.0.0.1:{args.port}: {error.strerror}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    token = secrets.token_urlsafe(24)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}/?token={token}"
+    say(f"judging {spec.name} at {url}")
+    say(f"judgments go to {session.folder}; Ctrl-C stops (each judgment is on disk as soon as it is made)")
+    if not args.no_browser:
+        webbrowser.open(url)
+    serve(create_app(session, token, spec.name, spec.queries.relevance), sock)
+    say(f"stopped: {session.state()['judged_queries']} of {args.target} queries judged, in {session.folder}")
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="encoder-pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -495,6 +532,17 @@ def main(argv: list[str] | None = None) -> int:
     backfill.add_argument("--profile", choices=list(PROFILES),
                           help="size profile of every run (default: the code location's)")
     backfill.set_defaults(handler=cmd_backfill)
+    judge = commands.add_parser("judge", help="label relevance in a local page: your own judged set")
+    judge.add_argument("--domain", required=True)
+    judge.add_argument("--queries", help="your real queries: one per line, or JSONL with a `text` or "
+                                         "`query` field (default: the domain's held-out eval queries)")
+    judge.add_argument("--folder", help="where the judgments go (default: the domain's `judged` folder "
+                                        "in the artifact root); the spec's [judged] points at it")
+    judge.add_argument("--depth", type=int, default=10, help="each system's top-k pooled (default 10)")
+    judge.add_argument("--target", type=int, default=200, help="queries to judge (default 200)")
+    judge.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: a free one)")
+    judge.add_argument("--no-browser", action="store_true", help="print the URL, do not open a browser")
+    judge.set_defaults(handler=cmd_judge)
     args = parser.parse_args(argv)
     return args.handler(args)
 

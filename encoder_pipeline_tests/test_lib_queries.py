@@ -126,13 +126,18 @@ def test_generation_runs_as_a_daft_udf_through_the_cache(tmp_path):
         def explain(self, error):
             return None
 
-    prompts = [{"doc_id": f"d{i}", "prompt": f"passage {i}"} for i in range(20)]
-    first = generate_frame(prompts, EchoBackend, str(tmp_path), GenerationParams())
-    assert list(first["text"]) == [f"query for passage {i}" for i in range(20)]
-    assert not first["cached"].any() and first["completion_tokens"].sum() == 60
+    prompts = [{"doc_id": f"d{i}", "prompt": f"passage {i}"} for i in range(150)]
+    seen: list[tuple[int, int]] = []
+    first = generate_frame(prompts, EchoBackend, str(tmp_path), GenerationParams(),
+                           progress=lambda done, total: seen.append((done, total)))
+    assert list(first["text"]) == [f"query for passage {i}" for i in range(150)]
+    # progress as the answers come back (the UDF's batches hold 64 prompts), ending at all of them
+    assert len(seen) >= 2 and seen[-1] == (150, 150)
+    assert [done for done, _ in seen] == sorted(done for done, _ in seen)
+    assert not first["cached"].any() and first["completion_tokens"].sum() == 450
     second = generate_frame(prompts, EchoBackend, str(tmp_path), GenerationParams())
     assert second["cached"].all()
-    assert len(list(tmp_path.glob("*.json"))) == 20
+    assert len(list(tmp_path.glob("*.json"))) == 150
 
 
 def test_an_llm_judge_overrides_the_margin_rule():

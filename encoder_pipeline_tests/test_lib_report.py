@@ -8,6 +8,8 @@ import pytest
 
 from encoder_pipeline.lib.metrics import evaluate
 from encoder_pipeline.lib.report import (
+    bootstrap_interval,
+    judged_share,
     ladder_figure,
     ladder_png,
     ladder_significance,
@@ -175,3 +177,21 @@ def test_markdown_image_embeds_the_png():
     markdown = md_image(png, "ladder")
     assert markdown.startswith("![ladder](data:image/png;base64,") and markdown.endswith(")")
     assert base64.b64decode(markdown[len("![ladder](data:image/png;base64,"):-1]) == png
+
+
+def test_bootstrap_interval_holds_the_mean_and_narrows_with_more_queries():
+    few = {f"q{i}": {"ndcg@10": float(i % 2)} for i in range(10)}
+    many = {f"q{i}": {"ndcg@10": float(i % 2)} for i in range(400)}
+    low, high = bootstrap_interval(few, sorted(few), seed=0)
+    assert low < 0.5 < high and high - low > 0.3
+    low_many, high_many = bootstrap_interval(many, sorted(many), seed=0)
+    assert low_many < 0.5 < high_many and high_many - low_many < 0.15
+    # a query the system answered nothing for counts 0, as in the figure itself
+    assert bootstrap_interval({}, ["q1", "q2"]) == (0.0, 0.0)
+
+
+def test_judged_share_counts_judgments_of_either_label_in_the_top_10():
+    qrels = {"q1": {"a": 1, "b": 0}, "q2": {"c": 1}}
+    run = {"q1": {"a": 3.0, "b": 2.0, "x": 1.0, "y": 0.5}, "q2": {"z": 2.0, "c": 1.0}}
+    assert judged_share(run, qrels) == pytest.approx((2 / 4 + 1 / 2) / 2)
+    assert judged_share({"q1": {"x": 1.0}}, qrels) == 0.0  # unjudged only

@@ -1,9 +1,14 @@
 """The report as a library: systems described as data, evaluated on their haystacks, and the page
 judging the served system on the whole corpus while the ladder is compared on the training sample."""
 
-import pandas as pd
+import json
 
+import pandas as pd
+import pytest
+
+from encoder_pipeline.lib.artifacts import ArtifactStore, Manifest
 from encoder_pipeline.lib.evaluation import CORPUS, SAMPLE, System, evaluate_systems, haystacks
+from encoder_pipeline.lib.layout import stale_rungs
 from encoder_pipeline.lib.report_page import CANDIDATE, HYBRID, TEACHER, Serving, build_report, render
 
 QRELS = {f"q{i}": {f"d{i}": 1} for i in range(20)}
@@ -42,12 +47,12 @@ def test_the_verdict_and_the_gate_read_the_whole_corpus_while_the_ladder_reads_t
     fast = Serving(p50_ms=5.0, p95_ms=8.0, index_mb=1.0, usd_per_1k_queries=0.0001)
     report = build_report(
         facts={"domain": "demo", "unit": "u", "query_form": "q", "relevance": "r", "eval_queries": 20,
-               "evidence_words": "human-judged.", "dev_queries": 5, "dev_evidence": "synthetic",
+               "evidence": "human", "evidence_words": "human-judged.", "dev_queries": 5, "dev_evidence": "synthetic",
                "eval_notes": ["The structural eval set is uninformative."]},
         haystacks={k: h.summary() for k, h in stacks.items()}, results=results, rungs=["encoder_heuristic"],
         candidate={"rung": "encoder_heuristic", "revision": "abc123", "dims": 96, "precision": "int8"},
         serving={CANDIDATE: fast, "off_the_shelf": fast, TEACHER: Serving(20.0, 31.0, 4.5, 0.0004)},
-        teacher={"model": "/models/all-mpnet-base-v2", "fallback": ""},
+        teacher={"model": "/models/all-mpnet-base-v2", "fallback": ""}, qrels=QRELS,
         targets={"ndcg_at_10": 0.7, "p95_latency_ms": 10.0, "index_mb": 5.0, "usd_per_1k_queries": 0.001},
         currently_served=None, tolerance=0.01, iterations=1000, seed=0,
         sweep={"rung": "encoder_heuristic", "points": [], "chosen": {}, "rule": "r", "reason": "",
@@ -63,6 +68,12 @@ def test_the_verdict_and_the_gate_read_the_whole_corpus_while_the_ladder_reads_t
     assert report["ladder"]["encoder_heuristic"]["below"] == "off_the_shelf"
     assert report["targets_pass_fail"]["nDCG@10"]["passed"] is False  # 0.55 < 0.7
     assert report["verdict"].startswith("Neither clears every target")
+    assert report["verdict"].endswith(" Evidence: human-judged, 20 queries.")  # what the verdict rests on
+    # each figure with the queries behind it, a bootstrap interval and its judged share of the top-10
+    served = report["evidence_by_system"][CANDIDATE]
+    assert served["queries"] == 20 and served["ndcg@10_low"] < report["after"]["ndcg@10"] < served["ndcg@10_high"]
+    # its judged document is in the top-10 for half the queries (1 of 10), last of 20 for the others
+    assert served["judged@10"] == pytest.approx(0.05)
     page = render(report, lambda name, alt: f"![{alt}]({name})")
     assert "## What users get (the whole corpus: 400 units" in page
     assert "## Ladder (the training sample: 40 units" in page
@@ -73,6 +84,23 @@ def test_the_verdict_and_the_gate_read_the_whole_corpus_while_the_ladder_reads_t
     assert teacher["diff_vs_off_the_shelf"] > 0 and teacher["p95_ms"] == 31.0
     section = page[page.index("## The teacher off the shelf"):page.index("## Ladder")]
     assert "all-mpnet-base-v2" in section and " 31 |" in section and " 4.5 |" in section
+    assert "nDCG@10 95% CI" in page and "judged@10" in page
+
+
+def test_a_rung_trained_before_a_document_was_held_out_is_stale(tmp_path):
+    store = ArtifactStore(tmp_path)
+
+    def put(asset: str, version: str, upstream: dict, files: dict | None = None) -> None:
+        with store.publish(Manifest("demo", asset, version, 0, {}, upstream=upstream)) as staging:
+            for name, payload in (files or {}).items():
+                (staging / name).write_text(json.dumps(payload))
+
+    put("eval_set", "e1", {}, {"eval_set.json": {"held_out_doc_ids": ["a"]}})
+    put("heuristic_pairs", "p1", {"eval_set": "e1"})
+    put("encoder_heuristic", "r1", {"heuristic_pairs": "p1"})
+    assert stale_rungs(store, "demo", ["encoder_heuristic"], {"a"}) == {}
+    stale = stale_rungs(store, "demo", ["encoder_heuristic"], {"a", "b"})  # "b" judged since
+    assert stale["encoder_heuristic"].startswith("trained before 1 of the eval set's documents were held out")
 
 
 def test_when_the_base_model_teaches_the_report_says_so_and_adds_no_row():

@@ -95,6 +95,36 @@ def read_training_result(store: ArtifactStore, domain: str, rung: str) -> dict:
     return json.loads((store.latest(domain, rung) / TRAINING_FILE).read_text())
 
 
+def held_out_before(store: ArtifactStore, domain: str, asset: str) -> set[str] | None:
+    """The documents the eval set held out when `asset`'s training data was built: read through the
+    versions it recorded (a rung -> heuristic_pairs -> eval_set); None when that chain is not on disk."""
+    manifest = store.manifest(domain, asset)
+    version = manifest["upstream"].get(EVAL_SET)
+    if version is None:
+        pairs = manifest["upstream"].get(HEURISTIC_PAIRS)
+        pairs_manifest = store.asset_dir(domain, HEURISTIC_PAIRS) / str(pairs) / "manifest.json"
+        if pairs is None or not pairs_manifest.exists():
+            return None
+        version = json.loads(pairs_manifest.read_text())["upstream"].get(EVAL_SET)
+    path = store.asset_dir(domain, EVAL_SET) / str(version) / EVAL_FILE
+    if version is None or not path.exists():
+        return None
+    return set(json.loads(path.read_text()).get("held_out_doc_ids", []))
+
+
+def stale_rungs(store: ArtifactStore, domain: str, rungs: list[str], held_out: set[str]) -> dict[str, str]:
+    """Rungs trained before some of today's eval documents were held out (a judged document added
+    since): their training data may hold those documents, so their eval figures may flatter them
+    until they are retrained."""
+    stale = {}
+    for rung in rungs:
+        before = held_out_before(store, domain, rung)
+        if before is not None and held_out - before:
+            stale[rung] = (f"trained before {len(held_out - before)} of the eval set's documents were held "
+                           "out: retrain it (materialize it again) before trusting its figure")
+    return stale
+
+
 def rung_model_path(store: ArtifactStore, domain: str, rung: str) -> Path:
     return store.latest(domain, rung) / MODEL_DIR
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import daft
 import pandas as pd
+import pyarrow as pa
 from daft import col
 
 from encoder_pipeline.lib.extractors.base import MIN_QUERY_WORDS
@@ -238,14 +239,21 @@ def _exit_with_owner(owner_pid: int) -> None:
 
 
 def generate_frame(prompts: list[dict], make_backend: Callable[[], LLMBackend], cache_dir: str,
-                   params: GenerationParams) -> pd.DataFrame:
-    """Run every prompt through the cached generator as a streaming Daft pipeline."""
+                   params: GenerationParams, progress: Callable[[int, int], None] | None = None
+                   ) -> pd.DataFrame:
+    """Run every prompt through the cached generator as a streaming Daft pipeline;
+    `progress(answered, prompts)` is called as each batch of answers comes back."""
     if not prompts:
         return pd.DataFrame(columns=["doc_id", "variant", "style", "prompt", "text", "prompt_tokens",
                                      "completion_tokens", "cached"])
     generator = CachedGenerator(make_backend, cache_dir, params, owner_pid=os.getpid())
-    frame = daft.from_pylist(prompts)
-    rows = frame.select("*", generator.generate(col("prompt"))).to_pandas()
+    frame = daft.from_pylist(prompts).select("*", generator.generate(col("prompt")))
+    batches = []
+    for batch in frame.to_arrow_iter():
+        batches.append(batch)
+        if progress:
+            progress(sum(b.num_rows for b in batches), len(prompts))
+    rows = pa.Table.from_batches(batches).to_pandas()
     failures = rows["error"].dropna()
     if len(failures):
         raise LLMError(f"{failures.iloc[0]} (the answers received before it are cached: a re-run "
@@ -254,14 +262,16 @@ def generate_frame(prompts: list[dict], make_backend: Callable[[], LLMBackend], 
 
 
 def query_generator(spec: PromptSpec, make_backend: Callable[[], LLMBackend], cache_dir: str,
-                    params: GenerationParams, min_words: int, seed: int
+                    params: GenerationParams, min_words: int, seed: int,
+                    progress: Callable[[int, int], None] | None = None
                     ) -> Callable[[list[str], list[str]], list[str | None]]:
     """`generate(doc_ids, passages)`: one parsed query per passage (None where the answer gave
     none), through the cached generator, as `lib.heldout` wants it."""
     examples = [query for _, query in spec.examples]
 
     def generate(doc_ids: list[str], passages: list[str]) -> list[str | None]:
-        rows = generate_frame(build_prompts(spec, doc_ids, passages, 1, seed), make_backend, cache_dir, params)
+        rows = generate_frame(build_prompts(spec, doc_ids, passages, 1, seed), make_backend, cache_dir, params,
+                              progress)
         answers = dict(zip(rows["doc_id"], rows["text"], strict=True))
         return [parse_query(answers[doc], passage, examples, min_words) if isinstance(answers[doc], str)
                 else None for doc, passage in zip(doc_ids, passages, strict=True)]

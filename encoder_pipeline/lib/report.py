@@ -86,6 +86,33 @@ def paired_randomization_test(per_query_a: PerQuery, per_query_b: PerQuery, iter
     return observed, (hits + 1) / (iterations + 1)
 
 
+def bootstrap_interval(per_query: PerQuery, qids: Sequence[str], iterations: int = 2000, seed: int = 0,
+                       metric: str = "ndcg@10", level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `metric` over `qids` (queries resampled with
+    replacement; a query the system answered nothing for counts 0): how far the figure could move on
+    another sample of queries of the same kind. Efron & Tibshirani 1993, ch. 13."""
+    if not qids:
+        return 0.0, 0.0
+    values = _values(per_query, qids, metric)
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(iterations, len(values)))].mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def judged_share(run: Run, qrels: Mapping[str, Mapping[str, int]], k: int = 10) -> float:
+    """Pool coverage: the share of a system's top-k, over the judged queries, that a judgment covers
+    (relevant or not). Below 1, its figure counts unjudged documents as non-relevant, so a system
+    that was not pooled is scored low for what no one looked at (Buckley & Voorhees 2004)."""
+    shares = []
+    for qid, judged in qrels.items():
+        top = _ranked(run.get(qid, {}))[:k]
+        if top:
+            shares.append(sum(doc in judged for doc in top) / len(top))
+    return float(np.mean(shares)) if shares else 0.0
+
+
 def migration(old_run: Run, new_run: Run, k: int = 10) -> dict[str, float]:
     """How much a new encoder changes what users see, on the queries both runs answered.
 

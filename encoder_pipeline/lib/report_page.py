@@ -69,14 +69,15 @@ def build_report(*, facts: Mapping[str, Any], haystacks: Mapping[str, dict], res
                  rungs: list[str], candidate: Mapping[str, Any], serving: Mapping[str, Serving],
                  targets: Mapping[str, float], currently_served: dict | None, tolerance: float,
                  iterations: int, seed: int, teacher: Mapping[str, Any] | None = None,
-                 **extra: Any) -> dict[str, Any]:
+                 qrels: Mapping[str, Mapping[str, int]] | None = None, **extra: Any) -> dict[str, Any]:
     """The report. `facts`: domain, unit, query form, relevance, eval queries, evidence. `results`:
     every system evaluated (see lib.evaluation). `candidate`: the candidate index's choice (rung,
     revision, dims, precision). `serving`: `Serving` of the candidate and of the off-the-shelf model
     (keys CANDIDATE and "off_the_shelf"). `currently_served`: the served version's info, with its
     recorded nDCG@10, or None. `teacher`: the teacher that trained the rungs (model, fallback); when
-    it is not the base model, `results` and `serving` carry it as TEACHER. `extra` (sweep, latency,
-    costs, ...) is stored as given."""
+    it is not the base model, `results` and `serving` carry it as TEACHER. `qrels`: the eval
+    judgments, for each system's evidence (queries behind its figure, a bootstrap interval, the
+    judged share of its top-10). `extra` (sweep, latency, costs, ...) is stored as given."""
     systems = {name: {**r.means, "haystack": r.haystack} for name, r in results.items()}
     per_query = {name: r.per_query for name, r in results.items()}
     baseline = baseline_name(CORPUS if "off_the_shelf@corpus" in results else SAMPLE)
@@ -87,6 +88,12 @@ def build_report(*, facts: Mapping[str, Any], haystacks: Mapping[str, dict], res
         for name, r in results.items() if name not in ("off_the_shelf", baseline)}
     served = {**results[CANDIDATE].means, **candidate, **vars(serving[CANDIDATE])}
     before = {**results[baseline].means, **vars(serving["off_the_shelf"])}
+    qids = sorted(qrels or {})
+    evidence = {name: {"queries": len(qids),
+                       **dict(zip(("ndcg@10_low", "ndcg@10_high"),
+                                  stats.bootstrap_interval(r.per_query, qids, seed=seed), strict=True)),
+                       "judged@10": stats.judged_share(r.run, qrels or {})}
+                for name, r in results.items()} if qids else {}
     served["targets_met"] = {name: (served[key] >= targets[name] if rule == ">=" else served[key] <= targets[name])
                              for name, (_, key, rule) in TARGET_NAMES.items()}
     if teacher is not None and TEACHER in results:
@@ -120,7 +127,9 @@ def build_report(*, facts: Mapping[str, Any], haystacks: Mapping[str, dict], res
         "targets_pass_fail": {label: {"target": targets[name], "value": served[key], "rule": rule,
                                       "passed": served["targets_met"][name]}
                               for name, (label, key, rule) in TARGET_NAMES.items()},
-        "verdict": verdict(targets["ndcg_at_10"], before["ndcg@10"], served),
+        "verdict": verdict(targets["ndcg_at_10"], before["ndcg@10"], served)
+        + (f" Evidence: {evidence_label(facts)}." if "evidence" in facts else ""),
+        "evidence_by_system": evidence,
         "migration": {"old": old_label, "new": f"candidate served index ({candidate['rung']}, "
                       f"{candidate['revision'][:12]})",
                       **stats.migration(results[old].run, results[CANDIDATE].run)},
@@ -129,6 +138,12 @@ def build_report(*, facts: Mapping[str, Any], haystacks: Mapping[str, dict], res
         "teacher": dict(teacher) if teacher is not None else None,
         **extra,
     }
+
+
+def evidence_label(facts: Mapping[str, Any]) -> str:
+    """What the verdict rests on, e.g. "human-judged, 150 queries"."""
+    kind = {"human": "human-judged"}.get(facts["evidence"], facts["evidence"])
+    return f"{kind}, {facts['eval_queries']} queries"
 
 
 def _p(value: float | None) -> str:
@@ -148,8 +163,12 @@ def systems_frame(report: Mapping[str, Any], haystacks: set[str]) -> pd.DataFram
             continue
         ladder = report["ladder"].get(name, {})
         versus = report["significance_vs_off_the_shelf"].get(name, {})
+        evidence = report.get("evidence_by_system", {}).get(name)
         rows.append({
             "system": name, **{k: round(v, 4) for k, v in metrics.items() if k != "haystack"},
+            **({"queries": evidence["queries"],
+                "nDCG@10 95% CI": f"{evidence['ndcg@10_low']:.3f}–{evidence['ndcg@10_high']:.3f}",
+                "judged@10": round(evidence["judged@10"], 3)} if evidence else {}),
             "Δ vs below": _diff(ladder.get("diff_vs_below")), "p vs below": _p(ladder.get("p_vs_below")),
             "Δ vs off-the-shelf": _diff(versus.get("diff")), "p vs off-the-shelf": _p(versus.get("p")),
         })
@@ -220,6 +239,7 @@ def render(report: Mapping[str, Any], image: Callable[[str, str], str]) -> str:
     regressions = report["regressions"]
     ladder_words = ("\n".join(f"- {s}" for s in regressions) if regressions else
                     "No rung scores below the one beneath it.")
+    ladder_words += "".join(f"\n- **Stale:** {rung} was {why}." for rung, why in report.get("stale_rungs", {}).items())
     sweep = report["sweep"]
     whole = (f"## What users get ({_haystack_words(report, CORPUS)})\n\n"
              f"The candidate index and the baselines over every unit of the corpus; the targets, the "

@@ -10,6 +10,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from encoder_pipeline.defs.shared import (
+    ProgressLog,
     domain_spec,
     embeddings_cache,
     extractor_config,
@@ -193,7 +194,8 @@ def eval_set(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource
         # (remote LLM not allowed) still builds a judged or structural split.
         backend, cache_dir, params = llm_generation(spec, llm, store, SPLIT_SEED)
         return query_generator(PromptSpec(spec.queries.form, spec.queries.relevance, examples), backend,
-                               cache_dir, params, spec.queries.min_words, SPLIT_SEED)(doc_ids, passages)
+                               cache_dir, params, spec.queries.min_words, SPLIT_SEED,
+                               ProgressLog(context, "generating eval queries (prompts)"))(doc_ids, passages)
     cache = embeddings_cache(store, spec.name)
     score = haystack_scorer(
         units, lambda texts: cached_embeddings(settings.base_model, texts, cache,

@@ -34,6 +34,7 @@ from encoder_pipeline.lib.layout import (
     read_sweep,
     read_training_result,
     rung_model_path,
+    stale_rungs,
 )
 from encoder_pipeline.lib.metrics import (
     Run,
@@ -278,7 +279,8 @@ def eval_report(context: dg.AssetExecutionContext, config: ReportConfig,
         haystacks={key: hay.summary() for key, hay in stacks.items()}, results=results, rungs=RUNGS,
         candidate={**{key: choice.get(key) for key in ("rung", "revision", "dims", "precision")},
                    "fine_tuned_weight": trained.get("fine_tuned_weight", 1.0)},
-        teacher=teacher,
+        teacher=teacher, qrels=split.qrels,
+        stale_rungs=stale_rungs(store, spec.name, RUNGS, split.held_out_doc_ids),
         serving=serving, targets=targets.model_dump(), currently_served=current_info,
         tolerance=config.promotion_tolerance, iterations=config.randomization_iterations, seed=settings.seed,
         extra_models={path: results[f"extra:{path}"].means for path in spec.extra_models},

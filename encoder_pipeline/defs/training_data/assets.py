@@ -10,6 +10,7 @@ import pandas as pd
 
 from encoder_pipeline.defs.corpus.assets import clean_corpus, eval_set
 from encoder_pipeline.defs.shared import (
+    ProgressLog,
     domain_spec,
     embeddings_cache,
     extractor_config,
@@ -153,11 +154,14 @@ def synthetic_queries(context: dg.AssetExecutionContext, artifacts: ArtifactStor
         code=looks_like_code(corpus.units["text"])))
     relabel_config = RelabelConfig(top_k=sizes.round_trip_top_k)
     result = synthesize(
-        corpus, sample, prompt_spec, lambda prompts: generate_frame(prompts, backend_factory, cache_dir, params),
+        corpus, sample, prompt_spec,
+        lambda prompts: generate_frame(prompts, backend_factory, cache_dir, params,
+                                       ProgressLog(context, "generating synthetic queries (prompts)")),
         queries_per_document=sizes.queries_per_document, relabel_config=relabel_config,
         min_words=spec.queries.min_words, seed=settings.seed, leaks=leak_filter(store, spec.name),
         # an instruction-following model judges; a base model cannot
-        judge=(lambda prompts: generate_frame(prompts, backend_factory, cache_dir, greedy(params)))
+        judge=(lambda prompts: generate_frame(prompts, backend_factory, cache_dir, greedy(params),
+                                              ProgressLog(context, "judging synthetic queries (prompts)")))
         if llm.follows_instructions else None)
     synthetic, counts = result.synthetic, result.counts
     config = {"backend": llm.backend, "model": llm.model_label,
