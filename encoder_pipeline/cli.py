@@ -11,6 +11,7 @@
     encoder-pipeline promote --domain code --force        # serve a candidate its report refused
     encoder-pipeline gc --domain code --keep 3 --dry-run  # what older artifacts would be deleted
     encoder-pipeline backfill --domains all               # a Dagster backfill, run by the daemon
+    encoder-pipeline judge --domain code [--queries F]    # label relevance in a local page: your judged set
 
 Runs go through the project's Dagster instance (DAGSTER_HOME defaults to the project root), so
 they show in the UI with their lineage and metadata.

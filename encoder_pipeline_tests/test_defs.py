@@ -20,7 +20,7 @@ def test_graph_shape_and_lineage():
     assert parents["encoder_hard_negatives"] == {"mined_negatives"}
     assert parents["index_sweep"] == {"encoder_heuristic", "encoder_synthetic", "encoder_hard_negatives"}
     assert parents["embedding_index"] == {"index_sweep", "clean_corpus"}  # an index refresh reads it
-    assert parents["eval_report"] == {"embedding_index", "index_sweep"}
+    assert parents["eval_report"] == {"eval_set", "embedding_index", "index_sweep"}
     assert parents["serving_index"] == {"eval_report"}
     for key in graph.get_all_asset_keys():
         node = graph.get(key)

@@ -2,6 +2,7 @@
 corrected label, two writers at once) and its BEIR view as runs read it, query files, the spec's
 [judged] table, and a session's resume point, over a small real corpus."""
 
+import csv
 import json
 import multiprocessing
 import os
@@ -55,8 +56,18 @@ def test_pool_is_the_deduplicated_top_k_of_each_system_in_a_blind_order():
 
 
 def _view(folder):
-    """The BEIR view as a run reads it (lib.sources.read_judged)."""
+    """The BEIR view as a run reads it (lib.sources.read_judged: queries with a relevant document)."""
     return read_judged(str(folder), "dev")
+
+
+def _written_qrels(folder) -> dict[str, dict[str, int]]:
+    """Every judgment in the BEIR view's qrels file, zero grades and all-zero queries included."""
+    with open(folder / "qrels" / "dev.tsv", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t"))
+    qrels: dict[str, dict[str, int]] = {}
+    for row in rows:
+        qrels.setdefault(row["query-id"], {})[row["corpus-id"]] = int(row["score"])
+    return qrels
 
 
 def test_latest_label_wins_and_the_beir_view_follows_the_log(tmp_path):
@@ -80,11 +91,20 @@ def test_a_torn_last_line_loses_only_itself(tmp_path):
     with open(tmp_path / LOG_FILE, "ab") as log:  # what a kill in the middle of a write leaves
         log.write(b'{"doc_id": "d", "query": "first que')
     assert [j.doc_id for j in read_judgments(tmp_path)] == ["a", "b", "c"]
-    append_judgment(tmp_path, "second query", "e", 0)  # starts its own line after the torn one
+    append_judgment(tmp_path, "second query", "e", 1)  # starts its own line after the torn one
     assert [j.doc_id for j in read_judgments(tmp_path)] == ["a", "b", "c", "e"]
     queries, qrels = _view(tmp_path)
-    assert qrels == {query_id("first query"): dict.fromkeys("abc", 1), query_id("second query"): {"e": 0}}
+    assert qrels == {query_id("first query"): dict.fromkeys("abc", 1), query_id("second query"): {"e": 1}}
     assert set(queries.values()) == {"first query", "second query"}
+
+
+def test_a_query_with_nothing_relevant_is_kept_in_the_files_but_not_evaluated(tmp_path):
+    append_judgment(tmp_path, "kept query", "a", 1)
+    append_judgment(tmp_path, "kept query", "b", 0)
+    append_judgment(tmp_path, "nothing fits", "c", 0)
+    assert _written_qrels(tmp_path)[query_id("nothing fits")] == {"c": 0}
+    queries, qrels = _view(tmp_path)  # it would score 0 for every system: it tells none apart
+    assert set(queries.values()) == {"kept query"} and qrels[query_id("kept query")] == {"a": 1, "b": 0}
 
 
 def _append_forever(folder):
@@ -107,8 +127,8 @@ def test_a_writer_killed_mid_append_leaves_a_readable_log(tmp_path):
     append_judgment(tmp_path, "after the kill", "doc-last", 1)  # the next page carries on
     after = read_judgments(tmp_path)
     assert after[:-1] == before and after[-1].doc_id == "doc-last"
-    queries, qrels = _view(tmp_path)
-    assert sum(len(docs) for docs in qrels.values()) == len(after) and len(queries) == 8
+    qrels = _written_qrels(tmp_path)
+    assert sum(len(docs) for docs in qrels.values()) == len(after) and len(qrels) == 8
 
 
 def _append_fifty(folder, name, start):
@@ -117,7 +137,7 @@ def _append_fifty(folder, name, start):
     start.wait()
     for number in range(50):
         judgment = append_judgment(folder, f"{name} query {number % 5}", f"{name}-doc-{number}", number % 2)
-        assert _view(folder)[1][judgment.query_id][judgment.doc_id] == number % 2
+        assert _written_qrels(folder)[judgment.query_id][judgment.doc_id] == number % 2
 
 
 def test_two_writers_at_once_never_tear_a_file(tmp_path):

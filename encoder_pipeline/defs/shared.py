@@ -12,14 +12,18 @@ import dagster as dg
 import pandas as pd
 
 from encoder_pipeline.domains import DomainSpec, SpecError, load_domain
-from encoder_pipeline.lib.artifacts import ArtifactStore, Manifest
+from encoder_pipeline.lib.artifacts import ArtifactStore, Manifest, start_reading, versions_read
 from encoder_pipeline.lib.extractors import ExtractorConfig
 from encoder_pipeline.lib.heldout import SPLIT_SEED
+from encoder_pipeline.lib.layout import SERVING_INDEX
 from encoder_pipeline.lib.llm import GenerationParams, LLMBackend
 from encoder_pipeline.resources import ArtifactStoreResource, LLMResource, PipelineSettings
 
 
 def domain_spec(context: dg.AssetExecutionContext) -> DomainSpec:
+    """The partition's spec. Every asset starts here, so here starts its ledger of what it reads
+    (`publish` records those versions as its upstream)."""
+    start_reading()
     try:
         return load_domain(context.partition_key)
     except SpecError as error:
@@ -33,15 +37,22 @@ def version_of(context: dg.AssetExecutionContext) -> str:
 def publish(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource,
             settings: PipelineSettings, config: dict[str, Any], upstream: Sequence[str],
             corpus_fingerprint: str = ""):
-    """Open a staging folder for this asset's new version (see ArtifactStore.publish)."""
+    """Open a staging folder for this asset's new version (see ArtifactStore.publish). Its upstream:
+    the versions the asset read (`start_reading`), whether listed in `upstream` or not, and the latest
+    version of any listed asset it did not read through the store."""
     store = artifacts.store()
     domain = context.partition_key
-    upstream_versions = {name: store.latest_version(domain, name) for name in upstream}
+    asset = context.asset_key.to_user_string()
+    read = {name: version for (where, name), version in versions_read().items()
+            # its own earlier versions, and what is served now (measured, not built from)
+            if where == domain and name not in (asset, SERVING_INDEX)}
+    upstream_versions = {**{name: store.latest_version(domain, name) for name in upstream if name not in read},
+                         **read}
     fingerprint = corpus_fingerprint
     if not fingerprint and "clean_corpus" in upstream:
         fingerprint = store.manifest(domain, "clean_corpus")["corpus_fingerprint"]
     manifest = Manifest(
-        domain=domain, asset=context.asset_key.to_user_string(), version=version_of(context),
+        domain=domain, asset=asset, version=version_of(context),
         seed=settings.seed, config={"profile": settings.profile, **config},
         corpus_fingerprint=fingerprint, upstream=upstream_versions,
     )

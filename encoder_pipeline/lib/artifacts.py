@@ -15,6 +15,7 @@ folders whose owner is gone (`remove_abandoned`).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import json
 import os
@@ -142,6 +143,24 @@ class Manifest:
         }
 
 
+# What the running asset has read: (domain, asset) -> the version it resolved, first read wins.
+# `start_reading` opens a ledger per asset; publishing records the versions read, not those latest
+# by then (another run may publish in between).
+_reads: contextvars.ContextVar[dict[tuple[str, str], str] | None] = contextvars.ContextVar(
+    "artifact_reads", default=None)
+
+
+def start_reading() -> dict[tuple[str, str], str]:
+    """A fresh ledger of the versions this context resolves through `latest_version` from now on."""
+    ledger: dict[tuple[str, str], str] = {}
+    _reads.set(ledger)
+    return ledger
+
+
+def versions_read() -> dict[tuple[str, str], str]:
+    return dict(_reads.get() or {})
+
+
 class ArtifactStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -159,7 +178,11 @@ class ArtifactStore:
                 f"'{asset}' has not been materialized for domain '{domain}' "
                 f"(nothing at {pointer}); materialize it first"
             )
-        return pointer.read_text().strip()
+        version = pointer.read_text().strip()
+        ledger = _reads.get()
+        if ledger is not None:
+            ledger.setdefault((domain, asset), version)
+        return version
 
     def latest(self, domain: str, asset: str) -> Path:
         return self.asset_dir(domain, asset) / self.latest_version(domain, asset)

@@ -123,6 +123,17 @@ def read_judgments(folder: str | Path) -> list[Judgment]:
     return [j for j in map(_parse, path.read_bytes().splitlines()) if j is not None]
 
 
+def judged_set_summary(folder: str | Path) -> dict | None:
+    """How much a judging log holds: queries, judgments (latest per pair), relevant ones, and when it
+    last grew (the last judgment's time); None when the folder has no log (a judged set made elsewhere)."""
+    judgments = read_judgments(folder)
+    if not judgments:
+        return None
+    labels = latest_labels(judgments)
+    return {"queries": len({qid for qid, _ in labels}), "judgments": len(labels),
+            "relevant": sum(labels.values()), "last_grew": judgments[-1].time}
+
+
 def latest_labels(judgments: Sequence[Judgment]) -> dict[tuple[str, str], int]:
     """(query id, document id) -> relevance; the latest judgment of a pair wins."""
     return {(j.query_id, j.doc_id): j.relevance for j in judgments}

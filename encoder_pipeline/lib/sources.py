@@ -34,7 +34,9 @@ def read_corpus(fmt: str, location: str, id_field: str = "_id", title_field: str
 
 
 def read_judged(location: str, split: str = "dev") -> tuple[dict[str, str], dict[str, dict[str, int]]]:
-    """BEIR queries and qrels: ({query_id: text}, {query_id: {doc_id: grade}}), judged queries only."""
+    """BEIR queries and qrels: ({query_id: text}, {query_id: {doc_id: grade}}), judged queries only.
+    A query none of whose documents is relevant (every grade 0) is left out: it scores 0 for every
+    system and tells none apart. Its zero grades stay for the kept queries' pool coverage."""
     queries_path = Path(location) / "queries.jsonl"
     qrels_path = Path(location) / "qrels" / f"{split}.tsv"
     for path in (queries_path, qrels_path):
@@ -59,6 +61,8 @@ def read_judged(location: str, split: str = "dev") -> tuple[dict[str, str], dict
                                       f"{problem or 'a query needs _id and text'}")
                 if str(record["_id"]) in qrels:
                     queries[str(record["_id"])] = record["text"]
+    qrels = {qid: grades for qid, grades in qrels.items() if any(grade > 0 for grade in grades.values())}
+    queries = {qid: text for qid, text in queries.items() if qid in qrels}
     missing = sorted(set(qrels) - set(queries))
     if missing:
         raise CorpusError(f"{qrels_path}: {len(missing)} judged queries missing from {queries_path}, "

@@ -32,6 +32,7 @@ from encoder_pipeline.lib.heldout import (
     haystack_scorer,
     sample_judged,
 )
+from encoder_pipeline.lib.judging import judged_set_summary
 from encoder_pipeline.lib.layout import (
     CORPUS_FILE,
     EVAL_FILE,
@@ -162,6 +163,17 @@ def resolve_extractors(spec: DomainSpec, units: pd.DataFrame, corpus_units: int)
     return choice.keys, choice.notes
 
 
+def _judging_log_metadata(spec: DomainSpec) -> dict:
+    """The judged set as `encoder-pipeline judge` grows it: plotted over time in the UI."""
+    summary = judged_set_summary(spec.judged_location()) if spec.judged else None
+    if summary is None:
+        return {}
+    return {"judged_set_queries": dg.MetadataValue.int(summary["queries"]),
+            "judged_set_judgments": dg.MetadataValue.int(summary["judgments"]),
+            "judged_set_relevant": dg.MetadataValue.int(summary["relevant"]),
+            "judged_set_last_grew": summary["last_grew"]}
+
+
 @dg.asset(
     partitions_def=domain_partitions,
     group_name=GROUP,
@@ -225,6 +237,7 @@ def eval_set(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource
         "evidence_meaning": EVIDENCE_WORDS[split.evidence],
         "dev_evidence": split.dev.evidence,
         "human_judged": split.human_judged,
+        **_judging_log_metadata(spec),
         "extractors": ", ".join(extractors),
         "notes": dg.MetadataValue.md("\n".join(f"- {note}" for note in split.notes) or "none"),
         **{f"{name}_{system}_ndcg_at_10": dg.MetadataValue.float(value)

@@ -14,6 +14,7 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
+from encoder_pipeline.defs.corpus.assets import eval_set
 from encoder_pipeline.defs.indexing.assets import embedding_index, index_sweep
 from encoder_pipeline.defs.shared import ProgressLog, domain_spec, embeddings_cache, publish
 from encoder_pipeline.defs.training.assets import RUNGS
@@ -166,7 +167,8 @@ class _Systems:
     group_name=GROUP,
     kinds={"pytorch", "faiss"},
     owners=["team:retrieval"],
-    deps=[embedding_index, index_sweep],
+    # eval_set directly too: a judged set that grew re-evaluates, and a run of these two alone orders them
+    deps=[eval_set, embedding_index, index_sweep],
     automation_condition=dg.AutomationCondition.eager(),
     check_specs=[
         *(dg.AssetCheckSpec(name, asset="eval_report") for name in (*TARGET_CHECKS, BEATS_BASELINE)),
@@ -366,6 +368,13 @@ def _metadata(report: dict, figures: dict[str, bytes], report_dir: Path,
         "p95_latency_ms": dg.MetadataValue.float(served["p95_ms"]),
         "index_mb": dg.MetadataValue.float(served["index_mb"]),
         "usd_per_1k_queries": dg.MetadataValue.float(served["usd_per_1k_queries"]),
+        **({"teacher": report["teacher"]["model"],
+            "ndcg_at_10_teacher": dg.MetadataValue.float(report["teacher"]["ndcg@10"]),
+            "p95_latency_ms_teacher": dg.MetadataValue.float(report["teacher"]["p95_ms"])}
+           if (report.get("teacher") or {}).get("ndcg@10") is not None else {}),
+        **({"eval_queries_judged_share_at_10": dg.MetadataValue.float(
+            report["evidence_by_system"][CANDIDATE]["judged@10"])} if report.get("evidence_by_system") else {}),
+        **({"stale_rungs": ", ".join(report["stale_rungs"])} if report.get("stale_rungs") else {}),
         "haystack_corpus_units": dg.MetadataValue.int(report["haystacks"][CORPUS]["units"]),
         "haystack_sample_units": dg.MetadataValue.int(report["haystacks"][SAMPLE]["units"]),
         **encoding,
