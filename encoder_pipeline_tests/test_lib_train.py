@@ -72,7 +72,13 @@ def teacher_labels(texts_by_column: list[list[str]], dim: int = 24, seed: int = 
                         for row in range(len(texts_by_column[0]))])
 
 
-TEACHER = teacher_labels([QUERIES, POSITIVES, NEGATIVES])
+
+def agreeing_teacher(model) -> torch.Tensor:
+    """A teacher that ranks every row's positive first (no row left out of the term), unlike the
+    student: the student's embeddings with each positive pulled toward its query."""
+    with torch.no_grad():
+        query, positive, negative = embed_columns(model, [model.tokenize(t) for t in (QUERIES, POSITIVES, NEGATIVES)])
+    return torch.cat([query, query + 0.2 * positive, negative], dim=1)
 
 
 def gradients(model, loss, labels=None) -> tuple[float, torch.Tensor]:
@@ -87,7 +93,7 @@ def gradients(model, loss, labels=None) -> tuple[float, torch.Tensor]:
 @pytest.mark.parametrize("dims, gor_weight, distill_weight",
                          [((), 0.0, 0.0), ((384, 192, 96, 48), 0.5, 0.0), ((384, 192, 96, 48), 0.5, 1.0)])
 def test_cached_loss_gives_the_uncached_gradients(small_model, dims, gor_weight, distill_weight):
-    labels = TEACHER if distill_weight else None
+    labels = agreeing_teacher(small_model) if distill_weight else None
     plain_loss, plain = gradients(small_model, contrastive_loss(
         small_model, gradcache=False, matryoshka_dims=dims, gor_weight=gor_weight,
         distill_weight=distill_weight), labels)
@@ -117,19 +123,29 @@ def test_distillation_adds_its_weighted_term_and_vanishes_when_student_agrees_wi
     features = [small_model.tokenize(texts) for texts in (QUERIES, POSITIVES, NEGATIVES)]
     with torch.no_grad():
         embeddings = embed_columns(small_model, features)
-        without = MNRLWithGOR(small_model, gor_weight=0.0)(features, TEACHER)
-        combined = MNRLWithGOR(small_model, gor_weight=0.0, distill_weight=2.0)(features, TEACHER)
-        term = distillation_term(embeddings, TEACHER, scale=20.0)
+        # A teacher that ranks every row's positive first, sharper than the student.
+        teacher = torch.cat([embeddings[0], embeddings[0] + 0.2 * embeddings[1], embeddings[2]], dim=1)
+        without = MNRLWithGOR(small_model, gor_weight=0.0)(features, teacher)
+        combined = MNRLWithGOR(small_model, gor_weight=0.0, distill_weight=2.0)(features, teacher)
+        term = distillation_term(embeddings, teacher, scale=20.0)
         # The student as its own teacher: its in-batch score matrix is the target, the term is 0.
-        own = torch.cat(embeddings, dim=1)
-        agreeing = distillation_term(embeddings, own, scale=20.0)
-        # A teacher that swaps each row's positive and negative ranks them the other way.
-        swapped = torch.cat([embeddings[0], embeddings[2], embeddings[1]], dim=1)
-        disagreeing = distillation_term(embeddings, swapped, scale=20.0)
+        agreeing = distillation_term(embeddings, torch.cat(embeddings, dim=1), scale=20.0)
     assert term > 0
     assert float(combined) == pytest.approx(float(without + 2.0 * term), rel=1e-5)
     assert float(agreeing) == pytest.approx(0.0, abs=1e-5)
-    assert disagreeing > agreeing
+
+
+def test_a_teacher_that_contradicts_the_pair_adds_nothing_for_that_row(small_model):
+    """The label wins: where the teacher ranks another candidate above the row's positive (here: the
+    row's negative, by swapping them), that row's term is left out, not learnt."""
+    features = [small_model.tokenize(texts) for texts in (QUERIES, POSITIVES, NEGATIVES)]
+    with torch.no_grad():
+        embeddings = embed_columns(small_model, features)
+        right = torch.cat([embeddings[0], embeddings[0] + 0.2 * embeddings[1], embeddings[2]], dim=1)
+        wrong = torch.cat([embeddings[0], embeddings[2], embeddings[0] + 0.2 * embeddings[1]], dim=1)
+        assert float(distillation_term(embeddings, wrong, scale=20.0)) == 0.0
+        mixed = torch.cat([right[:4], wrong[4:]])  # the last four rows contradicted
+        assert float(distillation_term(embeddings, mixed, scale=20.0)) > 0  # the first four still count
 
 
 def test_distillation_scores_every_in_batch_candidate_in_mnrl_order(small_model):
@@ -143,8 +159,11 @@ def test_distillation_scores_every_in_batch_candidate_in_mnrl_order(small_model)
         student = 20.0 * (torch.nn.functional.normalize(embeddings[0], dim=-1)
                           @ torch.nn.functional.normalize(embeddings[1], dim=-1).T)
         target = 20.0 * teacher[:, 0] @ teacher[:, 1].T  # each query against every row's positive
-        expected = torch.nn.functional.kl_div(student.log_softmax(-1), target.log_softmax(-1),
-                                              log_target=True, reduction="batchmean")
+        per_row = torch.nn.functional.kl_div(student.log_softmax(-1), target.log_softmax(-1),
+                                             log_target=True, reduction="none").sum(-1)
+        agrees = target.argmax(-1) == torch.arange(len(QUERIES))  # rows whose teacher ranks the positive first
+        expected = (per_row * agrees).sum() / len(QUERIES)
+        assert 0 < int(agrees.sum()) < len(QUERIES), "both kinds of rows: kept and left out"
         assert float(distillation_term(embeddings, labels, 20.0)) == pytest.approx(float(expected), rel=1e-5)
 
 

@@ -73,6 +73,11 @@ def distillation_term(embeddings: list[Tensor], teacher_embeddings: Tensor, scal
     (query, positive, negative_1..N), flattened to one vector: shape (rows, columns * teacher dim).
     The candidates are ordered as MultipleNegativesRankingLoss orders them (every positive, then
     every negative_1, ...). Under DDP the term stays per device (the teacher's side is not gathered).
+
+    The label wins over the teacher: a row whose teacher ranks another candidate above the row's
+    own positive adds nothing (averaged over all rows, so the weight means the same per row). A
+    bi-encoder teacher is no oracle; where it contradicts the pair, matching its ranking would teach
+    the student to rank the labelled positive below a candidate the pair says is not the answer.
     """
     rows, columns = embeddings[0].shape[0], len(embeddings)
     teacher = F.normalize(teacher_embeddings.to(embeddings[0]).reshape(rows, columns, -1), dim=-1)
@@ -81,8 +86,10 @@ def distillation_term(embeddings: list[Tensor], teacher_embeddings: Tensor, scal
     candidates = F.normalize(torch.cat(embeddings[1:]), dim=-1)
     student = scale * anchors @ candidates.T
     target = scale * teacher[:, 0] @ teacher_candidates.T
-    return F.kl_div(F.log_softmax(student, dim=-1), F.log_softmax(target, dim=-1),
-                    log_target=True, reduction="batchmean")
+    agrees = target.argmax(dim=-1) == torch.arange(rows, device=target.device)  # row i's positive: i
+    per_row = F.kl_div(F.log_softmax(student, dim=-1), F.log_softmax(target, dim=-1),
+                       log_target=True, reduction="none").sum(dim=-1)
+    return (per_row * agrees).sum() / rows
 
 
 class MNRLWithGOR(nn.Module):
