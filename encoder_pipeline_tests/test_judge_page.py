@@ -45,7 +45,9 @@ class Judging:
     lines: list
 
     def session(self):
-        return open_session(load_domain(DOMAIN), self.store, PipelineSettings(), queries_file=self.queries_file,
+        # the tiny profile: the base model teaches, so the pool needs no mpnet encode (suite time)
+        return open_session(load_domain(DOMAIN), self.store, PipelineSettings(profile="tiny"),
+                            queries_file=self.queries_file,
                             depth=3, target=TARGET, say=self.lines.append)
 
     @property
