@@ -133,7 +133,7 @@ def main() -> None:
         print(f"| {documents:,} | {size_mb:,.0f} | {baseline['seconds']:.1f} / {baseline['peak_mb']:,.0f} "
               f"| {clean['seconds']:.1f} / {documents / clean['seconds']:,.0f} / {clean['peak_mb']:,.0f} "
               f"| {clean['peak_mb'] / baseline['peak_mb']:.2f} "
-              f"| {counts['dropped_exact_duplicates']:,} / {counts['dropped_near_duplicates']:,} |",
+              f"| {counts['exact_duplicates']:,} / {counts['near_duplicates']:,} |",
               flush=True)
 
 

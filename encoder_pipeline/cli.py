@@ -121,6 +121,7 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     result = job.execute_in_process(instance=instance, partition_key=args.domain,
                                     run_config=run_config, raise_on_error=False)
     print(f"run {result.run_id}: {'success' if result.success else 'FAILED'}")
+    _refresh_domain_health(instance)
     if stages is not None and stages.failed and not stages.refused:
         for step, reason in stages.failed.items():
             print(f"failed stage: {step}\nreason: {reason}", file=sys.stderr)
@@ -143,6 +144,16 @@ def cmd_materialize(args: argparse.Namespace) -> int:
         print(not_promoted_message(store, args.domain), file=sys.stderr)
         return EXIT_REFUSED
     return EXIT_OK if result.success else EXIT_RUN_FAILED
+
+
+def _refresh_domain_health(instance) -> None:
+    """The UI's domain_health after a run that no daemon watched (this in-process one); quiet: its
+    failure is logged in the instance and never changes the command's outcome."""
+    from encoder_pipeline.definitions import defs
+
+    defs.resolve_job_def("domain_health_job").execute_in_process(
+        instance=instance, raise_on_error=False,
+        run_config={"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}})
 
 
 def not_promoted_message(store, domain: str) -> str:
@@ -275,6 +286,19 @@ def _record_serving_change(domain: str, before: str, after: str, action: str) ->
     _instance().report_runless_asset_event(dg.AssetObservation(
         asset_key="serving_index", partition=domain,
         metadata={"action": action, "served_version": after, "previous_version": before}))
+
+
+def _record_judged_set(domain: str) -> None:
+    """Show the judged set's new size on eval_set's timeline in the UI now, not at the next run."""
+    import dagster as dg
+
+    from encoder_pipeline.defs.corpus.assets import judged_set_metadata
+    from encoder_pipeline.domains import load_domain
+
+    metadata = judged_set_metadata(load_domain(domain))  # the spec now points at the judged folder
+    if metadata:
+        _instance().report_runless_asset_event(dg.AssetObservation(
+            asset_key="eval_set", partition=domain, metadata=metadata))
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
@@ -434,7 +458,7 @@ def cmd_judge(args: argparse.Namespace) -> int:
 
     from encoder_pipeline.domains import SpecError, load_domain
     from encoder_pipeline.judge_page import bind, create_app, open_session, serve
-    from encoder_pipeline.lib.judging import JudgingError
+    from encoder_pipeline.lib.judging import JudgingError, judged_set_summary
     from encoder_pipeline.resources import ArtifactStoreResource, PipelineSettings
 
     def say(line: str) -> None:
@@ -460,8 +484,11 @@ def cmd_judge(args: argparse.Namespace) -> int:
     say(f"judgments go to {session.folder}; Ctrl-C stops (each judgment is on disk as soon as it is made)")
     if not args.no_browser:
         webbrowser.open(url)
+    before = judged_set_summary(session.folder)
     serve(create_app(session, token, spec.name, spec.queries.relevance), sock)
     say(f"stopped: {session.state()['judged_queries']} of {args.target} queries judged, in {session.folder}")
+    if judged_set_summary(session.folder) != before:
+        _record_judged_set(spec.name)
     return EXIT_OK
 
 

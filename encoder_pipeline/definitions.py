@@ -6,6 +6,7 @@ import os
 
 import dagster as dg
 
+from encoder_pipeline.defs.automation import health
 from encoder_pipeline.defs.automation.sensors import (
     corpus_drift_sensor,
     domain_specs_sensor,
@@ -51,14 +52,15 @@ automation_sensor = dg.AutomationConditionSensorDefinition(
 
 
 # One module list, in stage order: each folder of defs/ is one asset group (corpus, training_data,
-# training, indexing, evaluation, serving); checks are declared on their assets.
+# training, indexing, evaluation, serving; automation: domain_health over them all); checks are
+# declared on their assets.
 STAGES = [corpus_drift, corpus_assets, training_data_assets, training_assets, indexing_assets,
-          evaluation_assets, serving_assets]
+          evaluation_assets, serving_assets, health]
 
 defs = dg.Definitions(
     assets=dg.load_assets_from_modules(STAGES, include_specs=True),
-    jobs=[train_encoder_job, index_refresh_job],
-    sensors=[domain_specs_sensor, corpus_drift_sensor, automation_sensor],
+    jobs=[train_encoder_job, index_refresh_job, health.domain_health_job],
+    sensors=[domain_specs_sensor, corpus_drift_sensor, automation_sensor, *health.health_sensors],
     schedules=[weekly_retrain_schedule],
     # Steps of a run: local processes (capped), Kubernetes Jobs or Celery workers (executors.py).
     executor=executor_from_env(),

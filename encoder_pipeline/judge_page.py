@@ -48,6 +48,7 @@ from encoder_pipeline.lib.judging import (
     point_spec_at,
     read_judgments,
     read_query_file,
+    training_queries,
 )
 from encoder_pipeline.lib.layout import read_corpus_units
 from encoder_pipeline.resources import PipelineSettings
@@ -114,7 +115,12 @@ def open_session(spec: DomainSpec, store: ArtifactStore, settings: PipelineSetti
     else:
         say(f"spec {spec.source_file}: [judged] will point at {folder} from the first judgment on")
         on_first = point_spec
-    return JudgingSession(folder, queries, pooler, units, target, on_first_judgment=on_first)
+    session = JudgingSession(folder, queries, pooler, units, target, on_first_judgment=on_first,
+                             trained=training_queries(store, spec.name))
+    if session.left_out:
+        say(f"queries: {len(session.left_out):,} left out, since training used them (a judged set must "
+            f"be unseen), e.g. {session.left_out[0]!r}")
+    return session
 
 
 def _progress(name: str, say: Callable[[str], None]) -> Callable[[int, int], None]:

@@ -22,17 +22,22 @@ def test_graph_shape_and_lineage():
     assert parents["embedding_index"] == {"index_sweep", "clean_corpus"}  # an index refresh reads it
     assert parents["eval_report"] == {"eval_set", "embedding_index", "index_sweep"}
     assert parents["serving_index"] == {"eval_report"}
+    assert parents["domain_health"] == set()  # it reads run statuses, not artifacts
     for key in graph.get_all_asset_keys():
         node = graph.get(key)
-        assert node.partitions_def is not None and node.partitions_def.name == "domain"
+        if key.to_user_string() != "domain_health":  # the one asset over every domain
+            assert node.partitions_def is not None and node.partitions_def.name == "domain"
         assert node.group_name != "default" and node.description and node.kinds
 
 
 def test_job_sensors_schedule_resources():
     assert defs.resolve_job_def("train_encoder_job").partitions_def.name == "domain"
     assert defs.resolve_job_def("index_refresh_job").partitions_def.name == "domain"
+    assert "domain_health" not in {k.to_user_string() for k in
+                                    defs.resolve_job_def("train_encoder_job").asset_layer.executable_asset_keys}
     assert {s.name for s in defs.sensors} == {"domain_specs_sensor", "corpus_drift_sensor",
-                                              "automation_condition_sensor"}
+                                              "automation_condition_sensor", "domain_health_after_success",
+                                              "domain_health_after_failure"}
     assert {s.name for s in defs.schedules} == {"weekly_retrain_schedule"}
     assert set(defs.resources) == {"artifacts", "settings", "llm"}
 

@@ -134,7 +134,7 @@ def test_a_judged_set_naming_unknown_documents_is_refused_at_the_door(workspace,
 
 
 @pytest.mark.parametrize("text, message", [("", "no documents left after cleaning"),
-                                           ("We never sell your personal data to anyone.", "only 1 units are left")])
+                                           ("We never sell your personal data to anyone.", "only 1 distinct units are left")])
 def test_all_empty_or_all_identical_texts_are_refused_at_the_door(workspace, capsys, text, message):
     write_jsonl(workspace / "c.jsonl", [{"_id": f"d{i}", "title": "", "text": text} for i in range(40)])
     _refused(workspace, capsys, ["--corpus", "c.jsonl"], message)

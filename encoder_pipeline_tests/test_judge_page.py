@@ -19,6 +19,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import dagster as dg
 import pytest
 from judging_fixtures import QUERIES, tiny_store, write_domain_spec, write_queries
 from playwright.sync_api import expect, sync_playwright
@@ -185,7 +186,10 @@ def test_label_correct_reload_and_resume_in_a_browser(judging):
 
 
 def test_judge_command_prints_its_url_points_the_spec_and_stops_on_ctrl_c(judging, tmp_path):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    """...and, as it stops, puts the judged set's new size on eval_set's timeline in the UI."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "DAGSTER_HOME": str(home)}
     process = subprocess.Popen(
         [sys.executable, "-m", "encoder_pipeline.cli", "judge", "--domain", DOMAIN, "--queries",
          str(judging.queries_file), "--depth", "2", "--no-browser"],
@@ -215,6 +219,13 @@ def test_judge_command_prints_its_url_points_the_spec_and_stops_on_ctrl_c(judgin
         out, _ = process.communicate(timeout=60)
     assert process.returncode == 0, "".join(lines) + out
     assert f"[judged] path = {judging.folder}" in out and "stopped: 1 of 200 queries judged" in out
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        [record] = instance.fetch_observations(dg.AssetKey("eval_set"), limit=5).records
+    observed = record.asset_observation
+    assert observed.partition == DOMAIN
+    assert {key: observed.metadata[key].value for key in ("judged_set_queries", "judged_set_judgments",
+                                                         "judged_set_relevant")} == {
+        "judged_set_queries": 1, "judged_set_judgments": 1, "judged_set_relevant": 1}
 
 
 def test_judge_command_refuses_an_unknown_domain_or_one_without_a_corpus(judging):

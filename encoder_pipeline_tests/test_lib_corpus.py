@@ -88,8 +88,11 @@ def test_clean_corpus_counts_and_dedupes(tmp_path):
     units, report = clean_corpus(read_corpus("jsonl", str(path)), CleaningConfig(min_words=4))
     assert report.counts["read"] == 5
     assert report.counts["dropped_short_or_empty"] == 1
-    assert report.counts["dropped_exact_duplicates"] == 1
-    assert sorted(units["doc_id"]) == ["a", "c", "e"]
+    assert report.counts["exact_duplicates"] == 1
+    assert sorted(units["doc_id"]) == ["a", "b", "c", "e"]  # the duplicate is served...
+    marked = units.set_index("doc_id")
+    assert marked.loc["b", "duplicate_of"] == "a" and marked["duplicate_of"].drop("b").isna().all()
+    assert list(units.loc[units["in_sample"], "doc_id"]) == ["a", "c", "e"]  # ...and never trained on
     accented = units.set_index("doc_id").loc["e"]
     assert accented["title"] == "Caf\u00e9" and accented["text"] == "Unicode accents are normalized here ok."
 
@@ -100,7 +103,29 @@ def test_judged_documents_are_never_dropped(tmp_path):
     path = tmp_path / "corpus.jsonl"
     path.write_text("\n".join(json.dumps(d) for d in docs))
     units, _ = clean_corpus(read_corpus("jsonl", str(path)), CleaningConfig(), protected={"z"})
-    assert "z" in set(units["doc_id"]) and len(units) == 1
+    marked = units.set_index("doc_id")["duplicate_of"]
+    assert marked.fillna("").to_dict() == {"x": "z", "y": "z", "z": ""}  # the judged one is the original
+    assert list(units.loc[units["in_sample"], "doc_id"]) == ["z"]
+
+
+def test_near_duplicates_in_wording_are_served_but_not_trained_on(tmp_path):
+    """Gene Ontology siblings whose definitions differ by one word are near-duplicates by MinHash
+    and different concepts: both are served (a user searching "meiotic G2 phase" must find it), one
+    is left out of training (a near-copy in a batch is a false negative)."""
+    definition = ("The cell cycle 'gap' phase which is the interval between the completion of DNA "
+                  "synthesis and the beginning of DNA segregation by {}.")
+    docs = [{"_id": "GO:0000085", "title": "mitotic G2 phase", "text": definition.format("mitosis")},
+            {"_id": "GO:0051331", "title": "meiotic G2 phase", "text": definition.format("meiosis")},
+            {"_id": "GO:0006096", "title": "glycolytic process",
+             "text": "The chemical reactions and pathways resulting in the breakdown of a carbohydrate into pyruvate."}]
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("\n".join(json.dumps(d) for d in docs))
+    units, report = clean_corpus(read_corpus("jsonl", str(path)), CleaningConfig())
+    assert report.counts["near_duplicates"] == 1 and report.counts["kept"] == 3
+    assert report.duplicate_examples == [("GO:0000085", "GO:0051331")]
+    marked = units.set_index("doc_id")
+    assert marked.loc["GO:0051331", "duplicate_of"] == "GO:0000085"
+    assert not marked.loc["GO:0051331", "in_sample"] and marked.loc[["GO:0000085", "GO:0006096"], "in_sample"].all()
 
 
 def test_long_documents_are_chunked_under_their_parent(tmp_path):
@@ -138,7 +163,7 @@ def test_streaming_clean_writes_one_ordered_file_and_a_content_fingerprint(tmp_p
     gone, and the fingerprint follows the content (same input, same print; one edit, a new one)."""
     import pyarrow.parquet as pq
 
-    from encoder_pipeline.lib.corpus import SAMPLE_COLUMN, UNIT_COLUMNS, clean_corpus_to_parquet
+    from encoder_pipeline.lib.corpus import DUPLICATE_COLUMN, SAMPLE_COLUMN, UNIT_COLUMNS, clean_corpus_to_parquet
 
     docs = [{"_id": f"d{i:05d}", "title": f"T{i}", "text": f"unit {i} " + " ".join(f"w{i * 7 + j}" for j in range(12))}
             for i in range(5000)]
@@ -152,10 +177,12 @@ def test_streaming_clean_writes_one_ordered_file_and_a_content_fingerprint(tmp_p
 
     assert sorted(p.name for p in out.parent.iterdir()) == ["units.parquet"]
     table = pq.read_table(out)
-    assert table.column_names == [*UNIT_COLUMNS, SAMPLE_COLUMN]
-    assert all(table.column(SAMPLE_COLUMN).to_pylist())  # no sample asked for: every unit is in it
+    assert table.column_names == [*UNIT_COLUMNS, DUPLICATE_COLUMN, SAMPLE_COLUMN]
     ids = table.column("doc_id").to_pylist()
-    assert ids == sorted(ids) and "d00010" not in ids and len(ids) == 4999 == report.counts["kept"]
+    assert ids == sorted(ids) and len(ids) == 5000 == report.counts["kept"]  # every unit, in order
+    # no sample asked for: every unit is in it but the duplicate
+    assert [i for i, s in zip(ids, table.column(SAMPLE_COLUMN).to_pylist(), strict=True) if not s] == ["d00010"]
+    assert table.column(DUPLICATE_COLUMN).to_pylist()[10] == "d00009"
 
     again = clean_corpus_to_parquet(read_corpus("jsonl", str(path)), CleaningConfig(), tmp_path / "b.parquet")
     assert again.fingerprint == report.fingerprint

@@ -9,10 +9,12 @@ import os
 import signal
 import time
 
+import pandas as pd
 import pytest
 from judging_fixtures import DEV_QUERIES, EVAL_QUERIES, QUERIES, stdlib_units, tiny_store, write_domain_spec
 
 from encoder_pipeline.domains import load_spec
+from encoder_pipeline.lib import judging
 from encoder_pipeline.lib.artifacts import Manifest
 from encoder_pipeline.lib.encoders import DEFAULT_BASE_MODEL, resolve_model_path
 from encoder_pipeline.lib.judging import (
@@ -26,14 +28,22 @@ from encoder_pipeline.lib.judging import (
     dense_system,
     domain_systems,
     eval_queries,
-    judged_query_texts,
     point_spec_at,
     pool,
     query_id,
     read_judgments,
     read_query_file,
+    training_queries,
 )
-from encoder_pipeline.lib.layout import MODEL_DIR
+from encoder_pipeline.lib.layout import (
+    HEURISTIC_PAIRS,
+    MODEL_DIR,
+    PAIRS_FILE,
+    SYNTHETIC_FILE,
+    SYNTHETIC_QUERIES,
+    corpus_texts,
+)
+from encoder_pipeline.lib.metrics import bm25_run
 from encoder_pipeline.lib.sources import read_judged
 
 RUNGS = ["encoder_heuristic", "encoder_synthetic", "encoder_hard_negatives"]
@@ -225,15 +235,25 @@ def test_a_spec_whose_judged_table_cannot_be_rewritten_is_left_alone(tmp_path):
     assert spec_file.read_text() == before
 
 
-def test_judged_query_texts(tmp_path):
-    append_judgment(tmp_path / "mine", "parse a date", "a", 1)
-    append_judgment(tmp_path / "mine", "wrap text", "b", 0)
-    assert judged_query_texts(tmp_path / "mine") == {"parse a date", "wrap text"}
-    (tmp_path / "theirs" / "qrels").mkdir(parents=True)  # a judged folder made elsewhere: no log
-    (tmp_path / "theirs" / "queries.jsonl").write_text('{"_id": "1", "text": "their query"}\n')
-    (tmp_path / "theirs" / "qrels" / "dev.tsv").write_text("query-id\tcorpus-id\tscore\n1\tx\t1\n")
-    assert judged_query_texts(tmp_path / "theirs") == {"their query"}
-    assert judged_query_texts(tmp_path / "none") == set()
+def test_queries_training_used_are_never_offered_for_judging(tmp_path):
+    """A judged set must be unseen: a query of the published training rows (here a structural pair's
+    and a synthetic one, in another case and punctuation) is left out of the file's queries, and
+    refused when typed into the page."""
+    store = tiny_store(tmp_path / "artifacts", "tiny")
+    with store.publish(Manifest("tiny", HEURISTIC_PAIRS, "v1", 0, {})) as staging:
+        pd.DataFrame({"query": [QUERIES[0]], "positive": ["..."]}).to_parquet(staging / PAIRS_FILE)
+    with store.publish(Manifest("tiny", SYNTHETIC_QUERIES, "v1", 0, {})) as staging:
+        pd.DataFrame({"query": [QUERIES[2].upper() + "?"], "positive": ["..."]}).to_parquet(
+            staging / SYNTHETIC_FILE)
+    trained = training_queries(store, "tiny")  # no mined_negatives yet: what is published counts
+    units = stdlib_units()
+    session = JudgingSession(tmp_path / "judged", QUERIES[:4], Pooler([bm25_system(units)], depth=2),
+                             units, trained=trained)
+    assert session.left_out == [QUERIES[0], QUERIES[2]]
+    assert [session.texts[q] for q in session.order] == [QUERIES[1], QUERIES[3]]
+    with pytest.raises(JudgingError, match="training used this query"):
+        session.add_query(f"  {QUERIES[0].title()}. ")
+    assert session.add_query("parse a date") == 1
 
 
 def test_systems_of_a_domain_skip_what_is_not_published(tmp_path):
@@ -263,6 +283,30 @@ def test_pools_of_bm25_and_the_base_model_are_documents(tmp_path):
     assert 3 <= len(copy) <= 6 and 3 <= len(wrap) <= 6
     assert "shutil.copytree" in copy and {"textwrap.wrap", "textwrap.fill"} & set(wrap)
     assert pooler.pools(queries) == pools and copy == blind_order(query_id(QUERIES[0]), copy)
+
+
+def test_bm25_indexes_the_corpus_once_for_every_batch_of_queries(monkeypatch):
+    """A session pools a few queries at a time; each batch searches the index built for the first
+    (re-indexing a 40,000-unit corpus per batch made every page turn wait), with the same results."""
+    units = stdlib_units()
+    built = []
+
+    class CountedIndex(judging.BM25Index):
+        def __init__(self, *args):
+            built.append(True)
+            super().__init__(*args)
+
+    monkeypatch.setattr(judging, "BM25Index", CountedIndex)
+    pooler = Pooler([bm25_system(units)], depth=3)
+    batches = [{query_id(q): q for q in QUERIES[i:i + 2]} for i in range(0, 4, 2)]
+    pools = [pooler.pools(batch) for batch in batches]
+    assert len(built) == 1
+    texts, parents = corpus_texts(units), list(units["parent_id"])
+    for batch, pooled in zip(batches, pools, strict=True):
+        fresh = bm25_run(texts, parents, batch, 3 * judging.UNITS_PER_DOCUMENT)
+        for qid in batch:
+            ranked = [doc for doc, _ in sorted(fresh[qid].items(), key=lambda kv: (-kv[1], kv[0]))]
+            assert pooled[qid] == pool(qid, {"bm25": ranked}, 3)
 
 
 def test_a_query_with_no_candidates(tmp_path):

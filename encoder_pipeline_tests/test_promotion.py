@@ -12,6 +12,7 @@ import pytest
 
 from encoder_pipeline import cli
 from encoder_pipeline.definitions import defs
+from encoder_pipeline.defs.automation.health import domain_health, domain_health_job
 from encoder_pipeline.defs.serving.assets import serving_index
 from encoder_pipeline.domains import domain_partitions
 from encoder_pipeline.lib.artifacts import ArtifactStore, Manifest
@@ -373,8 +374,9 @@ def _refusing_build(store: ArtifactStore) -> dg.Definitions:
             check_name="safe_to_promote", passed=False, severity=dg.AssetCheckSeverity.ERROR)])
 
     return dg.Definitions(
-        assets=[refusing_report, serving_index],
-        jobs=[dg.define_asset_job("train_encoder_job", partitions_def=domain_partitions)],
+        assets=[refusing_report, serving_index, domain_health],  # materialize refreshes domain_health
+        jobs=[dg.define_asset_job("train_encoder_job", selection=[refusing_report, serving_index],
+                                  partitions_def=domain_partitions), domain_health_job],
         resources={"artifacts": ArtifactStoreResource(root=str(store.root)), "settings": PipelineSettings(),
                    "llm": LLMResource()})
 

@@ -219,7 +219,7 @@ def test_too_small_a_corpus_is_refused_with_the_minimum(tmp_path, monkeypatch):
     """One unit short of the minimum is refused naming the exact count; the minimum itself passes."""
     short = MIN_TRAINING_PAIRS - 1  # short documents: one unit each, none dropped
     message = failure(clean(tmp_path, monkeypatch, records=documents()[:short]))
-    assert re.search(rf"\bonly {short} units are left after cleaning \(", message), message
+    assert re.search(rf"\bonly {short} distinct units are left after cleaning \(", message), message
     assert f"at least {MIN_TRAINING_PAIRS} are needed" in message
     result = clean(tmp_path / "enough", monkeypatch, records=documents()[:MIN_TRAINING_PAIRS])
     assert result.success and metadata(result, "clean_corpus")["documents"] == MIN_TRAINING_PAIRS
@@ -300,7 +300,12 @@ def test_cli_materialize_exits_1_when_the_run_fails(tmp_path, cli_home, capsys):
     printed = capsys.readouterr()
     out = printed.out
     with dg.DagsterInstance.from_config(str(cli_home)) as instance:
-        [record] = instance.get_run_records()
+        [record] = instance.get_run_records(dg.RunsFilter(job_name="train_encoder_job"))
+        health = instance.get_latest_materialization_event(dg.AssetKey("domain_health"))
+    # ...and the UI's domain_health, refreshed after the run, names the domain and where it failed
+    table = health.asset_materialization.metadata["domains"].value
+    assert re.search(r"\| mine +\| failed +\| 0 of 11 +\| failed at clean_corpus", table), table
+    assert health.asset_materialization.metadata["domains_failed"].value == 1
     assert f"run {record.dagster_run.run_id}: FAILED" in out
     # a run you can read: a line per stage, the reason in one line, where the full log is; no trace
     assert "clean_corpus: started" in out and re.search(r"clean_corpus: FAILED: .*1 malformed line", out), out

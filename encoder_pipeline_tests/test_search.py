@@ -87,7 +87,7 @@ def test_the_served_index_holds_every_unit_not_only_the_training_sample(home, bu
     the report cover the whole cleaned corpus (~1,200 functions here), so a function outside the
     sample is found."""
     units = pd.read_parquet(built.latest("code", "clean_corpus") / "corpus.parquet")
-    outside = units[~units["in_sample"]]
+    outside = units[~units["in_sample"] & units["duplicate_of"].isna()]  # a duplicate's original may win
     assert len(outside) > 2 * units["in_sample"].sum()
     searcher = Searcher.for_domain("code", built)
     assert searcher.index.index.ntotal == len(units)

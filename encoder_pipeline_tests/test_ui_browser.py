@@ -1,8 +1,8 @@
 """The UI in a real browser: `dagster dev` on 127.0.0.1 over the session's tiny `code` instance, driven
 headless by Debian's chromium through Playwright. From the asset graph, a `code` partition of
 clean_corpus is launched and runs to success; the eval_report page shows the report's figures and its
-plots as images; the serving_index page says whether its promotion was forced. Screenshots of every
-step land in test-artifacts/ui/."""
+plots as images; the serving_index page says whether its promotion was forced; domain_health, refreshed by its sensor
+after that run, tells the domains apart. Screenshots of every step land in test-artifacts/ui/."""
 
 import contextlib
 import json
@@ -30,6 +30,7 @@ SCREENSHOTS = PROJECT_ROOT / "test-artifacts" / "ui"
 WORKSPACE = PROJECT_ROOT / "workspace.yaml"
 SERVER_START_S = 240
 RUN_SUCCESS_S = 420
+HEALTH_REFRESH_S = 300  # the sensor's 30 s interval, a queued run, its process start
 FIGURES = ("ladder", "sweep", "latency")
 
 pytestmark = pytest.mark.skipif(
@@ -237,3 +238,24 @@ def test_serving_index_says_whether_its_promotion_was_forced(ui, ui_page, tiny_c
         expect(metadata_row(page, "forced")).to_contain_text(str(tiny_code_served.forced).lower())
         expect(metadata_row(page, "reason")).to_contain_text(tiny_code_served.metadata["reason"].value)
         snap(page, "07-serving-index-promotion")
+
+
+def test_domain_health_tells_the_domains_apart(ui, ui_page):
+    """The run launched above (a `code` partition) ends, the daemon's run-status sensor refreshes
+    domain_health, and its table says at a glance that `code` is healthy while the built-in domains
+    the spec sensor registered were never built."""
+    page = ui_page
+    with shown_on_failure(page, ui, "health"):
+        page.goto(f"{ui.url}/assets/domain_health")
+        domains = metadata_row(page, "domains")
+        deadline = time.monotonic() + HEALTH_REFRESH_S
+        while not domains.count():
+            assert time.monotonic() < deadline, "the sensor never refreshed domain_health"
+            time.sleep(10)
+            page.reload()
+        # a short table is shown inline in the metadata row (a long one behind "[Show Markdown]")
+        code = domains.locator("tr").filter(has=page.locator("td").filter(has_text=re.compile(r"^\s*code\s*$")))
+        expect(code).to_contain_text("healthy")
+        expect(domains).to_contain_text("never built")
+        expect(metadata_row(page, "domains_healthy")).to_contain_text("1")
+        snap(page, "08-domain-health")

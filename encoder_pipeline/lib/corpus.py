@@ -2,8 +2,16 @@
 
 Columns in: `doc_id, title, text, anchor` (see `sources.py`). Columns out: `doc_id` (unit id, stable),
 `parent_id` (the source document: judgments and metrics are at this level, best chunk wins),
-`title`, `text`, `anchor`, `in_sample` (the unit's document is in the training sample: a stable
-salted-hash sample of `sample_documents` documents, judged ones always in; see `sample_ids`).
+`title`, `text`, `anchor`, `duplicate_of` (the unit this one exactly or nearly duplicates, else
+null), `in_sample` (the unit is in the training sample: its document is among a stable salted-hash
+sample of `sample_documents` documents, judged ones always in, see `sample_ids`, and it duplicates
+no other unit).
+
+Duplicates are marked, not removed: they are left out of training (a near-copy in a batch is a false
+negative, and repeats overweight a text) but served, since "near" is about shared wording, not
+meaning: "mitotic G2 phase" and "meiotic G2 phase" are distinct Gene Ontology terms whose
+definitions differ by one word, and an ontology, a statute or a code base is full of such siblings.
+Empty or too-short units and the spec's boilerplate are dropped.
 
 Per-row work runs as Daft expressions and batch UDFs and streams to Parquet, so a corpus larger than
 memory cleans on one machine (`clean_corpus_to_parquet`); the MinHash step follows Daft's dedupe
@@ -141,6 +149,7 @@ def _keep_order(doc_id: str, protected: set[str]) -> tuple[int, str]:
 
 
 UNIT_COLUMNS = ["doc_id", "parent_id", "title", "text", "anchor"]
+DUPLICATE_COLUMN = "duplicate_of"
 SAMPLE_COLUMN = "in_sample"
 _BOOKKEEPING = ["doc_id", "parent_id", "words", "short", "boilerplate", "exact_key", "signature"]
 
@@ -161,9 +170,9 @@ def clean_corpus_to_parquet(raw: daft.DataFrame, config: CleaningConfig, out_pat
     Streams: no pass holds the corpus's text in memory. Pass 1 runs the per-row work in Daft
     (normalize, chunk, flag short and boilerplate units, exact-dedupe key, MinHash signature) and
     writes every unit to a scratch file batch by batch; pass 2 reads back only ids, flags and
-    signatures to decide what is dropped; pass 3 copies the kept rows batch by batch into `out_path`.
-    Peak memory grows with the number of units (ids and 4-byte hashes), not with their text.
-    Documents in `protected` (judged ones) are never dropped or merged.
+    signatures to decide what is dropped and what duplicates what; pass 3 copies the kept rows batch
+    by batch into `out_path`. Peak memory grows with the number of units (ids and 4-byte hashes), not
+    with their text. Documents in `protected` (judged ones) are never dropped or marked duplicates.
     """
     report = CleaningReport()
     try:
@@ -194,20 +203,22 @@ def clean_corpus_to_parquet(raw: daft.DataFrame, config: CleaningConfig, out_pat
     scratch = out_path.with_name(f".{out_path.name}.units")
     try:
         _write_batches(_annotated_units(frame, config, protected).to_arrow_iter(), scratch)
-        keep, words = _units_to_keep(scratch, config, protected, report)
+        keep, duplicate_of, words = _units_to_keep(scratch, config, protected, report)
+        distinct = keep & pd.isna(duplicate_of)
         if not keep.any():
             raise CorpusError("no documents left after cleaning; check unit.min_words and the corpus")
-        if keep.sum() < config.min_units:
-            raise CorpusError(f"only {int(keep.sum())} units are left after cleaning "
+        if distinct.sum() < config.min_units:
+            raise CorpusError(f"only {int(distinct.sum())} distinct units are left after cleaning "
                               f"({report.counts}); at least {config.min_units} are needed (one "
                               "training pair per unit at best, and training needs that many): add "
                               "documents")
-        sample = _sampled_parents(scratch, keep, config, protected)
-        report.fingerprint, report.sample_units = _copy_kept(scratch, keep, sample, out_path)
+        sample = _sampled_parents(scratch, distinct, config, protected)
+        report.fingerprint, report.sample_units = _copy_kept(scratch, keep, duplicate_of, sample, out_path)
     finally:
         scratch.unlink(missing_ok=True)
     report.counts["kept"] = int(keep.sum())
-    report.sample_documents = len(sample) if sample is not None else len(set(_kept_parents(out_path)))
+    report.sample_documents = (len(sample) if sample is not None
+                               else len(set(_kept_parents(out_path, distinct_only=True))))
     report.word_percentiles = {f"p{q}": float(np.percentile(words[keep], q)) for q in (5, 50, 95)}
     return report
 
@@ -280,8 +291,9 @@ def _write_batches(batches: Iterable[pa.RecordBatch], path: Path) -> None:
 
 
 def _units_to_keep(scratch: Path, config: CleaningConfig, protected: set[str],
-                   report: CleaningReport) -> tuple[np.ndarray, np.ndarray]:
-    """Pass 2: which units survive (a mask in file order), from ids, flags and signatures only."""
+                   report: CleaningReport) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pass 2, from ids, flags and signatures only, in file order: which units survive (a mask), the
+    unit each survivor duplicates (None: none), and the word counts."""
     table = pq.read_table(scratch, columns=_BOOKKEEPING)
     signatures = table.column("signature").combine_chunks()
     signatures = signatures.flatten().to_numpy().astype(np.uint32).reshape(len(table), -1)
@@ -295,62 +307,72 @@ def _units_to_keep(scratch: Path, config: CleaningConfig, protected: set[str],
     report.counts["dropped_boilerplate"] = int(boilerplate.sum())
     keep = ~(units["short"] | boilerplate).to_numpy()
 
-    # Exact duplicates: keep the first unit per key in (judged first, then id) order.
+    doc_ids, parent_ids = units["doc_id"].to_numpy(), units["parent_id"].to_numpy()
+    duplicate_of = np.full(len(units), None, dtype=object)
+
+    # Exact duplicates: the first unit per key in (judged first, then id) order is the original.
     candidates = units[keep].assign(is_protected=lambda u: u["parent_id"].isin(protected))
     candidates = candidates.sort_values(["is_protected", "doc_id"], ascending=[False, True])
     exact = candidates.duplicated("exact_key") & ~candidates["is_protected"]
-    report.counts["dropped_exact_duplicates"] = int(exact.sum())
-    keep[candidates.index[exact]] = False
+    report.counts["exact_duplicates"] = int(exact.sum())
+    originals = candidates.drop_duplicates("exact_key").set_index("exact_key")["doc_id"]
+    duplicate_of[candidates.index[exact]] = originals.loc[candidates.loc[exact, "exact_key"]].to_numpy()
 
-    survivors = np.flatnonzero(keep)
-    doc_ids, parent_ids = units["doc_id"].to_numpy(), units["parent_id"].to_numpy()
-    dropped_near = 0
-    for group in near_duplicate_components(signatures[survivors], config.bands, config.jaccard_threshold):
-        rows = survivors[group]
+    distinct = np.flatnonzero(keep & pd.isna(duplicate_of))
+    near = 0
+    for group in near_duplicate_components(signatures[distinct], config.bands, config.jaccard_threshold):
+        rows = distinct[group]
         ranked = sorted(rows, key=lambda r: _keep_order(parent_ids[r], protected) + (doc_ids[r],))
         for other in ranked[1:]:
             if parent_ids[other] not in protected:
-                keep[other] = False
-                dropped_near += 1
+                duplicate_of[other] = doc_ids[ranked[0]]
+                near += 1
                 if len(report.duplicate_examples) < 10:
                     report.duplicate_examples.append((doc_ids[ranked[0]], doc_ids[other]))
-    report.counts["dropped_near_duplicates"] = dropped_near
-    return keep, units["words"].to_numpy()
+    report.counts["near_duplicates"] = near
+    return keep, duplicate_of, units["words"].to_numpy()
 
 
-def _kept_parents(path: Path) -> list[str]:
-    return pq.read_table(path, columns=["parent_id"]).column("parent_id").to_pylist()
+def _kept_parents(path: Path, distinct_only: bool = False) -> list[str]:
+    table = pq.read_table(path, columns=["parent_id", DUPLICATE_COLUMN])
+    if distinct_only:
+        table = table.filter(table.column(DUPLICATE_COLUMN).is_null())
+    return table.column("parent_id").to_pylist()
 
 
-def _sampled_parents(scratch: Path, keep: np.ndarray, config: CleaningConfig,
+def _sampled_parents(scratch: Path, distinct: np.ndarray, config: CleaningConfig,
                      protected: set[str]) -> set[str] | None:
-    """The training sample's documents among the kept units (None: every document is in it)."""
+    """The training sample's documents among those with a distinct unit (None: every document)."""
     if config.sample_documents <= 0:
         return None
     parents = pq.read_table(scratch, columns=["parent_id"]).column("parent_id").to_numpy(zero_copy_only=False)
-    return sample_ids(dict.fromkeys(parents[keep]), config.sample_documents, protected, config.seed)
+    return sample_ids(dict.fromkeys(parents[distinct]), config.sample_documents, protected, config.seed)
 
 
-def _copy_kept(scratch: Path, keep: np.ndarray, sample: set[str] | None, out_path: Path
-               ) -> tuple[str, int]:
-    """Pass 3: stream the kept units into `out_path`, each marked in or out of the training sample;
-    returns the content fingerprint (of the units, not of the sample) and the units in the sample."""
+def _copy_kept(scratch: Path, keep: np.ndarray, duplicate_of: np.ndarray, sample: set[str] | None,
+               out_path: Path) -> tuple[str, int]:
+    """Pass 3: stream the kept units into `out_path`, each with what it duplicates and marked in or
+    out of the training sample; returns the content fingerprint (of the units, not of the sample)
+    and the units in the sample."""
     digest = hashlib.sha256()
     sampled = 0
     source = pq.ParquetFile(scratch)
     offset = 0
     schema = pa.schema([*(source.schema_arrow.field(name) for name in UNIT_COLUMNS),
-                        pa.field(SAMPLE_COLUMN, pa.bool_())])
+                        pa.field(DUPLICATE_COLUMN, pa.string()), pa.field(SAMPLE_COLUMN, pa.bool_())])
     with pq.ParquetWriter(out_path, schema) as writer:
         for batch in source.iter_batches(columns=UNIT_COLUMNS):
             mask = keep[offset: offset + batch.num_rows]
+            duplicates = duplicate_of[offset: offset + batch.num_rows][mask].tolist()
             offset += batch.num_rows
             kept = batch.filter(pa.array(mask))
             if kept.num_rows:
                 parents = kept.column("parent_id").to_pylist()
-                in_sample = pa.array([True] * len(parents) if sample is None else [p in sample for p in parents])
+                in_sample = pa.array([original is None and (sample is None or parent in sample)
+                                      for parent, original in zip(parents, duplicates, strict=True)])
                 sampled += sum(in_sample.to_pylist())
-                writer.write_batch(pa.RecordBatch.from_arrays([*kept.columns, in_sample], schema=schema))
+                writer.write_batch(pa.RecordBatch.from_arrays(
+                    [*kept.columns, pa.array(duplicates, pa.string()), in_sample], schema=schema))
                 rows = kept.select(["doc_id", "title", "text"]).to_pandas()
                 digest.update(pd.util.hash_pandas_object(rows, index=False).to_numpy().tobytes())
     return digest.hexdigest()[:16], sampled

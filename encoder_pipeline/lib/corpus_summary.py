@@ -63,11 +63,11 @@ def cleaning_warnings(units: pd.DataFrame, counts: dict[str, int], skipped: int)
     empty = counts.get("dropped_short_or_empty", 0)
     if empty:
         warnings.append(f"{empty:,} units are empty or shorter than unit.min_words and are dropped")
-    duplicates = counts.get("dropped_exact_duplicates", 0) + counts.get("dropped_near_duplicates", 0)
+    duplicates = counts.get("exact_duplicates", 0) + counts.get("near_duplicates", 0)
     if duplicates >= DUPLICATE_SHARE * max(counts.get("units_after_chunking", 0), 1):
-        warnings.append(f"{duplicates:,} of {counts['units_after_chunking']:,} units are duplicates and are dropped "
-                        f"({counts.get('dropped_exact_duplicates', 0):,} exact, "
-                        f"{counts.get('dropped_near_duplicates', 0):,} near)")
+        warnings.append(f"{duplicates:,} of {counts['units_after_chunking']:,} units are duplicates "
+                        f"({counts.get('exact_duplicates', 0):,} exact, {counts.get('near_duplicates', 0):,} "
+                        "near): served, but left out of training")
     if skipped:
         warnings.append(f"{skipped:,} malformed entries are left out (on_malformed = \"skip\")")
     return warnings

@@ -36,6 +36,7 @@ import tempfile
 import threading
 import tomllib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,11 +45,17 @@ import pandas as pd
 
 from encoder_pipeline.lib.artifacts import ArtifactStore, MissingArtifact
 from encoder_pipeline.lib.encoders import ModelError, encode, load_encoder, resolve_model_path
-from encoder_pipeline.lib.layout import corpus_texts, read_eval_split, rung_model_path
+from encoder_pipeline.lib.layout import (
+    corpus_texts,
+    read_eval_split,
+    read_mined,
+    read_pairs,
+    read_synthetic,
+    rung_model_path,
+)
 from encoder_pipeline.lib.leakage import normalize
-from encoder_pipeline.lib.metrics import Run, bm25_run, dense_run
+from encoder_pipeline.lib.metrics import BM25Index, Run, dense_run
 from encoder_pipeline.lib.packaged_models import PackageMissing
-from encoder_pipeline.lib.sources import read_judged
 from encoder_pipeline.lib.vector_cache import Progress, cached_embeddings
 
 LOG_FILE = "judgments.jsonl"
@@ -60,7 +67,7 @@ JUDGED_DIR = "judged"  # the default folder, under the domain's artifact folder 
 DEFAULT_DEPTH = 10
 DEFAULT_TARGET = 200  # queries: "a couple of hundred hand-checked examples"
 UNITS_PER_DOCUMENT = 4  # units retrieved per pooled document: chunks of one document count once
-PREFETCH = 16  # queries pooled together (one BM25 index, one encoder batch per system)
+PREFETCH = 16  # queries pooled together (one encoder batch per system)
 BASELINE, TEACHER = "off_the_shelf", "teacher"  # the report's names for these systems
 UNUSABLE_MODEL = (ModelError, PackageMissing)  # a dense system left out, with why
 
@@ -199,17 +206,6 @@ def append_judgment(folder: str | Path, query: str, doc_id: str, relevance: int,
     return judgment
 
 
-def judged_query_texts(folder: str | Path) -> set[str]:
-    """The texts of the queries judged in `folder` (its log; a judged folder made elsewhere: its
-    BEIR queries): what training leaves out. Compare through `lib.leakage.normalize`."""
-    folder = Path(folder)
-    if (folder / LOG_FILE).exists():
-        return {j.query for j in read_judgments(folder)}
-    if (folder / QUERIES_FILE).exists():
-        return set(read_judged(str(folder), SPLIT)[0].values())
-    return set()
-
-
 # ---- where queries come from ------------------------------------------------------------------
 
 
@@ -247,6 +243,19 @@ def read_query_file(path: str | Path) -> list[str]:
     if not queries:
         raise JudgingError(f"{path}: no queries in the file")
     return list(queries.values())
+
+
+def training_queries(store: ArtifactStore, domain: str) -> set[str]:
+    """The queries (normalized by `lib.leakage.normalize`) of the domain's published training rows:
+    structural pairs, synthetic queries, mined rows. A judged set must be unseen, so these are never
+    offered for judging."""
+    trained: set[str] = set()
+    for read in (read_pairs, read_synthetic, read_mined):
+        try:
+            trained.update(map(normalize, read(store, domain)["query"]))
+        except MissingArtifact:
+            continue
+    return trained
 
 
 def eval_queries(store: ArtifactStore, domain: str) -> list[str]:
@@ -338,9 +347,25 @@ class RankingSystem:
     model: str = ""  # the model folder or name of a dense system
 
 
+class _Lexical:
+    """BM25 over the corpus's units, indexed once by `prepare` (not per batch of queries)."""
+
+    def __init__(self, units: pd.DataFrame):
+        self.texts, self.parents = corpus_texts(units), list(units["parent_id"])
+        self.index: BM25Index | None = None
+
+    def prepare(self, progress: Progress | None = None) -> None:
+        if self.index is None:
+            self.index = BM25Index(self.texts, self.parents)
+
+    def rank(self, queries: dict[str, str], k: int) -> Run:
+        self.prepare()
+        return self.index.run(queries, k)
+
+
 def bm25_system(units: pd.DataFrame) -> RankingSystem:
-    texts, parents = corpus_texts(units), list(units["parent_id"])
-    return RankingSystem("bm25", lambda queries, k: bm25_run(texts, parents, queries, k))
+    lexical = _Lexical(units)
+    return RankingSystem("bm25", lexical.rank, lexical.prepare)
 
 
 class _Dense:
@@ -469,11 +494,13 @@ class JudgingSession:
 
     def __init__(self, folder: str | Path, queries: Sequence[str], pooler: Pooler, units: pd.DataFrame,
                  target: int = DEFAULT_TARGET, split: str = SPLIT,
-                 on_first_judgment: Callable[[], None] | None = None):
+                 on_first_judgment: Callable[[], None] | None = None, trained: AbstractSet[str] = frozenset()):
         if target < 1:
             raise JudgingError("target must be at least 1")
         self.folder, self.pooler, self.target, self.split = Path(folder), pooler, target, split
         self.on_first_judgment = on_first_judgment
+        self.trained = trained  # `training_queries`: source queries among them are left out, typed ones refused
+        self.left_out = [text for text in queries if normalize(text) in trained]
         self.documents = documents(units)
         self.texts: dict[str, str] = {}
         self.order: list[str] = []
@@ -482,7 +509,8 @@ class JudgingSession:
         for judgment in judgments:
             self._add(judgment.query_id, judgment.query, len(self.order))
         for text in queries:
-            self._add(query_id(text), text, len(self.order))
+            if normalize(text) not in trained:
+                self._add(query_id(text), text, len(self.order))
         self.position = self._resume_position(judgments)
 
     def _add(self, qid: str, text: str, at: int) -> int:
@@ -508,6 +536,9 @@ class JudgingSession:
         text = text.strip()
         if not text:
             raise JudgingError("an empty query")
+        if normalize(text) in self.trained:
+            raise JudgingError("training used this query (a structural pair or a synthetic query): the "
+                               "encoders have seen it, so judging it would flatter them; type another")
         with self._lock:
             at = min(self.position + 1, len(self.order))
             self.position = self._add(query_id(text), text, at)

@@ -67,19 +67,30 @@ def dense_run(query_vectors: np.ndarray, corpus_vectors: np.ndarray, query_ids: 
     return to_parent_run(hits, query_ids, parents)
 
 
+class BM25Index:
+    """bm25s over a corpus's units, indexed once and queried batch after batch (a judging session
+    asks for a few queries at a time; re-indexing the corpus each time would dominate)."""
+
+    def __init__(self, corpus_texts: Sequence[str], parents: Sequence[str]):
+        self.parents, self.size = list(parents), len(corpus_texts)
+        self.retriever = bm25s.BM25()
+        self.retriever.index(bm25s.tokenize(list(corpus_texts), stopwords="en", show_progress=False),
+                             show_progress=False)
+
+    def run(self, queries: dict[str, str], k: int = 100) -> Run:
+        qids = list(queries)
+        rows, scores = self.retriever.retrieve(
+            bm25s.tokenize([queries[q] for q in qids], stopwords="en", show_progress=False),
+            k=min(k, self.size), show_progress=False, n_threads=1,
+        )
+        hits = [[(int(r), float(s)) for r, s in zip(rr, ss, strict=True) if s > 0]
+                for rr, ss in zip(rows, scores, strict=True)]
+        return to_parent_run(hits, qids, self.parents)
+
+
 def bm25_run(corpus_texts: Sequence[str], parents: Sequence[str], queries: dict[str, str],
              k: int = 100) -> Run:
-    retriever = bm25s.BM25()
-    retriever.index(bm25s.tokenize(list(corpus_texts), stopwords="en", show_progress=False),
-                    show_progress=False)
-    qids = list(queries)
-    rows, scores = retriever.retrieve(
-        bm25s.tokenize([queries[q] for q in qids], stopwords="en", show_progress=False),
-        k=min(k, len(corpus_texts)), show_progress=False, n_threads=1,
-    )
-    hits = [[(int(r), float(s)) for r, s in zip(rr, ss, strict=True) if s > 0]
-            for rr, ss in zip(rows, scores, strict=True)]
-    return to_parent_run(hits, qids, parents)
+    return BM25Index(corpus_texts, parents).run(queries, k)
 
 
 @contextlib.contextmanager

@@ -34,7 +34,7 @@ IN_FLIGHT = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.Dag
 
 train_encoder_job = dg.define_asset_job(
     "train_encoder_job",
-    selection=dg.AssetSelection.all(),
+    selection=dg.AssetSelection.all() - dg.AssetSelection.groups("automation"),  # domain_health is not per domain
     partitions_def=domain_partitions,
     description="Materialize the whole graph (corpus -> report) for one domain partition.",
 )

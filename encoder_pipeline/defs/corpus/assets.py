@@ -103,11 +103,11 @@ def cleaning_config(spec: DomainSpec, settings: PipelineSettings) -> CleaningCon
 def clean_corpus(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource,
                  settings: PipelineSettings) -> dg.MaterializeResult:
     """The domain's whole corpus as retrievable units: loaded, unicode/whitespace-normalized, chunked,
-    empties and boilerplate dropped, exact and MinHash near-duplicates removed, stable ids.
-    Judged documents are never dropped or merged; chunks keep their source document id. Each unit is
-    marked in or out of the training sample (the profile's `training_documents`, a stable salted-hash
-    sample, judged documents always in): training data is built on the sample, the served index
-    covers every unit."""
+    empties and boilerplate dropped, exact and MinHash near-duplicates marked (`duplicate_of`: served,
+    never trained on), stable ids. Judged documents are never dropped or marked; chunks keep their
+    source document id. Each unit is marked in or out of the training sample (the profile's
+    `training_documents`, a stable salted-hash sample, judged documents always in, duplicates never):
+    training data is built on the sample, the served index covers every unit."""
     spec = domain_spec(context)
     store = artifacts.store()
     # Cleaning streams to a scratch file beside the artifacts (the corpus never sits in memory
@@ -143,7 +143,7 @@ def clean_corpus(context: dg.AssetExecutionContext, artifacts: ArtifactStoreReso
             "counts_per_step": md_table(counts),
             **{f"words_{k}": dg.MetadataValue.float(v) for k, v in report.word_percentiles.items()},
             "near_duplicate_examples": md_table(pd.DataFrame(report.duplicate_examples,
-                                                             columns=["kept", "dropped"])),
+                                                             columns=["original", "duplicate (served, not trained on)"])),
             "sample": md_table(next(sample).to_pandas()),
         },
         check_results=[dg.AssetCheckResult(
@@ -163,8 +163,9 @@ def resolve_extractors(spec: DomainSpec, units: pd.DataFrame, corpus_units: int)
     return choice.keys, choice.notes
 
 
-def _judging_log_metadata(spec: DomainSpec) -> dict:
-    """The judged set as `encoder-pipeline judge` grows it: plotted over time in the UI."""
+def judged_set_metadata(spec: DomainSpec) -> dict:
+    """The judged set as `encoder-pipeline judge` grows it: plotted over time in the UI (on eval_set's
+    materializations, and on the observation `judge` reports when it stops)."""
     summary = judged_set_summary(spec.judged_location()) if spec.judged else None
     if summary is None:
         return {}
@@ -237,7 +238,7 @@ def eval_set(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource
         "evidence_meaning": EVIDENCE_WORDS[split.evidence],
         "dev_evidence": split.dev.evidence,
         "human_judged": split.human_judged,
-        **_judging_log_metadata(spec),
+        **judged_set_metadata(spec),
         "extractors": ", ".join(extractors),
         "notes": dg.MetadataValue.md("\n".join(f"- {note}" for note in split.notes) or "none"),
         **{f"{name}_{system}_ndcg_at_10": dg.MetadataValue.float(value)
