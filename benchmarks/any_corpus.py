@@ -42,7 +42,13 @@ from encoder_pipeline.lib.extractors.docstring import split_docstring
 from encoder_pipeline.lib.formats.python_stdlib import ALWAYS_EXCLUDED
 from encoder_pipeline.lib.layout import EVAL_REPORT, REPORT_FILE, SERVING_INDEX
 from encoder_pipeline.paths import corpus_root
-from encoder_pipeline.resources import ArtifactStoreResource, LLMResource, PipelineSettings
+from encoder_pipeline.resources import (
+    PUBLISHED,
+    ArtifactStoreResource,
+    LLMResource,
+    PipelineSettings,
+    published_artifacts,
+)
 
 RESULTS = Path(__file__).parent / "results"
 CACHES = ("_llm_cache", "_embeddings")
@@ -130,7 +136,7 @@ def main() -> None:
     started = time.perf_counter()
     result = defs.resolve_job_def("train_encoder_job").execute_in_process(
         instance=instance, partition_key=args.corpus, raise_on_error=False, resources={
-            "artifacts": ArtifactStoreResource(root=str(root)),
+            PUBLISHED: published_artifacts, "artifacts": ArtifactStoreResource(root=str(root)),
             "settings": PipelineSettings(profile=args.profile, seed=args.seed), "llm": LLMResource()})
     total = time.perf_counter() - started
     store = ArtifactStore(root)

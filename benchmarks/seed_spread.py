@@ -23,6 +23,7 @@ builds the data stages the ablation needs (through Dagster, into the artifact ro
 """
 
 import argparse
+import functools
 import json
 import statistics
 import tempfile
@@ -35,42 +36,49 @@ import pandas as pd
 
 from encoder_pipeline.definitions import defs
 from encoder_pipeline.defs.shared import embeddings_cache
-from encoder_pipeline.defs.training.assets import LADDER, dev_set
+from encoder_pipeline.defs.training.assets import RUNGS, dev_set, training_rows
 from encoder_pipeline.domains import domain_partitions, load_domain
 from encoder_pipeline.lib import encoders
 from encoder_pipeline.lib.artifacts import ArtifactStore, MissingArtifact
 from encoder_pipeline.lib.index import truncate
 from encoder_pipeline.lib.layout import (
-    UNFILTERED_FILE,
+    SYNTHETIC_QUERIES,
     corpus_texts,
+    latest,
     read_eval_split,
     read_pairs,
     read_sample_units,
-    read_synthetic,
 )
 from encoder_pipeline.lib.metrics import dense_run, evaluate
 from encoder_pipeline.lib.teacher import TeacherEmbedder
 from encoder_pipeline.lib.train import TrainingConfig, interpolate_with_base, train_encoder
 from encoder_pipeline.lib.vector_cache import cached_embeddings
 from encoder_pipeline.profiles import get_profile
-from encoder_pipeline.resources import ArtifactStoreResource, LLMResource, PipelineSettings
+from encoder_pipeline.resources import (
+    PUBLISHED,
+    ArtifactStoreResource,
+    LLMResource,
+    PipelineSettings,
+    published_artifacts,
+)
 
 RESULTS = Path(__file__).parent / "results"
 RowsFn = Callable[[ArtifactStore, str], pd.DataFrame]
 
 
 def _unfiltered(store: ArtifactStore, domain: str) -> pd.DataFrame:
-    synthetic = pd.read_parquet(store.latest(domain, "synthetic_queries") / UNFILTERED_FILE)
+    synthetic = latest(store, domain, SYNTHETIC_QUERIES).unfiltered()
     return pd.concat([read_pairs(store, domain), synthetic], ignore_index=True)
 
 
 def _filtered(store: ArtifactStore, domain: str) -> pd.DataFrame:
-    return pd.concat([read_pairs(store, domain), read_synthetic(store, domain)], ignore_index=True)
+    return pd.concat([read_pairs(store, domain), latest(store, domain, SYNTHETIC_QUERIES).rows()],
+                     ignore_index=True)
 
 
 ABLATIONS: dict[str, tuple[list[str], list[tuple[str, RowsFn]]]] = {
     "ladder": (["clean_corpus", "eval_set", "heuristic_pairs", "synthetic_queries", "mined_negatives"],
-               [(name, rows_fn) for name, _, rows_fn, _ in LADDER]),
+               [(name, functools.partial(training_rows, rung=name)) for name in RUNGS]),
     "synthetic": (["clean_corpus", "eval_set", "heuristic_pairs", "synthetic_queries"], [
         ("heuristic only", lambda store, domain: read_pairs(store, domain)),
         ("+ unfiltered synthetic", _unfiltered),
@@ -82,10 +90,10 @@ ABLATIONS: dict[str, tuple[list[str], list[tuple[str, RowsFn]]]] = {
 def materialize(domain: str, assets: list[str], profile: str, teacher: str = "") -> None:
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(domain_partitions.name, [domain])
-    selected = [a for a in defs.assets if isinstance(a, dg.AssetsDefinition)
-                and a.key.to_user_string() in assets]
+    graph = [a for a in defs.assets if isinstance(a, dg.AssetsDefinition)]  # the others provide their versions
     settings = PipelineSettings(profile=profile, teacher_model=teacher)
-    result = dg.materialize(selected, instance=instance, partition_key=domain, resources={
+    result = dg.materialize(graph, selection=assets, instance=instance, partition_key=domain, resources={
+        PUBLISHED: published_artifacts,
         "artifacts": ArtifactStoreResource(), "settings": settings, "llm": LLMResource()})
     assert result.success
 

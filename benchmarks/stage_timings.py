@@ -32,7 +32,13 @@ from encoder_pipeline.domains import domain_partitions
 from encoder_pipeline.lib import encoders
 from encoder_pipeline.lib.artifacts import ArtifactStore
 from encoder_pipeline.lib.layout import corpus_texts, read_corpus_units
-from encoder_pipeline.resources import ArtifactStoreResource, LLMResource, PipelineSettings
+from encoder_pipeline.resources import (
+    PUBLISHED,
+    ArtifactStoreResource,
+    LLMResource,
+    PipelineSettings,
+    published_artifacts,
+)
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -90,7 +96,7 @@ def main() -> None:
         started = time.perf_counter()
         result = defs.resolve_job_def("train_encoder_job").execute_in_process(
             instance=instance, partition_key=args.domain,
-            resources={"artifacts": ArtifactStoreResource(root=root),
+            resources={PUBLISHED: published_artifacts, "artifacts": ArtifactStoreResource(root=root),
                        "settings": PipelineSettings(profile=args.profile), "llm": LLMResource()},
             raise_on_error=False)
         total = time.perf_counter() - started

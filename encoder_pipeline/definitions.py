@@ -22,7 +22,13 @@ from encoder_pipeline.defs.serving import assets as serving_assets
 from encoder_pipeline.defs.training import assets as training_assets
 from encoder_pipeline.defs.training_data import assets as training_data_assets
 from encoder_pipeline.executors import executor_from_env
-from encoder_pipeline.resources import ArtifactStoreResource, LLMResource, PipelineSettings
+from encoder_pipeline.resources import (
+    PUBLISHED,
+    ArtifactStoreResource,
+    LLMResource,
+    PipelineSettings,
+    published_artifacts,
+)
 
 
 def llm_resource() -> LLMResource:
@@ -65,7 +71,7 @@ defs = dg.Definitions(
     # Steps of a run: local processes (capped), Kubernetes Jobs or Celery workers (executors.py).
     executor=executor_from_env(),
     resources={
-        "artifacts": ArtifactStoreResource(),
+        PUBLISHED: published_artifacts, "artifacts": ArtifactStoreResource(),
         "settings": PipelineSettings(profile=os.environ.get("ENCODER_PIPELINE_PROFILE", "default")),
         "llm": llm_resource(),
     },

@@ -178,7 +178,8 @@ class TrainingSpec(_Strict):
     fine_tuned_weight: float | None = Field(
         None, ge=0, le=1, description="WiSE-FT: each rung's weights become this share of the fine-tuned "
         "ones plus the rest of the base model's. Unset: chosen per rung on the dev slice among 1, 0.75, "
-        "0.5, 0.25 and 0 (the base model, when no merge beats it beyond noise); set it to override.")
+        "0.5, 0.25 and 0 (the base model, when no merge beats it beyond noise; the `tiny` test profile "
+        "tries 1, 0.5 and 0); set it to override.")
     teacher_model: str = Field(
         "", description="Override of the teacher (it mines hard negatives, and its scores of each "
         "batch are distilled into every rung); empty: the profile's (all-mpnet-base-v2 by default). "

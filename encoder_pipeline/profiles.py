@@ -27,13 +27,15 @@ class Profile:
     batch_size: int
     latency_queries: int  # distinct queries timed for p95 latency
     teacher: str  # the encoder that mines, scores every training row and is reported; "": the base model
+    merge_weights: tuple[float, ...] | None = None  # fine-tuned shares tried on dev; None: the recipe's
 
 
 PROFILES: dict[str, Profile] = {
     "tiny": Profile(training_documents=250, eval_queries=30, judged_queries=30, max_pairs=64, consistency_top_k=20,
                     dev_queries=8, dev_distractors=100, synthetic_documents=4,
                     queries_per_document=2, round_trip_top_k=10, epochs=1, batch_size=16,
-                    latency_queries=40, teacher=""),  # suite time: the base model teaches
+                    latency_queries=40, teacher="",  # suite time: the base model teaches
+                    merge_weights=(1.0, 0.5, 0.0)),  # and three merges are scored, not five
     "default": Profile(training_documents=3000, eval_queries=300, judged_queries=0, max_pairs=2000, consistency_top_k=20,
                        dev_queries=100, dev_distractors=1000,
                        synthetic_documents=512,

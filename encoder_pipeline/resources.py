@@ -12,6 +12,7 @@ from pydantic import Field, field_validator
 from encoder_pipeline.lib.artifacts import ArtifactStore
 from encoder_pipeline.lib.encoders import DEFAULT_BASE_MODEL
 from encoder_pipeline.lib.engines import configure_engines, ray_address_from_env
+from encoder_pipeline.lib.layout import Artifact, latest
 from encoder_pipeline.lib.llm import GenerationParams, LLMBackend, ResponseCache, backend_kind, backend_names
 from encoder_pipeline.lib.teacher import TeacherChoice, choose_teacher
 from encoder_pipeline.paths import artifact_root
@@ -25,6 +26,36 @@ class ArtifactStoreResource(dg.ConfigurableResource):
 
     def store(self) -> ArtifactStore:
         return ArtifactStore(self.root)
+
+
+PUBLISHED = "published"  # the input manager every asset's upstream artifacts come through
+
+
+class PublishedArtifacts(dg.IOManager):
+    """Hands an asset each upstream asset (`ins=`) as its typed handle (`lib.layout`) on the latest
+    published version for the run's domain partition: never a staging folder, and the handle names
+    the version read, which `publish` records as upstream. Assets publish their own versions
+    (`ArtifactStore.publish`: atomic, with a manifest, history and rollback) and return only
+    metadata, so there is never an output to store."""
+
+    def __init__(self, store: ArtifactStore):
+        self.store = store
+
+    def load_input(self, context: dg.InputContext) -> Artifact:
+        return latest(self.store, context.asset_partition_key, context.asset_key.to_user_string())
+
+    def handle_output(self, context: dg.OutputContext, obj: object) -> None:
+        if obj is not None:
+            raise TypeError(f"{context.asset_key.to_user_string()} returned a value: an asset publishes "
+                            "its files through ArtifactStore.publish and returns only a MaterializeResult")
+
+
+# A function-style IO manager reads the `artifacts` resource as the run configured it (the CLI points
+# a run at another root through run config); a nested ConfigurableResource field would not.
+@dg.io_manager(required_resource_keys={"artifacts"},
+               description="Upstream artifacts as typed handles on their latest published versions.")
+def published_artifacts(init_context: dg.InitResourceContext) -> PublishedArtifacts:
+    return PublishedArtifacts(init_context.resources.artifacts.store())
 
 
 class PipelineSettings(dg.ConfigurableResource):

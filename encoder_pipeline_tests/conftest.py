@@ -103,7 +103,13 @@ def tiny_code_run(tmp_path_factory, tiny_dagster_home):
     from encoder_pipeline.definitions import defs
     from encoder_pipeline.domains import domain_partitions
     from encoder_pipeline.lib.artifacts import ArtifactStore
-    from encoder_pipeline.resources import ArtifactStoreResource, LLMResource, PipelineSettings
+    from encoder_pipeline.resources import (
+        PUBLISHED,
+        ArtifactStoreResource,
+        LLMResource,
+        PipelineSettings,
+        published_artifacts,
+    )
 
     root = tmp_path_factory.mktemp("artifacts")
     domains = tmp_path_factory.mktemp("domains")
@@ -120,13 +126,23 @@ def tiny_code_run(tmp_path_factory, tiny_dagster_home):
             instance=instance,
             partition_key="code",
             resources={
-                "artifacts": ArtifactStoreResource(root=str(root)),
+                PUBLISHED: published_artifacts, "artifacts": ArtifactStoreResource(root=str(root)),
                 "settings": PipelineSettings(profile="tiny"),
                 "llm": LLMResource(),
             },
             raise_on_error=False,  # a refused candidate fails eval_report's blocking check: see tiny_code_served
         )
     return result, ArtifactStore(root)
+
+
+def graph_assets() -> list:
+    """Every asset of the code location. A run of some of them passes these with `selection=`: the
+    others, not run, hand the selected ones their published versions (`ins=`)."""
+    import dagster as dg
+
+    from encoder_pipeline.definitions import defs
+
+    return [a for a in defs.assets if isinstance(a, dg.AssetsDefinition)]
 
 
 def run_cli(argv: list[str]) -> tuple[int, str, str]:

@@ -22,8 +22,14 @@ from encoder_pipeline.definitions import defs
 from encoder_pipeline.domains import domain_partitions, load_domain
 from encoder_pipeline.lib.artifacts import ArtifactStore
 from encoder_pipeline.lib.extractors.docstring import split_docstring
-from encoder_pipeline.resources import ArtifactStoreResource, LLMResource, PipelineSettings
-from encoder_pipeline_tests.conftest import shared_corpus
+from encoder_pipeline.resources import (
+    PUBLISHED,
+    ArtifactStoreResource,
+    LLMResource,
+    PipelineSettings,
+    published_artifacts,
+)
+from encoder_pipeline_tests.conftest import graph_assets, shared_corpus
 
 pytestmark = pytest.mark.slow
 DATA_STAGES = ["clean_corpus", "eval_set", "heuristic_pairs", "synthetic_queries", "mined_negatives"]
@@ -116,10 +122,9 @@ def _add(name: str, workspace: Path) -> str:
 def _materialize(name: str, workspace: Path, assets: list[str], llm: LLMResource) -> dg.ExecuteInProcessResult:
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(domain_partitions.name, [name])
-    selected = [a for a in defs.assets if isinstance(a, dg.AssetsDefinition)
-                and a.key.to_user_string() in assets]
-    return dg.materialize(selected, instance=instance, partition_key=name, raise_on_error=False, resources={
-        "artifacts": ArtifactStoreResource(root=str(workspace / "home")),
+    return dg.materialize(graph_assets(), selection=assets, instance=instance, partition_key=name,
+                          raise_on_error=False, resources={
+        PUBLISHED: published_artifacts, "artifacts": ArtifactStoreResource(root=str(workspace / "home")),
         "settings": PipelineSettings(profile="tiny"), "llm": llm})
 
 

@@ -6,12 +6,18 @@ import dagster as dg
 import pandas as pd
 import pytest
 
-from encoder_pipeline.definitions import defs
 from encoder_pipeline.defs.training.assets import dev_set
 from encoder_pipeline.domains import domain_partitions
 from encoder_pipeline.lib.index import EncoderMismatch, load_index
 from encoder_pipeline.lib.layout import read_corpus_units, read_eval_split
-from encoder_pipeline.resources import ArtifactStoreResource, LLMResource, PipelineSettings
+from encoder_pipeline.resources import (
+    PUBLISHED,
+    ArtifactStoreResource,
+    LLMResource,
+    PipelineSettings,
+    published_artifacts,
+)
+from encoder_pipeline_tests.conftest import graph_assets
 
 ALL_ASSETS = {
     "clean_corpus", "eval_set", "heuristic_pairs", "synthetic_queries", "mined_negatives",
@@ -186,11 +192,10 @@ def test_a_second_promotion_compares_with_what_is_served(tiny_code_served):
     first = store.latest("code", "serving_index")
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(domain_partitions.name, ["code"])
-    assets = [a for a in defs.assets if isinstance(a, dg.AssetsDefinition)
-              and {k.to_user_string() for k in a.keys} & {"eval_report", "serving_index"}]
-    again = dg.materialize(assets, instance=instance, partition_key="code", raise_on_error=False,
+    again = dg.materialize(graph_assets(), selection=["eval_report", "serving_index"],
+                           instance=instance, partition_key="code", raise_on_error=False,
                            resources={
-        "artifacts": ArtifactStoreResource(root=str(store.root)),
+        PUBLISHED: published_artifacts, "artifacts": ArtifactStoreResource(root=str(store.root)),
         "settings": PipelineSettings(profile="tiny"),
         "llm": LLMResource(),
     })

@@ -1,6 +1,8 @@
-"""The other three built-in partitions materialize end to end at small scale on their real sample
-corpora (../shared/corpora): BEIR with a judged set (web_qa, biomedical) and without (legal). The
-`code` partition's run is test_assets.py.
+"""The other three built-in partitions build at small scale on their real sample corpora
+(../shared/corpora): web_qa (BEIR, a judged set) and legal (no judged set) end to end; biomedical (BEIR,
+a judged set, like web_qa) its training data, the stages its spec shapes (a domain differs by its
+spec, and nothing below mined_negatives reads more of it than web_qa's run covers). The `code`
+partition's run is test_assets.py.
 
 The served index covers the whole corpus, so each corpus is cut to every judged document plus
 OTHER_DOCUMENTS others (gene_ontology's 43,558 terms would take minutes to embed twice)."""
@@ -17,13 +19,16 @@ from encoder_pipeline.definitions import defs
 from encoder_pipeline.domains import domain_partitions, load_domain
 from encoder_pipeline.lib.artifacts import ArtifactStore
 from encoder_pipeline.lib.encoders import DEFAULT_BASE_MODEL, resolve_model_path
-from encoder_pipeline.resources import ArtifactStoreResource, PipelineSettings
+from encoder_pipeline.resources import PUBLISHED, ArtifactStoreResource, PipelineSettings, published_artifacts
 from encoder_pipeline_tests.conftest import requires_shared_corpora, shared_corpus
 
 pytestmark = [requires_shared_corpora, pytest.mark.slow]
 
 
 OTHER_DOCUMENTS = 300  # more than the tiny profile samples (250), so `legal` (no judged set) has units outside it
+
+
+TRAINING_DATA_STAGES = ["clean_corpus", "eval_set", "heuristic_pairs", "synthetic_queries", "mined_negatives"]
 
 
 def _cut_corpus(domain: str, root: Path) -> None:
@@ -54,23 +59,54 @@ def copied_teacher(tmp_path_factory) -> str:
     return str(folder)
 
 
-@pytest.mark.parametrize("domain", ["web_qa", "biomedical", "legal"])
-def test_builtin_domain_materializes_end_to_end(domain, tmp_path, monkeypatch, stand_in_llm, copied_teacher):
-    teacher_model = copied_teacher if domain == "web_qa" else DEFAULT_BASE_MODEL
+def _materialize(domain: str, tmp_path: Path, monkeypatch, llm, teacher_model: str,
+                 only: list[str] | None = None) -> tuple[dg.ExecuteInProcessResult, list[dg.AssetsDefinition]]:
     _cut_corpus(domain, tmp_path / "corpora")
     monkeypatch.setenv("ENCODER_PIPELINE_CORPUS_ROOT", str(tmp_path / "corpora"))
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(domain_partitions.name, [domain])
-    assets = [a for a in defs.assets if isinstance(a, dg.AssetsDefinition)]
+    assets = [a for a in defs.assets if isinstance(a, dg.AssetsDefinition)
+              and a.group_names_by_key[a.key] != "automation" and (only is None or a.key.to_user_string() in only)]
     result = dg.materialize(assets, instance=instance, partition_key=domain, resources={
-        "artifacts": ArtifactStoreResource(root=str(tmp_path / "artifacts")),
-        # On web_qa a copy of the base model teaches (the default teacher, mpnet, is ~8x slower to
-        # encode), so the report adds its row; elsewhere the base model teaches (suite time). Which
-        # teacher is chosen is test_domains' concern; that it mines, teaches and is reported is this
-        # test's.
+        PUBLISHED: published_artifacts, "artifacts": ArtifactStoreResource(root=str(tmp_path / "artifacts")),
         "settings": PipelineSettings(profile="tiny", teacher_model=teacher_model),
-        "llm": stand_in_llm,  # the graph is under test here, not the LLM's queries
+        "llm": llm,  # the graph is under test here, not the LLM's queries
     }, raise_on_error=False)
+    return result, assets
+
+
+def _leakage_audits_pass(result: dg.ExecuteInProcessResult) -> None:
+    leakage = [c for c in result.get_asset_check_evaluations() if c.check_name == "no_eval_leakage"]
+    assert leakage and all(c.passed for c in leakage)
+
+
+def test_biomedical_builds_its_training_data_and_passes_the_leakage_audit(tmp_path, monkeypatch, stand_in_llm):
+    result, _ = _materialize("biomedical", tmp_path, monkeypatch, stand_in_llm, DEFAULT_BASE_MODEL,
+                             only=TRAINING_DATA_STAGES)
+    materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+    assert result.success and materialized == set(TRAINING_DATA_STAGES)
+    _leakage_audits_pass(result)
+    store, spec = ArtifactStore(tmp_path / "artifacts"), load_domain("biomedical")
+    # the spec's judged set is what it evaluates on, and its extractor is what made the pairs
+    judged = pd.read_json(tmp_path / "corpora" / spec.corpus.path / "queries.jsonl", lines=True, dtype={"_id": str})
+    split = json.loads((store.latest("biomedical", "eval_set") / "eval_set.json").read_text())
+    assert split["eval"]["queries"] and set(split["eval"]["queries"].values()) <= set(judged["text"])
+    pairs = pd.read_parquet(store.latest("biomedical", "heuristic_pairs") / "pairs.parquet")
+    assert pairs["extractor"].isin(spec.queries.pair_extractor).any()
+    generation = json.loads((store.latest("biomedical", "synthetic_queries") / "generation.json").read_text())
+    assert generation["prompts"] > 0
+    mined = pd.read_parquet(store.latest("biomedical", "mined_negatives") / "mined.parquet")
+    assert len(mined) and mined["negative_1"].notna().all()
+
+
+@pytest.mark.parametrize("domain", ["web_qa", "legal"])
+def test_builtin_domain_materializes_end_to_end(domain, tmp_path, monkeypatch, stand_in_llm, copied_teacher):
+    # On web_qa a copy of the base model teaches (the default teacher, mpnet, is ~8x slower to
+    # encode), so the report adds its row; on legal the base model teaches (suite time). Which
+    # teacher is chosen is test_domains' concern; that it mines, teaches and is reported is this
+    # test's.
+    teacher_model = copied_teacher if domain == "web_qa" else DEFAULT_BASE_MODEL
+    result, assets = _materialize(domain, tmp_path, monkeypatch, stand_in_llm, teacher_model)
     # every asset materializes; serving_index only when the blocking promotion check passed (a
     # trained encoder worse than off-the-shelf at this tiny scale is a legitimate "do not promote")
     materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
@@ -102,8 +138,7 @@ def test_builtin_domain_materializes_end_to_end(domain, tmp_path, monkeypatch, s
         assert "The teacher off the shelf" in page
     # a real retrieval signal on real data: the off-the-shelf encoder beats chance by far
     assert report["systems"]["off_the_shelf"]["recall@100"] > 0.3
-    leakage = [c for c in result.get_asset_check_evaluations() if c.check_name == "no_eval_leakage"]
-    assert leakage and all(c.passed for c in leakage)
+    _leakage_audits_pass(result)
     prompts = (store.latest(domain, "synthetic_queries") / "generation.json").read_text()
     assert json.loads(prompts)["prompts"] > 0
     # trained on the profile's sample, indexed and judged on every unit of the corpus

@@ -39,7 +39,21 @@ def test_job_sensors_schedule_resources():
                                               "automation_condition_sensor", "domain_health_after_success",
                                               "domain_health_after_failure"}
     assert {s.name for s in defs.schedules} == {"weekly_retrain_schedule"}
-    assert set(defs.resources) == {"artifacts", "settings", "llm"}
+    assert set(defs.resources) == {"artifacts", "settings", "llm", "published"}
+
+
+def test_every_upstream_artifact_comes_in_as_a_typed_handle():
+    """Each edge of the graph (but the external corpus) is an `ins=` input loaded by the
+    `published` input manager: the asset receives its upstream artifacts, it does not look them up."""
+    graph = defs.resolve_asset_graph()
+    for assets_def in (a for a in defs.assets if isinstance(a, dg.AssetsDefinition)):
+        key = assets_def.key
+        inputs = {assets_def.keys_by_input_name[name].to_user_string(): spec.input_manager_key
+                  for name, spec in assets_def.node_def.input_dict.items()}
+        received = {asset: manager for asset, manager in inputs.items() if asset != "corpus_source"}
+        parents = {p.to_user_string() for p in graph.get(key).parent_keys} - {"corpus_source"}
+        assert set(received) == parents, key
+        assert set(received.values()) <= {"published"}, key
 
 
 def test_dagster_definitions_validate():

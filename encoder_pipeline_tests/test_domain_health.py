@@ -10,7 +10,13 @@ from encoder_pipeline.defs.automation.health import REQUIRED_STAGES, STAGES, dom
 from encoder_pipeline.defs.corpus.assets import clean_corpus
 from encoder_pipeline.domains import domain_partitions
 from encoder_pipeline.lib import health
-from encoder_pipeline.resources import ArtifactStoreResource, LLMResource, PipelineSettings
+from encoder_pipeline.resources import (
+    PUBLISHED,
+    ArtifactStoreResource,
+    LLMResource,
+    PipelineSettings,
+    published_artifacts,
+)
 
 DONE = {stage: "MATERIALIZED" for stage in REQUIRED_STAGES}
 
@@ -47,7 +53,7 @@ def test_the_table_puts_the_worst_first_and_counts_every_state():
 def test_domain_health_tells_the_domains_apart_on_a_real_instance(tmp_path, monkeypatch):
     """Dagster's graph shows clean_corpus red for all four domains here; domain_health one line each."""
     monkeypatch.setenv("ENCODER_PIPELINE_DOMAINS", str(tmp_path / "no_specs"))  # `broken` has no spec
-    resources = {"artifacts": ArtifactStoreResource(root=str(tmp_path / "artifacts")),
+    resources = {PUBLISHED: published_artifacts, "artifacts": ArtifactStoreResource(root=str(tmp_path / "artifacts")),
                  "settings": PipelineSettings(profile="tiny"), "llm": LLMResource()}
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions(domain_partitions.name, ["built", "broken", "half", "fresh"])

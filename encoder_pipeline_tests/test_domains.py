@@ -137,14 +137,20 @@ def test_missing_corpus_fails_the_asset_fast(tmp_path, monkeypatch):
     """A built-in whose corpus is absent stays listed, and materializing it fails with the path."""
     from encoder_pipeline.definitions import defs
     from encoder_pipeline.domains import domain_partitions
-    from encoder_pipeline.resources import ArtifactStoreResource, PipelineSettings
+    from encoder_pipeline.resources import (
+        PUBLISHED,
+        ArtifactStoreResource,
+        PipelineSettings,
+        published_artifacts,
+    )
 
     monkeypatch.setenv("ENCODER_PIPELINE_CORPUS_ROOT", str(tmp_path / "absent"))
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(domain_partitions.name, ["web_qa"])
     clean = next(a for a in defs.assets if a.key == dg.AssetKey("clean_corpus"))
     result = dg.materialize([clean], instance=instance, partition_key="web_qa", raise_on_error=False,
-                            resources={"artifacts": ArtifactStoreResource(root=str(tmp_path / "a")),
+                            resources={PUBLISHED: published_artifacts,
+                                       "artifacts": ArtifactStoreResource(root=str(tmp_path / "a")),
                                        "settings": PipelineSettings(profile="tiny")})
     assert not result.success
     failure = result.get_step_failure_events()[0].step_failure_data.error

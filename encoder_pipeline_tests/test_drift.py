@@ -25,9 +25,9 @@ from dagster._core.definitions.asset_checks.asset_check_evaluation import (
 from spec_files import write_spec
 
 from encoder_pipeline.definitions import defs
+from encoder_pipeline.defs.automation.sensors import REASON_TAG, corpus_drift_sensor
 from encoder_pipeline.defs.corpus.assets import clean_corpus
 from encoder_pipeline.defs.corpus.drift import CORPUS_SOURCE, DATA_VERSION_TAG
-from encoder_pipeline.defs.automation.sensors import REASON_TAG, corpus_drift_sensor
 from encoder_pipeline.defs.evaluation.assets import SAFE_TO_PROMOTE
 from encoder_pipeline.defs.indexing.assets import embedding_index
 from encoder_pipeline.defs.training.assets import RUNGS
@@ -39,7 +39,14 @@ from encoder_pipeline.lib.heldout import EvalSplit, QuerySet
 from encoder_pipeline.lib.index import UPDATABLE_PRECISIONS, build_quantized, update_index
 from encoder_pipeline.lib.layout import EVAL_FILE, SWEEP_FILE, write_eval_split
 from encoder_pipeline.lib.search import Searcher, index_version
-from encoder_pipeline.resources import ArtifactStoreResource, PipelineSettings
+from encoder_pipeline.resources import (
+    PUBLISHED,
+    ArtifactStoreResource,
+    LLMResource,
+    PipelineSettings,
+    published_artifacts,
+)
+from encoder_pipeline_tests.conftest import graph_assets
 
 DOMAIN = "notes"
 MODULES = (json, shutil, string, textwrap, inspect)
@@ -70,11 +77,14 @@ def publish(store: ArtifactStore, asset: str, upstream: dict, files: dict) -> No
 
 
 def resources(root) -> dict:
-    return {"artifacts": ArtifactStoreResource(root=str(root)), "settings": PipelineSettings(profile="tiny")}
+    return {PUBLISHED: published_artifacts, "artifacts": ArtifactStoreResource(root=str(root)),
+            "settings": PipelineSettings(profile="tiny"), "llm": LLMResource()}
 
 
 def materialize(assets, instance, root) -> dg.ExecuteInProcessResult:
-    return dg.materialize(assets, instance=instance, partition_key=DOMAIN, resources=resources(root))
+    """`assets` alone; the graph's others only provide their published versions."""
+    return dg.materialize(graph_assets(), selection=assets, instance=instance, partition_key=DOMAIN,
+                          resources=resources(root))
 
 
 @pytest.fixture(scope="module")

@@ -185,6 +185,7 @@ def test_label_correct_reload_and_resume_in_a_browser(judging):
             browser.close()
 
 
+@pytest.mark.slow
 def test_judge_command_prints_its_url_points_the_spec_and_stops_on_ctrl_c(judging, tmp_path):
     """...and, as it stops, puts the judged set's new size on eval_set's timeline in the UI."""
     home = tmp_path / "dagster_home"

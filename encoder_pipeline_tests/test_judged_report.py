@@ -9,13 +9,18 @@ import shutil
 import dagster as dg
 import pytest
 
-from encoder_pipeline.definitions import defs
 from encoder_pipeline.domains import domain_partitions
 from encoder_pipeline.lib.artifacts import ArtifactStore
 from encoder_pipeline.lib.judging import JudgingSession, Pooler, bm25_system, eval_queries, point_spec_at
 from encoder_pipeline.lib.layout import read_corpus_units, read_report
-from encoder_pipeline.resources import ArtifactStoreResource, LLMResource, PipelineSettings
-from encoder_pipeline_tests.conftest import PROJECT_ROOT, TINY_CODE_PACKAGES
+from encoder_pipeline.resources import (
+    PUBLISHED,
+    ArtifactStoreResource,
+    LLMResource,
+    PipelineSettings,
+    published_artifacts,
+)
+from encoder_pipeline_tests.conftest import PROJECT_ROOT, TINY_CODE_PACKAGES, graph_assets
 
 pytestmark = pytest.mark.slow
 JUDGED_QUERIES = 5
@@ -50,10 +55,10 @@ def test_five_judged_queries_carry_the_report_and_its_verdict(tiny_code_run, tmp
 
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(domain_partitions.name, ["code"])
-    chosen = [a for a in defs.assets if isinstance(a, dg.AssetsDefinition)
-              and a.key.to_user_string() in ("eval_set", "eval_report")]
-    result = dg.materialize(chosen, instance=instance, partition_key="code", raise_on_error=False,
-                            resources={"artifacts": ArtifactStoreResource(root=str(store.root)),
+    result = dg.materialize(graph_assets(), selection=["eval_set", "eval_report"],
+                            instance=instance, partition_key="code", raise_on_error=False,
+                            resources={PUBLISHED: published_artifacts,
+                                       "artifacts": ArtifactStoreResource(root=str(store.root)),
                                        "settings": settings, "llm": LLMResource()})
     assert {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()} == {
         "eval_set", "eval_report"}

@@ -19,12 +19,17 @@ import pandas as pd
 import pytest
 from fake_llm import FAKE_KEY, FakeOpenAIServer, serving
 
-from encoder_pipeline.definitions import defs
 from encoder_pipeline.domains import domain_partitions
 from encoder_pipeline.lib import leakage
 from encoder_pipeline.lib.artifacts import ArtifactStore
-from encoder_pipeline.resources import ArtifactStoreResource, LLMResource, PipelineSettings
-from encoder_pipeline_tests.conftest import shared_corpus
+from encoder_pipeline.resources import (
+    PUBLISHED,
+    ArtifactStoreResource,
+    LLMResource,
+    PipelineSettings,
+    published_artifacts,
+)
+from encoder_pipeline_tests.conftest import graph_assets, shared_corpus
 
 DOMAIN = "leaky"
 TRAINING_DATA = {"heuristic_pairs": ["pairs.parquet"],
@@ -118,10 +123,10 @@ def base(tmp_path_factory, stand_in_llm) -> dict:
 def _materialize(store_root: Path, names: list[str], llm: LLMResource) -> dg.ExecuteInProcessResult:
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(domain_partitions.name, [DOMAIN])
-    assets = [a for a in defs.assets if isinstance(a, dg.AssetsDefinition)
-              and a.key.to_user_string() in names]
-    return dg.materialize(assets, instance=instance, partition_key=DOMAIN, raise_on_error=False,
-                          resources={"artifacts": ArtifactStoreResource(root=str(store_root)),
+    return dg.materialize(graph_assets(), selection=names, instance=instance,
+                          partition_key=DOMAIN, raise_on_error=False,
+                          resources={PUBLISHED: published_artifacts,
+                                     "artifacts": ArtifactStoreResource(root=str(store_root)),
                                      "settings": PipelineSettings(profile="tiny"), "llm": llm})
 
 

@@ -117,6 +117,7 @@ def test_a_judged_set_is_the_eval_set_and_structure_gives_the_dev_slice(stdlib_u
     assert judged_doc in split.held_out_doc_ids and judged_doc not in split.dev.doc_ids
 
 
+@pytest.mark.slow
 def test_an_uninformative_structural_set_is_flagged_and_replaced_by_synthetic_queries(base_model):
     """GO term names against their own definitions: BM25 and MiniLM find nearly every one, so the
     structural set cannot tell systems apart; generated queries (here: each definition's second

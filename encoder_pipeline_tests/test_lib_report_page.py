@@ -34,6 +34,26 @@ def _ranker(hit_every: int):
     return answer
 
 
+FAST = Serving(p50_ms=5.0, p95_ms=8.0, index_mb=1.0, usd_per_1k_queries=0.0001)
+
+
+def _build(results, stacks, rungs: list[str], serving: dict | None = None, **extra) -> dict:
+    """A report on `results` whose candidate is the first rung, served fast, against a 0.7 target."""
+    return build_report(
+        facts={"domain": "demo", "unit": "u", "query_form": "q", "relevance": "r", "eval_queries": 20,
+               "evidence": "human", "evidence_words": "human-judged.", "dev_queries": 5, "dev_evidence": "synthetic",
+               "eval_notes": ["The structural eval set is uninformative."]},
+        haystacks={k: h.summary() for k, h in stacks.items()}, results=results, rungs=rungs,
+        candidate={"rung": rungs[0], "revision": "abc123", "dims": 96, "precision": "int8"},
+        serving={CANDIDATE: FAST, "off_the_shelf": FAST, **(serving or {})}, qrels=QRELS,
+        targets={"ndcg_at_10": 0.7, "p95_latency_ms": 10.0, "index_mb": 5.0, "usd_per_1k_queries": 0.001},
+        currently_served=None, tolerance=0.01, iterations=1000, seed=0,
+        sweep={"rung": rungs[0], "points": [], "chosen": {}, "rule": "r", "reason": "",
+               "haystack": {"what": "the whole corpus", "units": 400}},
+        latency_queries=20, build_costs={"training_seconds": 1, "training_usd": 0, "generation_seconds": 1,
+                                         "generation_usd": 0, "llm_tokens": 0, "llm_api_usd": 0}, **extra)
+
+
 def test_the_verdict_and_the_gate_read_the_whole_corpus_while_the_ladder_reads_the_sample():
     stacks = haystacks(_units(40), _units(400))
     assert stacks[SAMPLE].summary()["units"] == 40 and stacks[CORPUS].summary()["units"] == 400
@@ -44,21 +64,8 @@ def test_the_verdict_and_the_gate_read_the_whole_corpus_while_the_ladder_reads_t
                System(CANDIDATE, CORPUS, _ranker(2), "candidate"),
                System(HYBRID, CORPUS, lambda hay, runs: runs[CANDIDATE], "hybrid")]
     results = evaluate_systems(systems, stacks, QRELS)
-    fast = Serving(p50_ms=5.0, p95_ms=8.0, index_mb=1.0, usd_per_1k_queries=0.0001)
-    report = build_report(
-        facts={"domain": "demo", "unit": "u", "query_form": "q", "relevance": "r", "eval_queries": 20,
-               "evidence": "human", "evidence_words": "human-judged.", "dev_queries": 5, "dev_evidence": "synthetic",
-               "eval_notes": ["The structural eval set is uninformative."]},
-        haystacks={k: h.summary() for k, h in stacks.items()}, results=results, rungs=["encoder_heuristic"],
-        candidate={"rung": "encoder_heuristic", "revision": "abc123", "dims": 96, "precision": "int8"},
-        serving={CANDIDATE: fast, "off_the_shelf": fast, TEACHER: Serving(20.0, 31.0, 4.5, 0.0004)},
-        teacher={"model": "/models/all-mpnet-base-v2", "fallback": ""}, qrels=QRELS,
-        targets={"ndcg_at_10": 0.7, "p95_latency_ms": 10.0, "index_mb": 5.0, "usd_per_1k_queries": 0.001},
-        currently_served=None, tolerance=0.01, iterations=1000, seed=0,
-        sweep={"rung": "encoder_heuristic", "points": [], "chosen": {}, "rule": "r", "reason": "",
-               "haystack": {"what": "the whole corpus", "units": 400}},
-        latency_queries=20, build_costs={"training_seconds": 1, "training_usd": 0, "generation_seconds": 1,
-                                         "generation_usd": 0, "llm_tokens": 0, "llm_api_usd": 0})
+    report = _build(results, stacks, ["encoder_heuristic"], serving={
+        TEACHER: Serving(20.0, 31.0, 4.5, 0.0004)}, teacher={"model": "/models/all-mpnet-base-v2", "fallback": ""})
     # the served system (half the queries right) against off-the-shelf on the same 400-unit haystack
     # (a third right), not against the sample's off-the-shelf (half right: a tie)
     assert report["before"]["ndcg@10"] == results["off_the_shelf@corpus"].means["ndcg@10"]
@@ -129,3 +136,35 @@ def test_a_rung_that_fell_back_to_the_base_model_is_said_so_in_the_verdict():
     assert said.endswith("the off-the-shelf model already clears it.")
     assert verdict(0.7, 0.72, {**fell_back, "fine_tuned_weight": 0.5}).startswith(
         "The off-the-shelf model already clears the bar")
+
+
+def test_rungs_that_kept_the_base_model_are_not_compared_with_it_as_if_they_differed():
+    """A rung whose merge kept the base model scores off-the-shelf's figure up to bf16 rounding: the
+    ladder says "same model" instead of a difference and a p-value, and only a real rung's drop is a
+    regression."""
+    def nearly_off_the_shelf(hay, runs):  # one query's relevant document a rank lower: rounding
+        run = _ranker(2)(hay, runs)
+        run["q0"]["d0"] = sorted(run["q0"].values())[-2] - 0.5
+        return run
+    stacks = haystacks(_units(40), _units(40))
+    systems = [System("bm25", SAMPLE, _ranker(4)), System("off_the_shelf", SAMPLE, _ranker(2)),
+               System("encoder_heuristic", SAMPLE, nearly_off_the_shelf, "rung"),
+               System("encoder_synthetic", SAMPLE, _ranker(2), "rung"),
+               System("encoder_hard_negatives", SAMPLE, _ranker(4), "rung"),
+               System(CANDIDATE, CORPUS, _ranker(2), "candidate"),
+               System(HYBRID, CORPUS, lambda hay, runs: runs[CANDIDATE], "hybrid")]
+    rungs = ["encoder_heuristic", "encoder_synthetic", "encoder_hard_negatives"]
+    results = evaluate_systems(systems, stacks, QRELS)
+    assert results["encoder_heuristic"].means["ndcg@10"] < results["off_the_shelf"].means["ndcg@10"]
+    report = _build(results, stacks, rungs, base_model_rungs=rungs[:2])
+    assert len(report["regressions"]) == 1 and report["regressions"][0].startswith(
+        "encoder_hard_negatives is worse than encoder_synthetic")
+    page = render(report, lambda name, alt: f"![{alt}]({name})")
+    rows = {line.split("|")[1].strip(): line for line in page.splitlines() if line.startswith("| encoder_")}
+    assert "same model" in rows["encoder_heuristic (the base model)"]
+    assert "same model" in rows["encoder_synthetic (the base model)"]
+    assert "same model" not in rows["encoder_hard_negatives"]
+    assert "encoder_heuristic, encoder_synthetic: no merge of the fine-tuned weights beat the base model" in page
+    # without the flag, the rounding reads as a regression
+    unflagged = _build(results, stacks, rungs)
+    assert any(s.startswith("encoder_heuristic is worse than off_the_shelf") for s in unflagged["regressions"])

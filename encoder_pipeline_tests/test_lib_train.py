@@ -363,7 +363,7 @@ def test_pick_merge_keeps_a_merge_only_when_it_beats_the_base_beyond_noise():
         pick_merge({1.0: base})
 
 
-def test_a_merge_that_cannot_beat_the_base_gives_the_base_and_leaves_the_model_alone(pairs):
+def test_a_merge_that_cannot_beat_the_base_gives_the_base_and_leaves_the_model_alone(pairs, monkeypatch):
     """choose_merge scores every share on the dev slice for real: a 'fine-tune' that is noise loses
     to the base model, which is then chosen; the model passed in is left as it was."""
     dev = DevSet({f"q{i}": q for i, q in enumerate(pairs["query"][:24])},
@@ -381,3 +381,13 @@ def test_a_merge_that_cannot_beat_the_base_gives_the_base_and_leaves_the_model_a
     assert choice["dev_ndcg_at_10"]["1"] < choice["dev_ndcg_at_10"]["0"]
     for name, tensor in noise.state_dict().items():
         torch.testing.assert_close(tensor, before[name])
+    # the base model's scores are the same for every rung of a run: scored once per base and dev slice
+    scored = []
+    score = DevSet.per_query_ndcg_at_10
+    monkeypatch.setattr(DevSet, "per_query_ndcg_at_10", lambda self, model: scored.append(model) or score(self, model))
+    first = choose_merge(noise, base, dev, weights=(1.0, 0.0), base_key="minilm@32")
+    second = choose_merge(noise, base, dev, weights=(1.0, 0.0), base_key="minilm@32")
+    assert [model is base for model in scored] == [False, True, False] and first == second
+    smaller = DevSet(dict(list(dev.queries.items())[:12]), dev.corpus, dev.relevant)
+    choose_merge(noise, base, smaller, weights=(1.0, 0.0), base_key="minilm@32")
+    assert [model is base for model in scored[3:]] == [False, True]  # another dev slice: scored again

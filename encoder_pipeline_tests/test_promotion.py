@@ -11,7 +11,6 @@ import dagster as dg
 import pytest
 
 from encoder_pipeline import cli
-from encoder_pipeline.definitions import defs
 from encoder_pipeline.defs.automation.health import domain_health, domain_health_job
 from encoder_pipeline.defs.serving.assets import serving_index
 from encoder_pipeline.domains import domain_partitions
@@ -28,8 +27,14 @@ from encoder_pipeline.lib.promotion import (
     rollback,
 )
 from encoder_pipeline.lib.search import NothingServed, Searcher, served_index
-from encoder_pipeline.resources import ArtifactStoreResource, LLMResource, PipelineSettings
-from encoder_pipeline_tests.conftest import refusal_parts
+from encoder_pipeline.resources import (
+    PUBLISHED,
+    ArtifactStoreResource,
+    LLMResource,
+    PipelineSettings,
+    published_artifacts,
+)
+from encoder_pipeline_tests.conftest import graph_assets, refusal_parts
 
 D = "notes"
 REFUSED = "not promoted: 0.8880 is below the off-the-shelf model's 0.9350 by more than 0.01"
@@ -161,8 +166,10 @@ def test_gc_never_deletes_what_is_served_or_its_rollback_target(store):
 def _materialize_serving(store: ArtifactStore, keep: int = 3) -> dg.ExecuteInProcessResult:
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(domain_partitions.name, [D])
-    return dg.materialize([serving_index], instance=instance, partition_key=D, raise_on_error=False,
-                          resources={"artifacts": ArtifactStoreResource(root=str(store.root)),
+    return dg.materialize(graph_assets(), selection=[serving_index], instance=instance,
+                          partition_key=D, raise_on_error=False,
+                          resources={PUBLISHED: published_artifacts,
+                                     "artifacts": ArtifactStoreResource(root=str(store.root)),
                                      "settings": PipelineSettings(keep_promoted_versions=keep),
                                      "llm": LLMResource()})
 
@@ -224,10 +231,9 @@ def test_a_blocked_promotion_keeps_serving_and_force_is_on_the_record(tiny_code_
     instance = dg.DagsterInstance.from_config(str(dagster_home))
     instance.add_dynamic_partitions(domain_partitions.name, ["code"])
     blocked = dg.materialize(
-        [a for a in defs.assets if isinstance(a, dg.AssetsDefinition)
-         and {k.to_user_string() for k in a.keys} & {"eval_report", "serving_index"}],
+        graph_assets(), selection=["eval_report", "serving_index"],
         instance=instance, partition_key="code", raise_on_error=False,
-        resources={"artifacts": ArtifactStoreResource(root=str(store.root)),
+        resources={PUBLISHED: published_artifacts, "artifacts": ArtifactStoreResource(root=str(store.root)),
                    "settings": PipelineSettings(profile="tiny"), "llm": LLMResource()})
     report = read_report(store, "code")
     reason = report["promotion"]["reason"]
@@ -377,7 +383,8 @@ def _refusing_build(store: ArtifactStore) -> dg.Definitions:
         assets=[refusing_report, serving_index, domain_health],  # materialize refreshes domain_health
         jobs=[dg.define_asset_job("train_encoder_job", selection=[refusing_report, serving_index],
                                   partitions_def=domain_partitions), domain_health_job],
-        resources={"artifacts": ArtifactStoreResource(root=str(store.root)), "settings": PipelineSettings(),
+        resources={PUBLISHED: published_artifacts,
+                   "artifacts": ArtifactStoreResource(root=str(store.root)), "settings": PipelineSettings(),
                    "llm": LLMResource()})
 
 

@@ -37,7 +37,13 @@ from encoder_pipeline.lib.llm import GenerationParams, OpenAIBackend, ResponseCa
 from encoder_pipeline.lib.promotion import garbage_collect
 from encoder_pipeline.lib.queries import generate_frame
 from encoder_pipeline.lib.train import TrainingConfig, train_encoder
-from encoder_pipeline.resources import ArtifactStoreResource, LLMResource, PipelineSettings
+from encoder_pipeline.resources import (
+    PUBLISHED,
+    ArtifactStoreResource,
+    LLMResource,
+    PipelineSettings,
+    published_artifacts,
+)
 from encoder_pipeline_tests.conftest import PROJECT_ROOT, shared_corpus
 
 POLL_S = 0.005
@@ -365,7 +371,8 @@ def test_a_killed_runs_scratch_folder_is_removed_by_the_next_clean_corpus(tmp_pa
         instance.add_dynamic_partitions(domain_partitions.name, [domain])
         clean = next(a for a in ASSETS if a.key.to_user_string() == "clean_corpus")
         result = dg.materialize([clean], instance=instance, partition_key=domain, resources={
-            "artifacts": ArtifactStoreResource(root=str(root)), "settings": PipelineSettings(profile="tiny")})
+            PUBLISHED: published_artifacts, "artifacts": ArtifactStoreResource(root=str(root)),
+            "settings": PipelineSettings(profile="tiny")})
         assert result.success
         assert not scratch_of["killed"][0].exists(), "the killed process's scratch folder was removed"
         assert scratch_of["alive"][0].is_dir(), "a live process's scratch folder is left alone"
@@ -437,13 +444,15 @@ MATERIALIZE = """
     import dagster as dg
     from encoder_pipeline.definitions import defs
     from encoder_pipeline.domains import domain_partitions
-    from encoder_pipeline.resources import ArtifactStoreResource, LLMResource, PipelineSettings
+    from encoder_pipeline.resources import (PUBLISHED, ArtifactStoreResource, LLMResource,
+                                            PipelineSettings, published_artifacts)
     domain, names = sys.argv[1], sys.argv[2].split(",")
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(domain_partitions.name, [domain])
     assets = [a for a in defs.assets if isinstance(a, dg.AssetsDefinition) and a.key.to_user_string() in names]
     result = dg.materialize(assets, instance=instance, partition_key=domain, resources={
-        "artifacts": ArtifactStoreResource(), "settings": PipelineSettings(profile="tiny"), "llm": LLMResource()})
+        PUBLISHED: published_artifacts, "artifacts": ArtifactStoreResource(),
+        "settings": PipelineSettings(profile="tiny"), "llm": LLMResource()})
     sys.exit(0 if result.success else 1)
 """
 CONCURRENT_ASSETS = ["clean_corpus", "eval_set", "heuristic_pairs"]
@@ -534,6 +543,7 @@ def test_a_failed_blocking_check_keeps_the_old_index_serving(tmp_path):
         instance.add_dynamic_partitions(domain_partitions.name, [D])
         return dg.materialize([report_stand_in(safe), serving_index], instance=instance, partition_key=D,
                               raise_on_error=False, resources={
+                                  PUBLISHED: published_artifacts,
                                   "artifacts": ArtifactStoreResource(root=str(store.root)),
                                   "settings": PipelineSettings(), "llm": LLMResource()})
 

@@ -20,7 +20,13 @@ from encoder_pipeline.lib.llm import GenerationParams, LLMError, OpenAIBackend
 from encoder_pipeline.lib.queries import generate_frame, parse_query
 from encoder_pipeline.lib.sources import CorpusError, read_corpus
 from encoder_pipeline.lib.train import MIN_TRAINING_PAIRS
-from encoder_pipeline.resources import ArtifactStoreResource, PipelineSettings
+from encoder_pipeline.resources import (
+    PUBLISHED,
+    ArtifactStoreResource,
+    LLMResource,
+    PipelineSettings,
+    published_artifacts,
+)
 from encoder_pipeline_tests.conftest import shared_corpus
 
 ASSETS = {a.key.to_user_string(): a for a in defs.assets if isinstance(a, dg.AssetsDefinition)}
@@ -48,10 +54,10 @@ def run(assets, root, domains, monkeypatch):
     monkeypatch.setenv("ENCODER_PIPELINE_DOMAINS", str(domains))
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(domain_partitions.name, ["mine"])
-    return dg.materialize([ASSETS[a] for a in assets], instance=instance, partition_key="mine",
+    return dg.materialize(list(ASSETS.values()), selection=list(assets), instance=instance, partition_key="mine",
                           raise_on_error=False, resources={
-                              "artifacts": ArtifactStoreResource(root=str(root)),
-                              "settings": PipelineSettings(profile="tiny")})
+                              PUBLISHED: published_artifacts, "artifacts": ArtifactStoreResource(root=str(root)),
+                              "settings": PipelineSettings(profile="tiny"), "llm": LLMResource()})
 
 
 def clean(tmp_path, monkeypatch, records=None, corpus_keys="", extra="", corpus=None, fmt="jsonl"):

@@ -26,7 +26,13 @@ from encoder_pipeline.lib.encoders import DEFAULT_BASE_MODEL, load_encoder, reso
 from encoder_pipeline.lib.layout import SWEEP_FILE
 from encoder_pipeline.lib.llm import GenerationParams, OpenAIBackend, openai_compatible
 from encoder_pipeline.lib.search import Searcher
-from encoder_pipeline.resources import ArtifactStoreResource, LLMResource, PipelineSettings
+from encoder_pipeline.resources import (
+    PUBLISHED,
+    ArtifactStoreResource,
+    LLMResource,
+    PipelineSettings,
+    published_artifacts,
+)
 from encoder_pipeline_tests.conftest import PROJECT_ROOT, shared_corpus
 
 ASSETS = {a.key.to_user_string(): a for a in definitions.defs.assets if isinstance(a, dg.AssetsDefinition)}
@@ -101,11 +107,11 @@ def secret_runs(tmp_path_factory):
             llm = definitions.llm_resource()
             instance = dg.DagsterInstance.from_config(str(home))
             instance.add_dynamic_partitions(domain_partitions.name, ["mine"])
-            resources = {"artifacts": ArtifactStoreResource(root=str(base / "artifacts")),
+            resources = {PUBLISHED: published_artifacts, "artifacts": ArtifactStoreResource(root=str(base / "artifacts")),
                          "settings": PipelineSettings(profile="tiny"), "llm": llm}
 
             def run(assets):
-                return dg.materialize([ASSETS[a] for a in assets], instance=instance,
+                return dg.materialize(list(ASSETS.values()), selection=list(assets), instance=instance,
                                       partition_key="mine", resources=resources, raise_on_error=False)
 
             built = run(UPSTREAM)
@@ -346,11 +352,12 @@ def test_only_the_domain_spec_turns_on_a_model_folders_code(tmp_path, monkeypatc
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(domain_partitions.name, ["mine"])
     store = ArtifactStore(tmp_path / "artifacts")
-    resources = {"artifacts": ArtifactStoreResource(root=str(store.root)),
+    resources = {PUBLISHED: published_artifacts, "artifacts": ArtifactStoreResource(root=str(store.root)),
                  "settings": PipelineSettings(profile="tiny", base_model=str(folder)), "llm": LLMResource()}
 
     def run(assets):
-        return dg.materialize([ASSETS[a] for a in assets], instance=instance, partition_key="mine",
+        return dg.materialize(list(ASSETS.values()), selection=list(assets), instance=instance,
+                              partition_key="mine",
                               resources=resources)
 
     def search_loads_with() -> list[bool]:

@@ -37,12 +37,19 @@ def _materialize_and_embed(root: Path, ray_address: str) -> dict:
     from encoder_pipeline.lib.encoders import DEFAULT_BASE_MODEL, document_texts
     from encoder_pipeline.lib.engines import embed_texts
     from encoder_pipeline.lib.layout import CORPUS_FILE
-    from encoder_pipeline.resources import ArtifactStoreResource, LLMResource, PipelineSettings
+    from encoder_pipeline.resources import (
+    PUBLISHED,
+    ArtifactStoreResource,
+    LLMResource,
+    PipelineSettings,
+    published_artifacts,
+)
 
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(domain_partitions.name, [DOMAIN])
     settings = PipelineSettings(profile="tiny", ray_address=ray_address, ray_embed_workers=EMBED_WORKERS)
     result = dg.materialize([clean_corpus], instance=instance, partition_key=DOMAIN, resources={
+        PUBLISHED: published_artifacts,
         "artifacts": ArtifactStoreResource(root=str(root)), "settings": settings, "llm": LLMResource()})
     assert result.success
     units = pd.read_parquet(ArtifactStore(root).latest(DOMAIN, "clean_corpus") / CORPUS_FILE)

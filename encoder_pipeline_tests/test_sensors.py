@@ -16,7 +16,7 @@ from encoder_pipeline.defs.automation.sensors import (
     weekly_retrain_schedule,
 )
 from encoder_pipeline.domains import domain_partitions
-from encoder_pipeline.resources import ArtifactStoreResource, PipelineSettings
+from encoder_pipeline.resources import PUBLISHED, ArtifactStoreResource, PipelineSettings, published_artifacts
 
 
 @pytest.fixture
@@ -62,7 +62,7 @@ def test_a_domain_never_built_is_observed_not_retrained(domains, tmp_path):
     write_spec(domains, name="elsewhere", path=tmp_path / "missing.jsonl")  # no corpus: not observable
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(domain_partitions.name, ["notes", "elsewhere"])
-    resources = {"artifacts": ArtifactStoreResource(root=str(tmp_path / "artifacts")),
+    resources = {PUBLISHED: published_artifacts, "artifacts": ArtifactStoreResource(root=str(tmp_path / "artifacts")),
                  "settings": PipelineSettings(profile="tiny")}
 
     first = corpus_drift_sensor(dg.build_sensor_context(instance=instance, resources=resources))

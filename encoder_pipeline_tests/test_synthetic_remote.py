@@ -7,11 +7,17 @@ import dagster as dg
 import pytest
 from fake_llm import FAKE_KEY, FakeOpenAIServer, serving
 
-from encoder_pipeline.definitions import defs
 from encoder_pipeline.domains import domain_partitions
 from encoder_pipeline.lib.llm import openai_compatible
 from encoder_pipeline.paths import project_root
-from encoder_pipeline.resources import ArtifactStoreResource, LLMResource, PipelineSettings
+from encoder_pipeline.resources import (
+    PUBLISHED,
+    ArtifactStoreResource,
+    LLMResource,
+    PipelineSettings,
+    published_artifacts,
+)
+from encoder_pipeline_tests.conftest import graph_assets
 
 UPSTREAM = ["clean_corpus", "eval_set", "heuristic_pairs", "synthetic_queries"]
 
@@ -43,10 +49,10 @@ def run(tmp_path, server, allow_remote: bool):
                                                     f"remote_llm_allowed = {str(allow_remote).lower()}"))
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(domain_partitions.name, ["code"])
-    assets = [a for a in defs.assets if isinstance(a, dg.AssetsDefinition)
-              and a.key.to_user_string() in UPSTREAM]
-    return dg.materialize(assets, instance=instance, partition_key="code", raise_on_error=False,
+    return dg.materialize(graph_assets(), selection=UPSTREAM, instance=instance,
+                          partition_key="code", raise_on_error=False,
                           resources={
+                              PUBLISHED: published_artifacts,
                               "artifacts": ArtifactStoreResource(root=str(tmp_path / "artifacts")),
                               "settings": PipelineSettings(profile="tiny"),
                               "llm": LLMResource(backend="openai", base_url=server.base_url,
@@ -55,6 +61,7 @@ def run(tmp_path, server, allow_remote: bool):
                           })
 
 
+@pytest.mark.slow
 def test_remote_llm_needs_the_domain_to_opt_in(tmp_path, server, monkeypatch):
     monkeypatch.setenv("ENCODER_PIPELINE_DOMAINS", str(tmp_path / "domains"))
     result = run(tmp_path, server, allow_remote=False)

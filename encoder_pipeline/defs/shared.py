@@ -4,6 +4,7 @@ publish its own with a manifest, and describe it in metadata."""
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from encoder_pipeline.domains import DomainSpec, SpecError, load_domain
 from encoder_pipeline.lib.artifacts import ArtifactStore, Manifest, start_reading, versions_read
 from encoder_pipeline.lib.extractors import ExtractorConfig
 from encoder_pipeline.lib.heldout import SPLIT_SEED
-from encoder_pipeline.lib.layout import SERVING_INDEX
+from encoder_pipeline.lib.layout import CLEAN_CORPUS, Artifact, handle
 from encoder_pipeline.lib.llm import GenerationParams, LLMBackend
 from encoder_pipeline.resources import ArtifactStoreResource, LLMResource, PipelineSettings
 
@@ -31,26 +32,31 @@ def domain_spec(context: dg.AssetExecutionContext) -> DomainSpec:
 
 
 def version_of(context: dg.AssetExecutionContext) -> str:
-    return context.run.run_id[:8]
+    """The run's id: a version names the run that published it."""
+    try:
+        return context.run.run_id[:8]
+    except dg.DagsterError:  # invoked directly (`dg.build_asset_context`): there is no run
+        return uuid.uuid4().hex[:8]
 
 
 def publish(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource,
-            settings: PipelineSettings, config: dict[str, Any], upstream: Sequence[str],
+            settings: PipelineSettings, config: dict[str, Any], upstream: Sequence[Artifact | str],
             corpus_fingerprint: str = ""):
     """Open a staging folder for this asset's new version (see ArtifactStore.publish). Its upstream:
-    the versions the asset read (`start_reading`), whether listed in `upstream` or not, and the latest
-    version of any listed asset it did not read through the store."""
+    the version of each handle in `upstream` (what the asset received through `ins=`), the versions
+    it read through the store (`start_reading`), and the latest version of any asset `upstream` names
+    that it did not read."""
     store = artifacts.store()
     domain = context.partition_key
     asset = context.asset_key.to_user_string()
     read = {name: version for (where, name), version in versions_read().items()
-            # its own earlier versions, and what is served now (measured, not built from)
-            if where == domain and name not in (asset, SERVING_INDEX)}
-    upstream_versions = {**{name: store.latest_version(domain, name) for name in upstream if name not in read},
-                         **read}
+            if where == domain and name != asset}  # not its own earlier versions
+    received = {item.asset: item.version for item in upstream if isinstance(item, Artifact)}
+    named = [item for item in upstream if isinstance(item, str) and item not in read and item not in received]
+    upstream_versions = {**{name: store.latest_version(domain, name) for name in named}, **read, **received}
     fingerprint = corpus_fingerprint
-    if not fingerprint and "clean_corpus" in upstream:
-        fingerprint = store.manifest(domain, "clean_corpus")["corpus_fingerprint"]
+    if not fingerprint and CLEAN_CORPUS in upstream_versions:
+        fingerprint = handle(store, domain, CLEAN_CORPUS, upstream_versions[CLEAN_CORPUS]).fingerprint
     manifest = Manifest(
         domain=domain, asset=asset, version=version_of(context),
         seed=settings.seed, config={"profile": settings.profile, **config},

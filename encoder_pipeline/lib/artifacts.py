@@ -171,7 +171,9 @@ class ArtifactStore:
     def domain_dir(self, domain: str) -> Path:
         return self.root / domain
 
-    def latest_version(self, domain: str, asset: str) -> str:
+    def latest_version(self, domain: str, asset: str, lineage: bool = True) -> str:
+        """The version `asset`'s LATEST points to; recorded in the running asset's ledger (its
+        upstream, see `start_reading`) unless `lineage` is False: read, not built from."""
         pointer = self.asset_dir(domain, asset) / LATEST_FILE
         if not pointer.exists():
             raise MissingArtifact(
@@ -180,7 +182,7 @@ class ArtifactStore:
             )
         version = pointer.read_text().strip()
         ledger = _reads.get()
-        if ledger is not None:
+        if ledger is not None and lineage:
             ledger.setdefault((domain, asset), version)
         return version
 

@@ -46,11 +46,12 @@ import pandas as pd
 from encoder_pipeline.lib.artifacts import ArtifactStore, MissingArtifact
 from encoder_pipeline.lib.encoders import ModelError, encode, load_encoder, resolve_model_path
 from encoder_pipeline.lib.layout import (
+    HEURISTIC_PAIRS,
+    MINED_NEGATIVES,
+    SYNTHETIC_QUERIES,
     corpus_texts,
+    latest,
     read_eval_split,
-    read_mined,
-    read_pairs,
-    read_synthetic,
     rung_model_path,
 )
 from encoder_pipeline.lib.leakage import normalize
@@ -250,9 +251,9 @@ def training_queries(store: ArtifactStore, domain: str) -> set[str]:
     structural pairs, synthetic queries, mined rows. A judged set must be unseen, so these are never
     offered for judging."""
     trained: set[str] = set()
-    for read in (read_pairs, read_synthetic, read_mined):
+    for asset in (HEURISTIC_PAIRS, SYNTHETIC_QUERIES, MINED_NEGATIVES):
         try:
-            trained.update(map(normalize, read(store, domain)["query"]))
+            trained.update(map(normalize, latest(store, domain, asset).rows()["query"]))
         except MissingArtifact:
             continue
     return trained

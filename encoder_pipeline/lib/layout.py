@@ -1,14 +1,18 @@
 """What each asset publishes, in one place: the asset names, the files inside a published version,
-and the readers that every consumer uses (the assets downstream, `search`, `promotion`, `export`, the
-CLI and `benchmarks/`). A reader loads the latest published version (`ArtifactStore.latest`), never
-a staging folder. Writers stay with the asset that writes (inside `ArtifactStore.publish`), with the
-file names from here.
+and a typed handle per asset (`CorpusArtifact`, `PairsArtifact`, `RungArtifact`, ...) with its
+readers. Assets receive their upstream assets as these handles (`ins=`, through the
+`PublishedArtifacts` input manager); `search`, `promotion`, `export`, the CLI and `benchmarks/` open
+them with `latest`. A handle is one published version, never a staging folder, and names the version
+it reads (what `publish` records as upstream). Writers stay with the asset that writes (inside
+`ArtifactStore.publish`), with the file names from here.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -27,6 +31,7 @@ INDEX_SWEEP = "index_sweep"
 EMBEDDING_INDEX = "embedding_index"  # the candidate: what serving_index promotes once the report allows it
 EVAL_REPORT = "eval_report"
 SERVING_INDEX = "serving_index"  # its versions are the promotions; LATEST is what users search
+RUNGS = ("encoder_heuristic", "encoder_synthetic", "encoder_hard_negatives")  # the ladder, in order
 
 # Files inside a published version.
 CORPUS_FILE = "corpus.parquet"  # clean_corpus: every unit, `in_sample` marks the training sample
@@ -48,18 +53,130 @@ class StaleArtifact(MissingArtifact):
     """A published version in a format this code no longer reads: materialize that asset again."""
 
 
+@dataclass(frozen=True)
+class Artifact:
+    """One published version of one domain's asset."""
+
+    store: ArtifactStore
+    domain: str
+    asset: str
+    version: str
+
+    @property
+    def path(self) -> Path:
+        return self.store.asset_dir(self.domain, self.asset) / self.version
+
+    def manifest(self) -> dict[str, Any]:
+        return json.loads((self.path / "manifest.json").read_text())
+
+    def _json(self, name: str) -> Any:
+        return json.loads((self.path / name).read_text())
+
+
+class CorpusArtifact(Artifact):
+    """clean_corpus: every cleaned unit (what the served index holds) and the training sample."""
+
+    def units(self) -> pd.DataFrame:
+        return pd.read_parquet(self.path / CORPUS_FILE)
+
+    def sample(self) -> pd.DataFrame:
+        """The units of the training sample (`in_sample`; a version written before the sample
+        existed is whole): what training data, the ladder and the index sweep are built on."""
+        units = self.units()
+        if SAMPLE_COLUMN not in units.columns:
+            return units
+        return units[units[SAMPLE_COLUMN]].reset_index(drop=True)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest()["corpus_fingerprint"]
+
+
+class EvalSetArtifact(Artifact):
+    def split(self) -> EvalSplit:
+        """The eval set, the dev slice and the held-out documents."""
+        payload = self._json(EVAL_FILE)
+        if "eval" not in payload:
+            raise StaleArtifact(f"domain '{self.domain}': its eval_set was written by an older version (no "
+                                "dev slice, no evidence label): materialize eval_set again")
+        return EvalSplit.from_dict(payload)
+
+
+class PairsArtifact(Artifact):
+    def rows(self) -> pd.DataFrame:
+        return pd.read_parquet(self.path / PAIRS_FILE)
+
+
+class SyntheticArtifact(Artifact):
+    def rows(self) -> pd.DataFrame:
+        """The filtered synthetic queries: what training reads."""
+        return pd.read_parquet(self.path / SYNTHETIC_FILE)
+
+    def unfiltered(self) -> pd.DataFrame:
+        return pd.read_parquet(self.path / UNFILTERED_FILE)
+
+    def generation(self) -> dict:
+        return self._json(GENERATION_FILE)
+
+
+class MinedArtifact(Artifact):
+    def rows(self) -> pd.DataFrame:
+        return pd.read_parquet(self.path / MINED_FILE)
+
+
+class RungArtifact(Artifact):
+    """An encoder rung: its sentence-transformers folder and its training result."""
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / MODEL_DIR
+
+    def training(self) -> dict:
+        return self._json(TRAINING_FILE)
+
+
+class SweepArtifact(Artifact):
+    def sweep(self) -> dict:
+        return self._json(SWEEP_FILE)
+
+
+class IndexArtifact(Artifact):
+    """embedding_index (the candidate) or serving_index (a promotion): the same index layout."""
+
+    def choice(self) -> dict:
+        return self._json(CHOICE_FILE)
+
+
+class ReportArtifact(Artifact):
+    def report(self) -> dict:
+        return self._json(REPORT_FILE)
+
+
+HANDLES: dict[str, type[Artifact]] = {
+    CLEAN_CORPUS: CorpusArtifact, EVAL_SET: EvalSetArtifact, HEURISTIC_PAIRS: PairsArtifact,
+    SYNTHETIC_QUERIES: SyntheticArtifact, MINED_NEGATIVES: MinedArtifact,
+    **dict.fromkeys(RUNGS, RungArtifact), INDEX_SWEEP: SweepArtifact, EMBEDDING_INDEX: IndexArtifact,
+    EVAL_REPORT: ReportArtifact, SERVING_INDEX: IndexArtifact,
+}
+
+
+def handle(store: ArtifactStore, domain: str, asset: str, version: str) -> Artifact:
+    """The typed handle of one version of `asset`."""
+    return HANDLES.get(asset, Artifact)(store, domain, asset, version)
+
+
+def latest(store: ArtifactStore, domain: str, asset: str) -> Artifact:
+    """The typed handle of `asset`'s latest published version (MissingArtifact when none)."""
+    return handle(store, domain, asset, store.latest_version(domain, asset))
+
+
 def read_corpus_units(store: ArtifactStore, domain: str) -> pd.DataFrame:
     """Every cleaned unit of the corpus: what the served index holds."""
-    return pd.read_parquet(store.latest(domain, CLEAN_CORPUS) / CORPUS_FILE)
+    return latest(store, domain, CLEAN_CORPUS).units()
 
 
 def read_sample_units(store: ArtifactStore, domain: str) -> pd.DataFrame:
-    """The units of the training sample (clean_corpus's `in_sample`; a version written before the
-    sample existed is whole): what training data, the ladder and the index sweep are built on."""
-    units = read_corpus_units(store, domain)
-    if SAMPLE_COLUMN not in units.columns:
-        return units
-    return units[units[SAMPLE_COLUMN]].reset_index(drop=True)
+    return latest(store, domain, CLEAN_CORPUS).sample()
 
 
 def corpus_texts(units: pd.DataFrame) -> list[str]:
@@ -67,12 +184,7 @@ def corpus_texts(units: pd.DataFrame) -> list[str]:
 
 
 def read_eval_split(store: ArtifactStore, domain: str) -> EvalSplit:
-    """The eval set, the dev slice and the held-out documents."""
-    payload = json.loads((store.latest(domain, EVAL_SET) / EVAL_FILE).read_text())
-    if "eval" not in payload:
-        raise StaleArtifact(f"domain '{domain}': its eval_set was written by an older version (no dev "
-                            "slice, no evidence label): materialize eval_set again")
-    return EvalSplit.from_dict(payload)
+    return latest(store, domain, EVAL_SET).split()
 
 
 def write_eval_split(path: Path, split: EvalSplit) -> None:
@@ -80,19 +192,7 @@ def write_eval_split(path: Path, split: EvalSplit) -> None:
 
 
 def read_pairs(store: ArtifactStore, domain: str) -> pd.DataFrame:
-    return pd.read_parquet(store.latest(domain, HEURISTIC_PAIRS) / PAIRS_FILE)
-
-
-def read_synthetic(store: ArtifactStore, domain: str) -> pd.DataFrame:
-    return pd.read_parquet(store.latest(domain, SYNTHETIC_QUERIES) / SYNTHETIC_FILE)
-
-
-def read_mined(store: ArtifactStore, domain: str) -> pd.DataFrame:
-    return pd.read_parquet(store.latest(domain, MINED_NEGATIVES) / MINED_FILE)
-
-
-def read_training_result(store: ArtifactStore, domain: str, rung: str) -> dict:
-    return json.loads((store.latest(domain, rung) / TRAINING_FILE).read_text())
+    return latest(store, domain, HEURISTIC_PAIRS).rows()
 
 
 def held_out_before(store: ArtifactStore, domain: str, asset: str) -> set[str] | None:
@@ -126,18 +226,9 @@ def stale_rungs(store: ArtifactStore, domain: str, rungs: list[str], held_out: s
 
 
 def rung_model_path(store: ArtifactStore, domain: str, rung: str) -> Path:
-    return store.latest(domain, rung) / MODEL_DIR
-
-
-def read_sweep(store: ArtifactStore, domain: str) -> dict:
-    return json.loads((store.latest(domain, INDEX_SWEEP) / SWEEP_FILE).read_text())
-
-
-def read_index_choice(store: ArtifactStore, domain: str) -> dict:
-    """The candidate index's choice.json."""
-    return json.loads((store.latest(domain, EMBEDDING_INDEX) / CHOICE_FILE).read_text())
+    return latest(store, domain, rung).model_path
 
 
 def read_report(store: ArtifactStore, domain: str) -> dict:
     """The latest eval_report's report.json."""
-    return json.loads((store.latest(domain, EVAL_REPORT) / REPORT_FILE).read_text())
+    return latest(store, domain, EVAL_REPORT).report()

@@ -10,7 +10,7 @@ verdict and the promotion rule are judged on the whole-corpus figures.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,7 +69,8 @@ def build_report(*, facts: Mapping[str, Any], haystacks: Mapping[str, dict], res
                  rungs: list[str], candidate: Mapping[str, Any], serving: Mapping[str, Serving],
                  targets: Mapping[str, float], currently_served: dict | None, tolerance: float,
                  iterations: int, seed: int, teacher: Mapping[str, Any] | None = None,
-                 qrels: Mapping[str, Mapping[str, int]] | None = None, **extra: Any) -> dict[str, Any]:
+                 qrels: Mapping[str, Mapping[str, int]] | None = None, base_model_rungs: Sequence[str] = (),
+                 **extra: Any) -> dict[str, Any]:
     """The report. `facts`: domain, unit, query form, relevance, eval queries, evidence. `results`:
     every system evaluated (see lib.evaluation). `candidate`: the candidate index's choice (rung,
     revision, dims, precision). `serving`: `Serving` of the candidate and of the off-the-shelf model
@@ -77,7 +78,9 @@ def build_report(*, facts: Mapping[str, Any], haystacks: Mapping[str, dict], res
     recorded nDCG@10, or None. `teacher`: the teacher that trained the rungs (model, fallback); when
     it is not the base model, `results` and `serving` carry it as TEACHER. `qrels`: the eval
     judgments, for each system's evidence (queries behind its figure, a bootstrap interval, the
-    judged share of its top-10). `extra` (sweep, latency, costs, ...) is stored as given."""
+    judged share of its top-10). `base_model_rungs`: rungs whose dev-slice merge kept the base model
+    (their differences from it, and from each other, are rounding, not a gain or a loss). `extra`
+    (sweep, latency, costs, ...) is stored as given."""
     systems = {name: {**r.means, "haystack": r.haystack} for name, r in results.items()}
     per_query = {name: r.per_query for name, r in results.items()}
     baseline = baseline_name(CORPUS if "off_the_shelf@corpus" in results else SAMPLE)
@@ -118,7 +121,10 @@ def build_report(*, facts: Mapping[str, Any], haystacks: Mapping[str, dict], res
                           "p_vs_off_the_shelf": vs_baseline.get(name, (None, None))[1]} for name in chain},
         "significance_vs_off_the_shelf": {name: {"diff": d, "p": p} for name, (d, p) in vs_baseline.items()},
         "randomization_iterations": iterations,
-        "regressions": stats.regressions_in_words(significance, {n: systems[n]["ndcg@10"] for n in chain}),
+        "base_model_rungs": list(base_model_rungs),
+        "regressions": stats.regressions_in_words(
+            {n: row for n, row in significance.items() if not _same_model(base_model_rungs, n, row["below"])},
+            {n: systems[n]["ndcg@10"] for n in chain}),
         "hybrid": {"system": HYBRID, "fusion": f"reciprocal rank, k={stats.RRF_K}",
                    "runs": [f"bm25{'@corpus' if baseline.endswith('@corpus') else ''}", CANDIDATE],
                    **systems[HYBRID]},
@@ -150,22 +156,35 @@ def _p(value: float | None) -> str:
     return "" if value is None else f"{value:.4f}"
 
 
-def _diff(value: float | None) -> str:
-    return "" if value is None else f"{value:+.4f}"
+def _diff(value: float | str | None) -> str:
+    return "" if value is None else value if isinstance(value, str) else f"{value:+.4f}"
+
+
+def _same_model(base_model_rungs: Sequence[str], name: str, other: str | None) -> bool:
+    """Both systems are the base model: the off-the-shelf row, or a rung whose merge kept it."""
+    same = {"off_the_shelf", *base_model_rungs}
+    return name in same and other in same
 
 
 def systems_frame(report: Mapping[str, Any], haystacks: set[str]) -> pd.DataFrame:
     """The systems measured on these haystacks: metrics, the paired test against the rung below
-    (ladder only) and against the off-the-shelf model on the same haystack."""
+    (ladder only) and against the off-the-shelf model on the same haystack; "same model" where both
+    are the base model (a rung that kept it: bf16 rounding after its rotation, not a difference)."""
     rows = []
+    base_rungs = report.get("base_model_rungs", [])
     for name, metrics in report["systems"].items():
         if metrics["haystack"] not in haystacks:
             continue
         ladder = report["ladder"].get(name, {})
         versus = report["significance_vs_off_the_shelf"].get(name, {})
+        if _same_model(base_rungs, name, ladder.get("below")):
+            ladder = {"diff_vs_below": "same model"}
+        if _same_model(base_rungs, name, "off_the_shelf") and name != "off_the_shelf":
+            versus = {"diff": "same model"}
         evidence = report.get("evidence_by_system", {}).get(name)
         rows.append({
-            "system": name, **{k: round(v, 4) for k, v in metrics.items() if k != "haystack"},
+            "system": f"{name} (the base model)" if name in base_rungs else name,
+            **{k: round(v, 4) for k, v in metrics.items() if k != "haystack"},
             **({"queries": evidence["queries"],
                 "nDCG@10 95% CI": f"{evidence['ndcg@10_low']:.3f}–{evidence['ndcg@10_high']:.3f}",
                 "judged@10": round(evidence["judged@10"], 3)} if evidence else {}),
@@ -240,6 +259,11 @@ def render(report: Mapping[str, Any], image: Callable[[str, str], str]) -> str:
     ladder_words = ("\n".join(f"- {s}" for s in regressions) if regressions else
                     "No rung scores below the one beneath it.")
     ladder_words += "".join(f"\n- **Stale:** {rung} was {why}." for rung, why in report.get("stale_rungs", {}).items())
+    if report.get("base_model_rungs"):
+        ladder_words += (f"\n- {', '.join(report['base_model_rungs'])}: no merge of the fine-tuned weights beat "
+                         "the base model on the dev slice beyond noise, so the rung is the base model; its "
+                         "differences from off-the-shelf are rounding (bf16 inference after the "
+                         "variance-ordering rotation), not a gain or a loss.")
     sweep = report["sweep"]
     whole = (f"## What users get ({_haystack_words(report, CORPUS)})\n\n"
              f"The candidate index and the baselines over every unit of the corpus; the targets, the "

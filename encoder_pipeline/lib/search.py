@@ -142,7 +142,8 @@ def served_index(domain: str, store: ArtifactStore | None = None) -> ServedIndex
     MissingArtifact) when nothing has been promoted; there is no fallback to the candidate."""
     store = store or default_store()
     try:
-        version = store.latest_version(domain, SERVING_INDEX)
+        # what users search is measured against (the report, drift), never built from
+        version = store.latest_version(domain, SERVING_INDEX, lineage=False)
     except MissingArtifact:
         raise _why_nothing_is_served(store, domain) from None
     return index_version(store, domain, SERVING_INDEX, version)

@@ -102,8 +102,9 @@ class TrainingConfig:
     checkpoint_every_s: float = 300.0  # mid-epoch checkpoint interval (epoch ends always save)
     # WiSE-FT: the kept weights are this share of the fine-tuned ones plus the rest of the base
     # model's (`interpolate_with_base`); 1.0 keeps the fine-tuned weights as they are. None: chosen
-    # on the dev slice among MERGE_WEIGHTS (`choose_merge`), 1.0 when there is no dev slice.
+    # on the dev slice among `merge_weights` (`choose_merge`), 1.0 when there is no dev slice.
     fine_tuned_weight: float | None = None
+    merge_weights: tuple[float, ...] = MERGE_WEIGHTS
     order_dimensions: bool = True  # append the variance-ordering rotation after training
     rotation_sample: int = 4000  # documents the rotation is estimated from
 
@@ -288,7 +289,9 @@ def train_encoder(base_model: str, rows: pd.DataFrame, output_dir: str | Path, c
     def base() -> SentenceTransformer:  # loaded only when a merge needs it
         return load_encoder(base_model, config.max_seq_length, trust_remote_code)
 
-    merge = (choose_merge(model, base(), dev, config.seed) if config.fine_tuned_weight is None and dev
+    base_key = f"{model_fingerprint(base_model)}@{config.max_seq_length}"
+    merge = (choose_merge(model, base(), dev, config.seed, config.merge_weights, base_key)
+             if config.fine_tuned_weight is None and dev
              else {"weight": 1.0 if config.fine_tuned_weight is None else config.fine_tuned_weight,
                    "rule": "no dev slice" if config.fine_tuned_weight is None else "set in the spec"})
     weight = merge["weight"]
@@ -417,19 +420,32 @@ def training_loss(model: SentenceTransformer, config: TrainingConfig, per_device
                             distill_weight=config.distill_weight)
 
 
+# (base model revision and sequence length, dev slice) -> the base model's per-query dev nDCG@10:
+# the same for the three rungs of a run, so scored once per process.
+_base_scores: dict[tuple[str, str], dict[str, float]] = {}
+
+
 def choose_merge(model: SentenceTransformer, base: SentenceTransformer, dev: DevSet, seed: int = 0,
-                 weights: Sequence[float] = MERGE_WEIGHTS) -> dict:
+                 weights: Sequence[float] = MERGE_WEIGHTS, base_key: str = "") -> dict:
     """The fine-tuned share (of `weights`) to keep, chosen on the dev slice (`pick_merge`); `model`
     is left as it was. Each share's merge with the base (weights averaged, no retraining) is scored
-    per dev query."""
+    per dev query; the base model's own scores are kept under `base_key` (its revision) for the
+    next rung."""
     tuned = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
     per_query = {}
     try:
         for weight in weights:
+            if weight == 0.0:
+                key = (base_key, dev.fingerprint())
+                scores = _base_scores.get(key) if base_key else None
+                per_query[weight] = scores if scores is not None else dev.per_query_ndcg_at_10(base)
+                if base_key:
+                    _base_scores[key] = per_query[weight]
+                continue
             model.load_state_dict(tuned)
             if weight < 1.0:
                 interpolate_with_base(model, base, weight)
-            per_query[weight] = dev.per_query_ndcg_at_10(base if weight == 0.0 else model)
+            per_query[weight] = dev.per_query_ndcg_at_10(model)
     finally:
         model.load_state_dict(tuned)
     return pick_merge(per_query, seed)

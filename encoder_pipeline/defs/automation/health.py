@@ -86,7 +86,7 @@ def _refresh_after(status: dg.DagsterRunStatus) -> dg.RunStatusSensorDefinition:
     # not train_encoder_job), but only runs of domain partitions: domain_health's own runs have none.
     @dg.run_status_sensor(name=f"domain_health_after_{status.value.lower()}", run_status=status,
                           request_job=domain_health_job, default_status=dg.DefaultSensorStatus.RUNNING,
-                          minimum_interval_seconds=30)
+                          minimum_interval_seconds=15)  # cheap: reads one run's tags
     def refresh(context: dg.RunStatusSensorContext) -> dg.RunRequest | dg.SkipReason:
         run = context.dagster_run
         if not PARTITION_TAGS & set(run.tags):

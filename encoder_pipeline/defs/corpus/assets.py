@@ -33,19 +33,13 @@ from encoder_pipeline.lib.heldout import (
     sample_judged,
 )
 from encoder_pipeline.lib.judging import judged_set_summary
-from encoder_pipeline.lib.layout import (
-    CORPUS_FILE,
-    EVAL_FILE,
-    read_corpus_units,
-    read_sample_units,
-    write_eval_split,
-)
+from encoder_pipeline.lib.layout import CLEAN_CORPUS, CORPUS_FILE, EVAL_FILE, CorpusArtifact, write_eval_split
 from encoder_pipeline.lib.pairs import extract_training_pairs
 from encoder_pipeline.lib.queries import STRUCTURE_EXAMPLES, PromptSpec, prompt_examples, query_generator
 from encoder_pipeline.lib.sources import CorpusError, Skipped, read_corpus, read_judged
 from encoder_pipeline.lib.train import MIN_TRAINING_PAIRS
 from encoder_pipeline.lib.vector_cache import cached_embeddings
-from encoder_pipeline.resources import ArtifactStoreResource, LLMResource, PipelineSettings
+from encoder_pipeline.resources import PUBLISHED, ArtifactStoreResource, LLMResource, PipelineSettings
 
 GROUP = "corpus"
 
@@ -180,9 +174,9 @@ def judged_set_metadata(spec: DomainSpec) -> dict:
     group_name=GROUP,
     kinds={"pandas", "openai"},
     owners=["team:retrieval"],
-    deps=[clean_corpus],
+    ins={"corpus": dg.AssetIn(CLEAN_CORPUS, input_manager_key=PUBLISHED)},
 )
-def eval_set(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource,
+def eval_set(context: dg.AssetExecutionContext, corpus: CorpusArtifact, artifacts: ArtifactStoreResource,
              settings: PipelineSettings, llm: LLMResource) -> dg.MaterializeResult:
     """The queries the report is judged on (eval set) and the dev slice that steers the choices (best
     epoch, index width), on held-out documents no training row touches (lib/heldout.py). Evidence,
@@ -193,8 +187,8 @@ def eval_set(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource
     spec = domain_spec(context)
     store = artifacts.store()
     sizes = settings.sizes()
-    units = read_sample_units(store, spec.name)  # held out from the training sample
-    extractors, choice_notes = resolve_extractors(spec, units, len(read_corpus_units(store, spec.name)))
+    units = corpus.sample()  # held out from the training sample
+    extractors, choice_notes = resolve_extractors(spec, units, len(corpus.units()))
     config = extractor_config(spec)
     # The corpus's own structural pairs as prompt examples (when the spec writes none): their
     # documents stay in training, never held out.
@@ -226,7 +220,7 @@ def eval_set(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource
                          ) from error
     split.notes = choice_notes + split.notes
     with publish(context, artifacts, settings, {"evidence": split.evidence, "extractors": extractors},
-                 ["clean_corpus"]) as staging:
+                 [corpus]) as staging:
         write_eval_split(staging / EVAL_FILE, split)
     sample = pd.DataFrame([{"query": text, "relevant": ", ".join(split.qrels[qid])}
                            for qid, text in list(split.queries.items())[:8]])

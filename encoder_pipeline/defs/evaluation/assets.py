@@ -14,8 +14,6 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from encoder_pipeline.defs.corpus.assets import eval_set
-from encoder_pipeline.defs.indexing.assets import embedding_index, index_sweep
 from encoder_pipeline.defs.shared import ProgressLog, domain_spec, embeddings_cache, publish
 from encoder_pipeline.defs.training.assets import RUNGS
 from encoder_pipeline.domains import Targets, domain_partitions
@@ -26,14 +24,16 @@ from encoder_pipeline.lib.evaluation import CORPUS, SAMPLE, Haystack, System, ev
 from encoder_pipeline.lib.heldout import EVIDENCE_WORDS
 from encoder_pipeline.lib.index import IDS_FILE, LoadedIndex, build_index, load_index, served_bytes
 from encoder_pipeline.lib.layout import (
-    GENERATION_FILE,
+    CLEAN_CORPUS,
+    EMBEDDING_INDEX,
+    EVAL_SET,
+    INDEX_SWEEP,
     REPORT_FILE,
-    read_corpus_units,
-    read_eval_split,
-    read_index_choice,
-    read_sample_units,
-    read_sweep,
-    read_training_result,
+    SYNTHETIC_QUERIES,
+    EvalSetArtifact,
+    IndexArtifact,
+    SweepArtifact,
+    latest,
     rung_model_path,
     stale_rungs,
 )
@@ -59,7 +59,7 @@ from encoder_pipeline.lib.report_page import (
 from encoder_pipeline.lib.search import NothingServed, served_index
 from encoder_pipeline.lib.sweep import latency_queries
 from encoder_pipeline.lib.vector_cache import cached_embeddings
-from encoder_pipeline.resources import ArtifactStoreResource, PipelineSettings
+from encoder_pipeline.resources import PUBLISHED, ArtifactStoreResource, PipelineSettings
 
 GROUP = "evaluation"
 TOP_K = 100
@@ -81,8 +81,8 @@ class ReportConfig(dg.Config):
 
 def build_costs(store: ArtifactStore, domain: str, usd_per_hour: float) -> dict[str, float]:
     """What building cost, apart from serving: training every rung, generating synthetic queries."""
-    training = sum(read_training_result(store, domain, rung)["train_seconds"] for rung in RUNGS)
-    generation = json.loads((store.latest(domain, "synthetic_queries") / GENERATION_FILE).read_text())
+    training = sum(latest(store, domain, rung).training()["train_seconds"] for rung in RUNGS)
+    generation = latest(store, domain, SYNTHETIC_QUERIES).generation()
     return {
         "training_seconds": training, "training_usd": training / 3600 * usd_per_hour,
         "generation_seconds": generation["seconds"],
@@ -168,7 +168,9 @@ class _Systems:
     kinds={"pytorch", "faiss"},
     owners=["team:retrieval"],
     # eval_set directly too: a judged set that grew re-evaluates, and a run of these two alone orders them
-    deps=[eval_set, embedding_index, index_sweep],
+    ins={"evaluation": dg.AssetIn(EVAL_SET, input_manager_key=PUBLISHED),
+         "candidate": dg.AssetIn(EMBEDDING_INDEX, input_manager_key=PUBLISHED),
+         "swept": dg.AssetIn(INDEX_SWEEP, input_manager_key=PUBLISHED)},
     automation_condition=dg.AutomationCondition.eager(),
     check_specs=[
         *(dg.AssetCheckSpec(name, asset="eval_report") for name in (*TARGET_CHECKS, BEATS_BASELINE)),
@@ -178,8 +180,9 @@ class _Systems:
                           "serving_index runs only when it passes."),
     ],
 )
-def eval_report(context: dg.AssetExecutionContext, config: ReportConfig,
-                artifacts: ArtifactStoreResource, settings: PipelineSettings) -> dg.MaterializeResult:
+def eval_report(context: dg.AssetExecutionContext, config: ReportConfig, evaluation: EvalSetArtifact,
+                candidate: IndexArtifact, swept: SweepArtifact, artifacts: ArtifactStoreResource,
+                settings: PipelineSettings) -> dg.MaterializeResult:
     """Was training worth it for this domain? The decision page: every system on the eval set,
     the targets, a verdict (metadata `report`, with its plots; files report.json, report.md,
     ladder/sweep/latency PNGs). On the training sample (pytrec_eval): BM25, the off-the-shelf model,
@@ -199,18 +202,18 @@ def eval_report(context: dg.AssetExecutionContext, config: ReportConfig,
     """
     spec = domain_spec(context)
     store = artifacts.store()
-    split = read_eval_split(store, spec.name)
-    corpus = read_corpus_units(store, spec.name)
-    stacks = haystacks(read_sample_units(store, spec.name), corpus)
+    split = evaluation.split()
+    cleaned = latest(store, spec.name, CLEAN_CORPUS)
+    corpus = cleaned.units()
+    stacks = haystacks(cleaned.sample(), corpus)
     corpus_differs = len(stacks[SAMPLE].units) != len(corpus)
     bf16, trust = settings.bf16_inference, spec.trust_remote_code
     answers = _Systems(split.queries, embeddings_cache(store, spec.name), bf16, trust)
 
-    choice = read_index_choice(store, spec.name)
-    index_dir = store.latest(spec.name, "embedding_index")
+    choice, index_dir = candidate.choice(), candidate.path
     candidate_index = load_index(index_dir, choice["revision"])
     candidate_model = encoders.load_encoder(choice["model_path"], trust_remote_code=trust)
-    trained = read_training_result(store, spec.name, choice["rung"])
+    trained = latest(store, spec.name, choice["rung"]).training()
     teacher = {"model": trained.get("teacher") or settings.base_model, "fallback": trained.get("teacher_fallback")}
     teaches = teacher["model"] != settings.base_model  # else the off-the-shelf row is the teacher's
     # The ladder on the training sample; what users get on the whole corpus.
@@ -270,7 +273,7 @@ def eval_report(context: dg.AssetExecutionContext, config: ReportConfig,
     if teaches:
         serving[TEACHER] = _teacher_serving(teacher["model"], stacks, answers, timing, len(corpus), usd_per_hour)
     targets = spec.targets
-    sweep = read_sweep(store, spec.name)
+    sweep = swept.sweep()
     report = build_report(
         facts={"domain": spec.name, "unit": spec.unit.name, "query_form": spec.queries.form,
                "relevance": spec.queries.relevance, "hard_negative": spec.queries.hard_negative,
@@ -283,6 +286,8 @@ def eval_report(context: dg.AssetExecutionContext, config: ReportConfig,
                    "fine_tuned_weight": trained.get("fine_tuned_weight", 1.0)},
         teacher=teacher, qrels=split.qrels,
         stale_rungs=stale_rungs(store, spec.name, RUNGS, split.held_out_doc_ids),
+        base_model_rungs=[rung for rung in RUNGS
+                          if latest(store, spec.name, rung).training().get("fine_tuned_weight") == 0.0],
         serving=serving, targets=targets.model_dump(), currently_served=current_info,
         tolerance=config.promotion_tolerance, iterations=config.randomization_iterations, seed=settings.seed,
         extra_models={path: results[f"extra:{path}"].means for path in spec.extra_models},
@@ -304,7 +309,7 @@ def eval_report(context: dg.AssetExecutionContext, config: ReportConfig,
                  {"top_k": TOP_K, "promotion_tolerance": config.promotion_tolerance,
                   "randomization_iterations": config.randomization_iterations,
                   "extra_models": spec.extra_models},
-                 ["clean_corpus", "eval_set", *RUNGS, "index_sweep", "embedding_index"]) as staging:
+                 [evaluation, candidate, swept, cleaned, *RUNGS]) as staging:
         (staging / REPORT_FILE).write_text(json.dumps(report, indent=2))
         (staging / "report.md").write_text(render(report, lambda name, alt: f"![{alt}]({name})"))
         for name, png in figures.items():

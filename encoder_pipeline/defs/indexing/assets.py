@@ -9,20 +9,23 @@ import numpy as np
 
 from encoder_pipeline.defs.indexing.refresh import build_or_refresh
 from encoder_pipeline.defs.shared import ProgressLog, domain_spec, embeddings_cache, md_table, publish
-from encoder_pipeline.defs.training.assets import RUNGS, ladder_encoders
+from encoder_pipeline.defs.training.assets import RUNGS
 from encoder_pipeline.domains import domain_partitions
 from encoder_pipeline.lib import encoders
-from encoder_pipeline.lib.artifacts import ArtifactStore
 from encoder_pipeline.lib.index import RESCORE_MULTIPLIER, save_index
 from encoder_pipeline.lib.layout import (
     CHOICE_FILE,
+    CLEAN_CORPUS,
+    EVAL_SET,
+    HEURISTIC_PAIRS,
+    INDEX_SWEEP,
     SWEEP_FILE,
+    CorpusArtifact,
+    RungArtifact,
+    SweepArtifact,
     corpus_texts,
     read_corpus_units,
     read_eval_split,
-    read_sweep,
-    read_training_result,
-    rung_model_path,
 )
 from encoder_pipeline.lib.sweep import (
     CHOICE_RULE,
@@ -35,18 +38,18 @@ from encoder_pipeline.lib.sweep import (
     time_encoding,
 )
 from encoder_pipeline.lib.vector_cache import cached_embeddings
-from encoder_pipeline.resources import ArtifactStoreResource, PipelineSettings
+from encoder_pipeline.resources import PUBLISHED, ArtifactStoreResource, PipelineSettings
 
 GROUP = "indexing"
 TOP_K = 100  # results per query for nDCG@10 and Recall@100
 SERVED_K = 10  # results per timed query, as served
 
 
-def best_rung(store: ArtifactStore, domain: str) -> tuple[str, dict[str, float]]:
+def best_rung(rungs: dict[str, RungArtifact]) -> tuple[RungArtifact, dict[str, float]]:
     """The rung with the highest dev nDCG@10; on a tie the rung with more data decisions."""
-    scores = {r: read_training_result(store, domain, r)["dev_ndcg_at_10"] for r in RUNGS}
+    scores = {r: rungs[r].training()["dev_ndcg_at_10"] for r in RUNGS}
     order = sorted(RUNGS, key=lambda r: (scores[r], RUNGS.index(r)), reverse=True)
-    return order[0], scores
+    return rungs[order[0]], scores
 
 
 @dg.asset(
@@ -54,7 +57,7 @@ def best_rung(store: ArtifactStore, domain: str) -> tuple[str, dict[str, float]]
     group_name=GROUP,
     kinds={"faiss"},
     owners=["team:retrieval"],
-    deps=ladder_encoders,
+    ins={rung: dg.AssetIn(rung, input_manager_key=PUBLISHED) for rung in RUNGS},
     automation_condition=dg.AutomationCondition.eager(),
     description=(
         "The best rung's index of the whole corpus at every Matryoshka width (384/192/96/48) x precision (fp32, "
@@ -66,11 +69,11 @@ def best_rung(store: ArtifactStore, domain: str) -> tuple[str, dict[str, float]]
     ),
 )
 def index_sweep(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource,
-                settings: PipelineSettings) -> dg.MaterializeResult:
+                settings: PipelineSettings, **rungs: RungArtifact) -> dg.MaterializeResult:
     spec = domain_spec(context)
     store = artifacts.store()
-    rung, dev_scores = best_rung(store, spec.name)
-    model_path = str(rung_model_path(store, spec.name, rung))
+    best, dev_scores = best_rung(rungs)
+    rung, model_path = best.asset, str(best.model_path)
     revision = encoders.model_fingerprint(model_path)
     # Every configuration is measured over the whole corpus, the haystack it will serve: a width that
     # holds up among the training sample's units can fail among ten times as many. The vectors land
@@ -121,7 +124,7 @@ def index_sweep(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResou
         "points": points, "chosen": chosen, "rule": CHOICE_RULE, "reason": reason,
     }
     with publish(context, artifacts, settings, {"rung": rung, "top_k": TOP_K},
-                 ["clean_corpus", "eval_set", "heuristic_pairs", *RUNGS]) as staging:
+                 [*rungs.values(), CLEAN_CORPUS, EVAL_SET, HEURISTIC_PAIRS]) as staging:
         (staging / SWEEP_FILE).write_text(json.dumps(payload, indent=2))
     return dg.MaterializeResult(metadata={
         "rung": rung,
@@ -151,24 +154,25 @@ def index_sweep(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResou
     group_name=GROUP,
     kinds={"faiss"},
     owners=["team:retrieval"],
-    deps=[index_sweep, "clean_corpus"],
+    ins={"sweep": dg.AssetIn(INDEX_SWEEP, input_manager_key=PUBLISHED),
+         "cleaned": dg.AssetIn(CLEAN_CORPUS, input_manager_key=PUBLISHED)},
     automation_condition=dg.AutomationCondition.eager(),
 )
-def embedding_index(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource,
-                    settings: PipelineSettings) -> dg.MaterializeResult:
+def embedding_index(context: dg.AssetExecutionContext, sweep: SweepArtifact, cleaned: CorpusArtifact,
+                    artifacts: ArtifactStoreResource, settings: PipelineSettings) -> dg.MaterializeResult:
     """The configuration index_sweep chose (Matryoshka width x precision), built over the whole corpus
     embedded by the ladder rung with the best dev nDCG@10; refuses to be queried with any other
     encoder revision. When only the corpus changed since the last version (same sweep), that version
     is updated incrementally instead (see `refresh.py`)."""
     spec = domain_spec(context)
     store = artifacts.store()
-    swept = read_sweep(store, spec.name)
+    swept = sweep.sweep()
     rung, model_path, chosen = swept["rung"], swept["model_path"], swept["chosen"]
     revision = encoders.model_fingerprint(model_path)
     if revision != swept["revision"]:
         raise dg.Failure(f"the encoder at {model_path} is now {revision}, but index_sweep measured "
                          f"{swept['revision']}: re-materialize index_sweep")
-    units = read_corpus_units(store, spec.name)
+    units = cleaned.units()
     encoding = ProgressLog(context, f"embedding the corpus with {rung}")
     built = build_or_refresh(store, spec.name, swept, units, settings.bf16_inference,
                              spec.trust_remote_code, encoding)
@@ -178,7 +182,7 @@ def embedding_index(context: dg.AssetExecutionContext, artifacts: ArtifactStoreR
     dev_scores = swept.get("dev_ndcg_at_10_by_rung", {})
     with publish(context, artifacts, settings,
                  {"rung": rung, "dims": chosen["dims"], "precision": chosen["precision"]},
-                 ["clean_corpus", "index_sweep", *RUNGS]) as staging:
+                 [cleaned, sweep, *RUNGS]) as staging:
         size = save_index(staging, index, ids, parents, titles, revision, chosen["precision"],
                           build_seconds)
         (staging / CHOICE_FILE).write_text(json.dumps({

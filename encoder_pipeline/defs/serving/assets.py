@@ -8,21 +8,21 @@ import shutil
 import dagster as dg
 from pydantic import Field
 
-from encoder_pipeline.defs.evaluation.assets import eval_report
 from encoder_pipeline.defs.shared import publish
 from encoder_pipeline.domains import domain_partitions
+from encoder_pipeline.lib.artifacts import start_reading
 from encoder_pipeline.lib.index import served_bytes
 from encoder_pipeline.lib.layout import (
-    CHOICE_FILE,
     EMBEDDING_INDEX,
     EVAL_REPORT,
     PROMOTION_FILE,
     SERVING_INDEX,
-    read_report,
+    ReportArtifact,
+    latest,
 )
 from encoder_pipeline.lib.promotion import garbage_collect
 from encoder_pipeline.lib.search import NothingServed, served_index
-from encoder_pipeline.resources import ArtifactStoreResource, PipelineSettings
+from encoder_pipeline.resources import PUBLISHED, ArtifactStoreResource, PipelineSettings
 
 GROUP = "serving"
 NOT_COPIED = {"manifest.json"}  # the new version writes its own
@@ -43,12 +43,12 @@ class PromotionConfig(dg.Config):
     group_name=GROUP,
     kinds={"faiss"},
     owners=["team:retrieval"],
-    deps=[eval_report],
+    ins={"judged": dg.AssetIn(EVAL_REPORT, input_manager_key=PUBLISHED)},
     automation_condition=(dg.AutomationCondition.eager()
                           & dg.AutomationCondition.all_deps_blocking_checks_passed()
                           ).with_label("eager, once the report's blocking checks pass"),
 )
-def serving_index(context: dg.AssetExecutionContext, config: PromotionConfig,
+def serving_index(context: dg.AssetExecutionContext, config: PromotionConfig, judged: ReportArtifact,
                   artifacts: ArtifactStoreResource, settings: PipelineSettings) -> dg.MaterializeResult:
     """Promote the candidate index: copy the `embedding_index` version the latest report judged
     (same layout: index files, ids.json.gz, index.json, choice.json) and record the verdict in
@@ -60,10 +60,12 @@ def serving_index(context: dg.AssetExecutionContext, config: PromotionConfig,
     `settings.keep_promoted_versions` promotions nor any asset's current version needs are deleted
     (`lib.promotion.garbage_collect`)."""
     domain = context.partition_key
+    start_reading()  # its own ledger: it loads no spec (defs.shared.domain_spec starts the others')
     store = artifacts.store()
-    report = read_report(store, domain)
-    candidate_version = store.latest_version(domain, EMBEDDING_INDEX)
-    judged_version = store.manifest(domain, EVAL_REPORT)["upstream"][EMBEDDING_INDEX]
+    report = judged.report()
+    candidate = latest(store, domain, EMBEDDING_INDEX)
+    candidate_version = candidate.version
+    judged_version = judged.manifest()["upstream"][EMBEDDING_INDEX]
     if judged_version != candidate_version:
         raise dg.Failure(f"the latest eval_report judged embedding_index {judged_version}, not the "
                          f"latest {candidate_version}: materialize eval_report first")
@@ -76,8 +78,7 @@ def serving_index(context: dg.AssetExecutionContext, config: PromotionConfig,
         context.log.warning(f"forced promotion of embedding_index {candidate_version} over its "
                             f"report's refusal: {report['promotion']['reason']}")
 
-    source = store.latest(domain, EMBEDDING_INDEX)
-    choice = json.loads((source / CHOICE_FILE).read_text())
+    source, choice = candidate.path, candidate.choice()
     try:
         previous = served_index(domain, store)
         previous_info = {"version": previous.version, "rung": previous.choice["rung"],
@@ -86,16 +87,16 @@ def serving_index(context: dg.AssetExecutionContext, config: PromotionConfig,
         previous_info = None
     promotion = {
         "embedding_index_version": candidate_version,
-        "eval_report_version": store.latest_version(domain, EVAL_REPORT),
+        "eval_report_version": judged.version,
         "rung": choice["rung"], "revision": choice["revision"],
         "dims": choice.get("dims"), "precision": choice.get("precision"),
         "verdict": report["verdict"], "reason": report["promotion"]["reason"], "forced": forced,
         "ndcg@10": report["after"]["ndcg@10"], "p95_ms": report["after"]["p95_ms"],
         "index_mb": report["after"]["index_mb"], "previous": previous_info,
     }
-    fingerprint = store.manifest(domain, EMBEDDING_INDEX)["corpus_fingerprint"]
+    fingerprint = candidate.manifest()["corpus_fingerprint"]
     with publish(context, artifacts, settings, {EMBEDDING_INDEX: candidate_version, "forced": forced},
-                 [EMBEDDING_INDEX, EVAL_REPORT], corpus_fingerprint=fingerprint) as staging:
+                 [candidate, judged], corpus_fingerprint=fingerprint) as staging:
         for item in source.iterdir():
             if item.name in NOT_COPIED:
                 continue

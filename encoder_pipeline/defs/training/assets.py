@@ -9,46 +9,63 @@ import dagster as dg
 import pandas as pd
 
 from encoder_pipeline.defs.shared import ProgressLog, domain_spec, embeddings_cache, publish
-from encoder_pipeline.defs.training_data.assets import heuristic_pairs, mined_negatives, synthetic_queries
 from encoder_pipeline.domains import domain_partitions
 from encoder_pipeline.lib.artifacts import ArtifactStore
 from encoder_pipeline.lib.encoders import model_fingerprint
 from encoder_pipeline.lib.layout import (
+    HEURISTIC_PAIRS,
+    MINED_NEGATIVES,
     MODEL_DIR,
+    SYNTHETIC_QUERIES,
     TRAINING_FILE,
+    Artifact,
+    MinedArtifact,
+    PairsArtifact,
+    SyntheticArtifact,
     corpus_texts,
+    latest,
     read_eval_split,
-    read_mined,
-    read_pairs,
     read_sample_units,
-    read_synthetic,
     rung_model_path,
 )
+from encoder_pipeline.lib.layout import RUNGS as LADDER_RUNGS
 from encoder_pipeline.lib.teacher import TeacherEmbedder
 from encoder_pipeline.lib.train import DevSet, TrainingConfig, TrainingDataError, train_encoder
-from encoder_pipeline.resources import ArtifactStoreResource, PipelineSettings
+from encoder_pipeline.resources import PUBLISHED, ArtifactStoreResource, PipelineSettings
 
 GROUP = "training"
 
-RowsFn = Callable[[ArtifactStore, str], pd.DataFrame]
+RowsFn = Callable[..., pd.DataFrame]  # the rung's upstream handles, by parameter name -> its training rows
 
 
-def _heuristic(store: ArtifactStore, domain: str) -> pd.DataFrame:
-    return read_pairs(store, domain)
+def _heuristic(pairs: PairsArtifact) -> pd.DataFrame:
+    return pairs.rows()
 
 
-def _with_synthetic(store: ArtifactStore, domain: str) -> pd.DataFrame:
-    return pd.concat([_heuristic(store, domain), read_synthetic(store, domain)], ignore_index=True)
+def _with_synthetic(pairs: PairsArtifact, synthetic: SyntheticArtifact) -> pd.DataFrame:
+    return pd.concat([pairs.rows(), synthetic.rows()], ignore_index=True)
 
 
-LADDER: list[tuple[str, str, RowsFn, list]] = [
-    ("encoder_heuristic", "structural pairs only", _heuristic, [heuristic_pairs]),
-    ("encoder_synthetic", "structural + synthetic pairs", _with_synthetic,
-     [heuristic_pairs, synthetic_queries]),
-    ("encoder_hard_negatives", "structural + synthetic pairs with mined hard negatives", read_mined,
-     [mined_negatives]),
+def _mined(mined: MinedArtifact) -> pd.DataFrame:
+    return mined.rows()
+
+
+# (rung, what it trains on, its upstream assets by parameter name, its rows from them)
+LADDER: list[tuple[str, str, dict[str, str], RowsFn]] = [
+    ("encoder_heuristic", "structural pairs only", {"pairs": HEURISTIC_PAIRS}, _heuristic),
+    ("encoder_synthetic", "structural + synthetic pairs",
+     {"pairs": HEURISTIC_PAIRS, "synthetic": SYNTHETIC_QUERIES}, _with_synthetic),
+    ("encoder_hard_negatives", "structural + synthetic pairs with mined hard negatives",
+     {"mined": MINED_NEGATIVES}, _mined),
 ]
 RUNGS = [name for name, *_ in LADDER]
+assert tuple(RUNGS) == LADDER_RUNGS, "lib.layout names the same rungs, in the same order"
+
+
+def training_rows(store: ArtifactStore, domain: str, rung: str) -> pd.DataFrame:
+    """`rung`'s training rows from the latest published training data (what benchmarks retrain on)."""
+    _, _, inputs, rows_fn = next(entry for entry in LADDER if entry[0] == rung)
+    return rows_fn(**{param: latest(store, domain, asset) for param, asset in inputs.items()})
 
 
 def dev_set(store: ArtifactStore, domain: str, seed: int, distractors: int) -> DevSet | None:
@@ -70,14 +87,14 @@ def dev_set(store: ArtifactStore, domain: str, seed: int, distractors: int) -> D
     return DevSet(split.dev.queries, corpus, relevant)
 
 
-def build_rung(name: str, data_label: str, rows_fn: RowsFn, deps: list) -> dg.AssetsDefinition:
+def build_rung(name: str, data_label: str, inputs: dict[str, str], rows_fn: RowsFn) -> dg.AssetsDefinition:
     @dg.asset(
         name=name,
         partitions_def=domain_partitions,
         group_name=GROUP,
         kinds={"pytorch", "sentence_transformers"},
         owners=["team:retrieval"],
-        deps=deps,
+        ins={param: dg.AssetIn(asset, input_manager_key=PUBLISHED) for param, asset in inputs.items()},
         automation_condition=dg.AutomationCondition.eager(),
         description=f"Encoder fine-tuned from the base model on {data_label} "
                     "(MultipleNegativesRankingLoss + GOR + the teacher's scores of each query's "
@@ -88,11 +105,11 @@ def build_rung(name: str, data_label: str, rows_fn: RowsFn, deps: list) -> dg.As
                     "no merge beats it beyond noise); a crashed run resumes from its last checkpoint.",
     )
     def rung(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource,
-             settings: PipelineSettings) -> dg.MaterializeResult:
+             settings: PipelineSettings, **upstream: Artifact) -> dg.MaterializeResult:
         spec = domain_spec(context)
         store = artifacts.store()
         sizes = settings.sizes()
-        rows = rows_fn(store, spec.name)
+        rows = rows_fn(**upstream)
         # The batch grows with the pairs (auto_batch_size), from the profile's batch as its floor.
         teacher = settings.teacher(spec.training.teacher_model)
         if teacher.fallback:
@@ -100,17 +117,17 @@ def build_rung(name: str, data_label: str, rows_fn: RowsFn, deps: list) -> dg.As
         distill = spec.training.distill_weight
         config = TrainingConfig(epochs=sizes.epochs, min_batch_size=sizes.batch_size, seed=settings.seed,
                                 fine_tuned_weight=spec.training.fine_tuned_weight, teacher=teacher.revision,
-                                **({} if distill is None else {"distill_weight": distill}))
+                                **({} if distill is None else {"distill_weight": distill}),
+                                **({} if sizes.merge_weights is None else {"merge_weights": sizes.merge_weights}))
         embedder = TeacherEmbedder(teacher.model, embeddings_cache(store, spec.name), settings.bf16_inference,
                                    spec.trust_remote_code,
                                    progress=ProgressLog(context, f"embedding {name}'s rows with the teacher"))
         dev = dev_set(store, spec.name, settings.seed, sizes.dev_distractors)
-        upstream = ["heuristic_pairs"] + [d.key.to_user_string() for d in deps
-                                          if d.key.to_user_string() != "heuristic_pairs"]
+        # heuristic_pairs always: the chain to the eval split it was held out from (layout.held_out_before)
         with publish(context, artifacts, settings,
                      {"base_model": settings.base_model, "rows": data_label, **asdict(config),
                       **teacher.describe()},
-                     upstream) as staging:
+                     [*upstream.values(), HEURISTIC_PAIRS]) as staging:
             try:
                 # Checkpoints live outside the staging folder so that a re-run after a crash resumes.
                 result = train_encoder(settings.base_model, rows, staging, config, dev,

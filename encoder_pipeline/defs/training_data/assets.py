@@ -8,7 +8,7 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from encoder_pipeline.defs.corpus.assets import clean_corpus, eval_set
+from encoder_pipeline.defs.corpus.assets import clean_corpus
 from encoder_pipeline.defs.shared import (
     ProgressLog,
     domain_spec,
@@ -25,16 +25,20 @@ from encoder_pipeline.lib.artifacts import ArtifactStore, remove_torn_arrays
 from encoder_pipeline.lib.extractors import get
 from encoder_pipeline.lib.extractors.choose import looks_like_code
 from encoder_pipeline.lib.layout import (
+    CLEAN_CORPUS,
+    EVAL_SET,
     GENERATION_FILE,
+    HEURISTIC_PAIRS,
     MINED_FILE,
     PAIRS_FILE,
     SYNTHETIC_FILE,
+    SYNTHETIC_QUERIES,
     UNFILTERED_FILE,
-    read_corpus_units,
-    read_eval_split,
-    read_pairs,
-    read_sample_units,
-    read_synthetic,
+    CorpusArtifact,
+    EvalSetArtifact,
+    PairsArtifact,
+    SyntheticArtifact,
+    latest,
 )
 from encoder_pipeline.lib.leakage import LeakFilter
 from encoder_pipeline.lib.negatives import MiningConfig, mine_negatives
@@ -52,16 +56,17 @@ from encoder_pipeline.lib.queries import (
 )
 from encoder_pipeline.lib.synthetic import TrainingCorpus, greedy, synthesize
 from encoder_pipeline.lib.vector_cache import cached_embeddings
-from encoder_pipeline.resources import ArtifactStoreResource, LLMResource, PipelineSettings
+from encoder_pipeline.resources import PUBLISHED, ArtifactStoreResource, LLMResource, PipelineSettings
 
 GROUP = "training_data"
 
 
-def training_corpus(store: ArtifactStore, spec: DomainSpec, settings: PipelineSettings) -> TrainingCorpus:
+def training_corpus(corpus: CorpusArtifact, split: EvalSetArtifact, spec: DomainSpec,
+                    settings: PipelineSettings) -> TrainingCorpus:
     """The training sample minus held-out documents, embedded by the base model through the
     domain's per-unit cache."""
     def encode_corpus(texts: list[str]) -> np.ndarray:
-        return cached_embeddings(settings.base_model, texts, embeddings_cache(store, spec.name),
+        return cached_embeddings(settings.base_model, texts, embeddings_cache(corpus.store, spec.name),
                                  bf16=settings.bf16_inference,
                                  trust_remote_code=spec.trust_remote_code)
 
@@ -69,13 +74,18 @@ def training_corpus(store: ArtifactStore, spec: DomainSpec, settings: PipelineSe
         model = encoders.load_encoder(settings.base_model, trust_remote_code=spec.trust_remote_code)
         return encoders.encode(model, queries, bf16=settings.bf16_inference)
 
-    return TrainingCorpus(read_sample_units(store, spec.name), read_eval_split(store, spec.name),
-                          encode_corpus, encode_queries)
+    return TrainingCorpus(corpus.sample(), split.split(), encode_corpus, encode_queries)
 
 
-def leak_filter(store: ArtifactStore, domain: str) -> LeakFilter:
+def leak_filter(corpus: CorpusArtifact, split: EvalSetArtifact) -> LeakFilter:
     """lib.leakage's filter over this domain's eval split (queries, documents, ids)."""
-    return LeakFilter(eval_texts(read_eval_split(store, domain), read_corpus_units(store, domain)))
+    return LeakFilter(eval_texts(split.split(), corpus.units()))
+
+
+def held_out(store: ArtifactStore, domain: str) -> tuple[CorpusArtifact, EvalSetArtifact]:
+    """The corpus and the eval split (latest versions) for the stages below heuristic_pairs, which
+    receive the pairs, not these, from Dagster."""
+    return latest(store, domain, CLEAN_CORPUS), latest(store, domain, EVAL_SET)
 
 
 @dg.asset(
@@ -83,13 +93,14 @@ def leak_filter(store: ArtifactStore, domain: str) -> LeakFilter:
     group_name=GROUP,
     kinds={"pandas", "sentence_transformers"},
     owners=["team:retrieval"],
-    deps=[clean_corpus, eval_set],
+    ins={"corpus": dg.AssetIn(CLEAN_CORPUS, input_manager_key=PUBLISHED),
+         "split": dg.AssetIn(EVAL_SET, input_manager_key=PUBLISHED)},
     check_specs=[leakage_check_spec("heuristic_pairs")],
     # A corpus change alone refreshes the index; retraining is corpus_drift_sensor's call.
     automation_condition=dg.AutomationCondition.eager().ignore(dg.AssetSelection.assets(clean_corpus)),
 )
-def heuristic_pairs(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource,
-                    settings: PipelineSettings) -> dg.MaterializeResult:
+def heuristic_pairs(context: dg.AssetExecutionContext, corpus: CorpusArtifact, split: EvalSetArtifact,
+                    artifacts: ArtifactStoreResource, settings: PipelineSettings) -> dg.MaterializeResult:
     """Training pairs from the domain's extractors (lib/extractors: title -> body, heading ->
     section, docstring -> code; inverse cloze and cropping where structure is scarce, at most a
     quarter of the rows once structure gives 500 pairs), kept only when the base model already ranks
@@ -97,14 +108,14 @@ def heuristic_pairs(context: dg.AssetExecutionContext, artifacts: ArtifactStoreR
     spec = domain_spec(context)
     store = artifacts.store()
     sizes = settings.sizes()
-    corpus = training_corpus(store, spec, settings)
-    extraction = extract_training_pairs(corpus.units, corpus.extractors, extractor_config(spec))
-    extracted, leaked = leak_filter(store, spec.name).drop(extraction.pairs)
-    ranks = corpus.ranks(list(extracted["query"]), list(extracted["doc_id"]), sizes.consistency_top_k)
+    training = training_corpus(corpus, split, spec, settings)
+    extraction = extract_training_pairs(training.units, training.extractors, extractor_config(spec))
+    extracted, leaked = leak_filter(corpus, split).drop(extraction.pairs)
+    ranks = training.ranks(list(extracted["query"]), list(extracted["doc_id"]), sizes.consistency_top_k)
     consistent = extracted[ranks > 0].assign(base_rank=ranks[ranks > 0])
     train = cap_pairs(consistent, sizes.max_pairs, settings.seed)
-    config = {"extractors": corpus.extractors, "consistency_top_k": sizes.consistency_top_k}
-    with publish(context, artifacts, settings, config, ["clean_corpus", "eval_set"]) as staging:
+    config = {"extractors": training.extractors, "consistency_top_k": sizes.consistency_top_k}
+    with publish(context, artifacts, settings, config, [corpus, split]) as staging:
         train.to_parquet(staging / PAIRS_FILE, index=False)
     counts = {"extracted": len(extraction.pairs), "dropped_eval_overlap": leaked.count,
               "consistent": int((ranks > 0).sum()), "training": len(train)}
@@ -112,7 +123,7 @@ def heuristic_pairs(context: dg.AssetExecutionContext, artifacts: ArtifactStoreR
         metadata={
             **{f"pairs_{k}": dg.MetadataValue.int(v) for k, v in counts.items()},
             **{f"pairs_from/{key}": dg.MetadataValue.int(int((train["extractor"] == key).sum()))
-               for key in corpus.extractors},
+               for key in training.extractors},
             "extractors": dg.MetadataValue.md("\n".join(f"- {line}" for line in extraction.summaries())),
             "consistency_keep_rate": dg.MetadataValue.float(
                 counts["consistent"] / max(1, counts["extracted"] - counts["dropped_eval_overlap"])),
@@ -127,11 +138,11 @@ def heuristic_pairs(context: dg.AssetExecutionContext, artifacts: ArtifactStoreR
     group_name=GROUP,
     kinds={"daft", "openai"},
     owners=["team:retrieval"],
-    deps=[heuristic_pairs],
+    ins={"pairs": dg.AssetIn(HEURISTIC_PAIRS, input_manager_key=PUBLISHED)},
     check_specs=[leakage_check_spec("synthetic_queries")],
     automation_condition=dg.AutomationCondition.eager(),
 )
-def synthetic_queries(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource,
+def synthetic_queries(context: dg.AssetExecutionContext, pairs: PairsArtifact, artifacts: ArtifactStoreResource,
                       settings: PipelineSettings, llm: LLMResource) -> dg.MaterializeResult:
     """LLM-written queries for a sample of training documents (Gecko / Promptagator recipe):
     few-shot prompts built from the spec's query form and relevance criterion with a per-document
@@ -145,10 +156,11 @@ def synthetic_queries(context: dg.AssetExecutionContext, artifacts: ArtifactStor
     sizes = settings.sizes()
     backend_factory, cache_dir, params = llm_generation(spec, llm, store, settings.seed)
     started = time.perf_counter()
-    corpus = training_corpus(store, spec, settings)
+    cleaned, split = held_out(store, spec.name)
+    corpus = training_corpus(cleaned, split, spec, settings)
     sample = corpus.units.sample(min(sizes.synthetic_documents, len(corpus.units)), random_state=settings.seed)
-    pairs = read_pairs(store, spec.name)
-    structural = pairs[pairs["extractor"].map(lambda key: get(key).structural)].sort_values("doc_id")
+    rows = pairs.rows()
+    structural = rows[rows["extractor"].map(lambda key: get(key).structural)].sort_values("doc_id")
     prompt_spec = PromptSpec(spec.queries.form, spec.queries.relevance, prompt_examples(
         [(e.passage, e.query) for e in spec.queries.examples], structural.head(STRUCTURE_EXAMPLES),
         code=looks_like_code(corpus.units["text"])))
@@ -158,7 +170,7 @@ def synthetic_queries(context: dg.AssetExecutionContext, artifacts: ArtifactStor
         lambda prompts: generate_frame(prompts, backend_factory, cache_dir, params,
                                        ProgressLog(context, "generating synthetic queries (prompts)")),
         queries_per_document=sizes.queries_per_document, relabel_config=relabel_config,
-        min_words=spec.queries.min_words, seed=settings.seed, leaks=leak_filter(store, spec.name),
+        min_words=spec.queries.min_words, seed=settings.seed, leaks=leak_filter(cleaned, split),
         # an instruction-following model judges; a base model cannot
         judge=(lambda prompts: generate_frame(prompts, backend_factory, cache_dir, greedy(params),
                                               ProgressLog(context, "judging synthetic queries (prompts)")))
@@ -171,8 +183,7 @@ def synthetic_queries(context: dg.AssetExecutionContext, artifacts: ArtifactStor
     prompt_tokens, completion_tokens = int(fresh["prompt_tokens"].sum()), int(fresh["completion_tokens"].sum())
     usd = (prompt_tokens * llm.usd_per_1m_prompt_tokens
            + completion_tokens * llm.usd_per_1m_completion_tokens) / 1e6
-    with publish(context, artifacts, settings, config, ["clean_corpus", "eval_set",
-                                                        "heuristic_pairs"]) as staging:
+    with publish(context, artifacts, settings, config, [cleaned, split, pairs]) as staging:
         synthetic.to_parquet(staging / SYNTHETIC_FILE, index=False)
         result.unfiltered.to_parquet(staging / UNFILTERED_FILE, index=False)
         (staging / GENERATION_FILE).write_text(json.dumps({
@@ -207,12 +218,13 @@ def synthetic_queries(context: dg.AssetExecutionContext, artifacts: ArtifactStor
     group_name=GROUP,
     kinds={"sentence_transformers", "faiss"},
     owners=["team:retrieval"],
-    deps=[heuristic_pairs, synthetic_queries],
+    ins={"pairs": dg.AssetIn(HEURISTIC_PAIRS, input_manager_key=PUBLISHED),
+         "synthetic": dg.AssetIn(SYNTHETIC_QUERIES, input_manager_key=PUBLISHED)},
     check_specs=[leakage_check_spec("mined_negatives")],
     automation_condition=dg.AutomationCondition.eager(),
 )
-def mined_negatives(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource,
-                    settings: PipelineSettings) -> dg.MaterializeResult:
+def mined_negatives(context: dg.AssetExecutionContext, pairs: PairsArtifact, synthetic: SyntheticArtifact,
+                    artifacts: ArtifactStoreResource, settings: PipelineSettings) -> dg.MaterializeResult:
     """Hard negatives for every heuristic and synthetic pair, mined from the corpus minus eval
     documents with the teacher (the run's, else the spec's, else the profile's: all-mpnet-base-v2 by
     default, the base model when its packages are missing), its scores kept; positive-aware: candidates scoring above 95% of the positive are dropped as likely
@@ -220,9 +232,10 @@ def mined_negatives(context: dg.AssetExecutionContext, artifacts: ArtifactStoreR
     50 survivors. Dropped candidates are counted and sampled in the metadata."""
     spec = domain_spec(context)
     store = artifacts.store()
-    corpus = training_corpus(store, spec, settings)
-    pairs = pd.concat([read_pairs(store, spec.name)[["query", "positive"]],
-                       read_synthetic(store, spec.name)[["query", "positive"]]], ignore_index=True)
+    cleaned, split = held_out(store, spec.name)
+    corpus = training_corpus(cleaned, split, spec, settings)
+    queries = pd.concat([pairs.rows()[["query", "positive"]], synthetic.rows()[["query", "positive"]]],
+                        ignore_index=True)
     choice = settings.teacher(spec.training.teacher_model)
     if choice.fallback:
         context.log.warning(choice.fallback)
@@ -231,20 +244,20 @@ def mined_negatives(context: dg.AssetExecutionContext, artifacts: ArtifactStoreR
     # mine_hard_negatives keys its embedding cache by text only: one folder per teacher revision.
     cache = embeddings_cache(store, spec.name) / f"mining-{choice.revision}"
     remove_torn_arrays(cache)  # a run killed while that cache was being written
-    mining = mine_negatives(pairs, corpus.positives(),
+    mining = mine_negatives(queries, corpus.positives(),
                             teacher, config, cache, bf16=settings.bf16_inference,
                             trust_remote_code=spec.trust_remote_code,
                             vector_cache=embeddings_cache(store, spec.name))
-    mined, leaked = leak_filter(store, spec.name).drop(mining.rows)
+    mined, leaked = leak_filter(cleaned, split).drop(mining.rows)
     overlapping = leaked.count
     report = mining.report
     with publish(context, artifacts, settings, {**config.__dict__, **choice.describe()},
-                 ["clean_corpus", "eval_set", "heuristic_pairs", "synthetic_queries"]) as staging:
+                 [cleaned, split, pairs, synthetic]) as staging:
         mined.to_parquet(staging / MINED_FILE, index=False)
     text_columns = [c for c in mined.columns if not c.startswith("score_")]
     return dg.MaterializeResult(
         metadata={
-            "pairs_in": dg.MetadataValue.int(len(pairs)),
+            "pairs_in": dg.MetadataValue.int(len(queries)),
             "rows_with_negatives": dg.MetadataValue.int(len(mined)),
             "dropped_eval_overlap": dg.MetadataValue.int(overlapping),
             "negatives_per_row": dg.MetadataValue.int(config.num_negatives),

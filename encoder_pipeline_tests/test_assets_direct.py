@@ -1,0 +1,83 @@
+"""Assets invoked directly (`dg.build_asset_context`), one stage at a time, with the upstream handles
+a test hands them: an asset uses what it receives through `ins=` and records those versions, whatever
+is latest. On a copy of the session's tiny `code` build."""
+
+import json
+import shutil
+
+import dagster as dg
+import pandas as pd
+import pytest
+
+from encoder_pipeline.defs.indexing.assets import embedding_index
+from encoder_pipeline.defs.serving.assets import PromotionConfig, serving_index
+from encoder_pipeline.defs.training_data.assets import heuristic_pairs
+from encoder_pipeline.domains import domain_partitions
+from encoder_pipeline.lib.artifacts import ArtifactStore, Manifest
+from encoder_pipeline.lib.layout import PAIRS_FILE, PROMOTION_FILE, handle, latest
+from encoder_pipeline.resources import ArtifactStoreResource, PipelineSettings
+
+D = "code"
+
+
+@pytest.fixture
+def store(tiny_code_run, tmp_path) -> ArtifactStore:
+    """The tiny build's artifacts, copied (a direct invocation publishes into the copy)."""
+    _, built = tiny_code_run
+    shutil.copytree(built.root / D, tmp_path / D, ignore=shutil.ignore_patterns("_checkpoints", "_llm_cache"))
+    return ArtifactStore(tmp_path)
+
+
+def _context() -> dg.AssetExecutionContext:
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(domain_partitions.name, [D])
+    return dg.build_asset_context(partition_key=D, instance=instance)  # a context manager too
+
+
+def _invoke(asset: dg.AssetsDefinition, store: ArtifactStore, **inputs) -> dg.MaterializeResult:
+    with _context() as context:
+        return asset(context, artifacts=ArtifactStoreResource(root=str(store.root)),
+                     settings=PipelineSettings(profile="tiny"), **inputs)
+
+
+def test_training_data_heuristic_pairs_reads_the_corpus_and_split_it_is_handed(store):
+    corpus, split = latest(store, D, "clean_corpus"), latest(store, D, "eval_set")
+    # a newer eval_set published meanwhile must not be what these pairs were built against
+    with store.publish(Manifest(D, "eval_set", "newer", 0, {}, corpus_fingerprint=corpus.fingerprint)) as staging:
+        (staging / "eval_set.json").write_text((split.path / "eval_set.json").read_text())
+    result = _invoke(heuristic_pairs, store, corpus=corpus, split=split)
+    pairs = latest(store, D, "heuristic_pairs")
+    assert pairs.manifest()["upstream"] == {"clean_corpus": corpus.version, "eval_set": split.version}
+    rows = pd.read_parquet(pairs.path / PAIRS_FILE)
+    held_out = split.split().held_out_doc_ids
+    units = corpus.units().set_index("doc_id")["parent_id"]
+    assert len(rows) and not set(units[rows["doc_id"]]) & set(held_out)
+    assert result.metadata["pairs_training"].value == len(rows)
+    assert all(check.passed for check in result.check_results)  # no_eval_leakage, on what it published
+
+
+def test_indexing_embedding_index_builds_what_the_sweep_it_is_handed_chose(store):
+    sweep, cleaned = latest(store, D, "index_sweep"), latest(store, D, "clean_corpus")
+    result = _invoke(embedding_index, store, sweep=sweep, cleaned=cleaned)
+    built = latest(store, D, "embedding_index")
+    chosen, choice = sweep.sweep()["chosen"], built.choice()
+    assert (choice["dims"], choice["precision"]) == (chosen["dims"], chosen["precision"])
+    assert choice["vectors"] == len(cleaned.units()) == result.metadata["vectors"].value
+    upstream = built.manifest()["upstream"]
+    assert upstream["index_sweep"] == sweep.version and upstream["clean_corpus"] == cleaned.version
+
+
+def test_serving_serving_index_promotes_what_the_report_it_is_handed_judged(store):
+    judged = latest(store, D, "eval_report")
+    candidate = judged.manifest()["upstream"]["embedding_index"]
+    with _context() as context:
+        # forced when the tiny report refused its candidate (as tiny_code_served does): either way promoted
+        serving_index(context, config=PromotionConfig(force=True), judged=judged,
+                      artifacts=ArtifactStoreResource(root=str(store.root)), settings=PipelineSettings(profile="tiny"))
+    served = latest(store, D, "serving_index")
+    promotion = json.loads((served.path / PROMOTION_FILE).read_text())
+    assert promotion["eval_report_version"] == judged.version
+    assert promotion["embedding_index_version"] == candidate
+    assert promotion["forced"] is (not judged.report()["promotion"]["safe"])
+    assert served.manifest()["upstream"] == {"embedding_index": candidate, "eval_report": judged.version}
+    assert handle(store, D, "embedding_index", candidate).choice()["revision"] == served.choice()["revision"]
