@@ -7,7 +7,9 @@ corpus with the prompts `synthetic_queries` sends: the code domain's few-shot ex
 pipeline's generation settings. No response cache, so every call is generated. Two baselines: stock
 transformers (`model.generate` on one prompt at a time with its own samplers, decoding to
 `max_new_tokens`: what a first notebook does), and the backend's own path one prompt at a time with
-the shared-prefix KV cache off (so the batching gain is not confused with the first-line stop).
+the shared-prefix KV cache off (so the batching gain is not confused with the first-line stop). The
+backend's modes run its default precision (bf16 weights on a CPU with native bf16), and the default
+batched path once more in fp32, for the precision's share; stock generate stays fp32.
 Each mode has its own backend (sharing the loaded model), so a cached mode pays for computing its
 prefix, and the modes take turns on groups of passages (one `generate_cached` call of the batched
 backend), so a load swing from other jobs hits every mode.
@@ -69,10 +71,12 @@ def main() -> None:
     prompts = [p["prompt"] for p in build_prompts(prompt_spec, list(units["doc_id"]), passages, 1, 0)]
     examples = [e.query for e in spec.queries.examples]
     params = LLMResource().params(0)
-    modes = (("stock transformers generate, unbatched", 0, False),
-             ("unbatched, no prefix cache", 1, False), ("unbatched", 1, True),
-             (f"batched x{args.batch_size}, no prefix cache", args.batch_size, False),
-             (f"batched x{args.batch_size}", args.batch_size, True))
+    # (label, batch size (0: stock generate), prefix cache, bf16 weights where the CPU has native bf16)
+    modes = (("stock transformers generate, unbatched", 0, False, False),
+             ("unbatched, no prefix cache", 1, False, True), ("unbatched", 1, True, True),
+             (f"batched x{args.batch_size}, no prefix cache", args.batch_size, False, True),
+             (f"batched x{args.batch_size}, fp32 weights", args.batch_size, True, False),
+             (f"batched x{args.batch_size}", args.batch_size, True, True))
     with tempfile.TemporaryDirectory() as models:
         path = ensure_local_gguf(models)
         started = time.perf_counter()
@@ -80,8 +84,8 @@ def main() -> None:
         print(f"load + first call: {time.perf_counter() - started:.1f} s; {len(prompts)} passages, "
               f"at most {params.max_new_tokens} new tokens each; load average "
               f"{os.getloadavg()[0]:.1f} before\n", flush=True)
-        backends = {label: LocalGGUFBackend(path, batch_size=size, prefix_cache=cache) if size
-                    else StockGenerate(str(path)) for label, size, cache in modes}
+        backends = {label: LocalGGUFBackend(path, batch_size=size, prefix_cache=cache, bf16=bf16) if size
+                    else StockGenerate(str(path)) for label, size, cache, bf16 in modes}
         seconds = dict.fromkeys(backends, 0.0)
         completions: dict[str, list] = {label: [] for label in backends}
         # the modes take turns, one call's worth of passages each (what generate_cached sends the

@@ -18,6 +18,9 @@ artifact root, which later runs read as the latest). `--variants` keeps only the
 `--fine-tuned-weights` evaluates each trained model at several WiSE-FT weights
 (`interpolate_with_base`; 1.0 is the plain fine-tune) without training it again.
 
+`--precision fp32` trains in fp32 even where the CPU computes bf16 natively (the default, `bf16`,
+trains in bf16 mixed precision there), to compare the two on the same data and seeds.
+
 The data stages are fixed (seed 0) so the spread measured is training's alone; `--materialize` first
 builds the data stages the ablation needs (through Dagster, into the artifact root) when missing.
 """
@@ -104,8 +107,9 @@ def ndcg(model: str, store: ArtifactStore, domain: str, dims: int | None = None)
     units = read_sample_units(store, domain)
     split = read_eval_split(store, domain)
     qids = list(split.queries)
-    corpus = cached_embeddings(model, corpus_texts(units), embeddings_cache(store, domain))
-    queries = encoders.encode(encoders.load_encoder(model), [split.queries[q] for q in qids])
+    encoder = encoders.EncoderHandle(model)
+    corpus = cached_embeddings(encoder, corpus_texts(units), embeddings_cache(store, domain))
+    queries = encoder.encode([split.queries[q] for q in qids])
     width = dims or corpus.shape[1]
     corpus, queries = truncate(corpus, width), truncate(queries, width)
     return evaluate(dense_run(queries, corpus, qids, list(units["parent_id"])), split.qrels)[0]["ndcg@10"]
@@ -124,6 +128,8 @@ def main() -> None:
                         help="default: the domain spec's training.distill_weight, else the recipe's")
     parser.add_argument("--fine-tuned-weights", type=float, nargs="+",
                         help="default: the domain spec's training.fine_tuned_weight, else 1")
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                        help="training precision: bf16 mixed precision where native (the pipeline's), or fp32")
     args = parser.parse_args()
     store = ArtifactStoreResource().store()
     needed, variants = ABLATIONS[args.ablation]
@@ -150,7 +156,7 @@ def main() -> None:
                                       TrainingConfig.distill_weight) if w is not None)
     # The teacher that mined is the one distilled, as in the pipeline's rungs.
     teacher = store.manifest(args.domain, "mined_negatives")["config"]["teacher"]
-    embedder = TeacherEmbedder(teacher, embeddings_cache(store, args.domain))
+    embedder = TeacherEmbedder(encoders.EncoderHandle(teacher), embeddings_cache(store, args.domain))
 
     def label(variant: str, weight: float) -> str:
         return variant if len(weights) == 1 else f"{variant}, fine-tuned weight {weight:g}"
@@ -167,6 +173,7 @@ def main() -> None:
                 train_encoder(encoders.DEFAULT_BASE_MODEL, rows, work,
                               TrainingConfig(epochs=sizes.epochs, min_batch_size=sizes.batch_size, seed=seed,
                                              fine_tuned_weight=1.0, distill_weight=distill_weight,
+                                             bf16=args.precision == "bf16",
                                              teacher=encoders.model_fingerprint(teacher)),
                               dev_set(store, args.domain, 0, sizes.dev_distractors), teacher=embedder)
                 took = time.perf_counter() - started
@@ -186,7 +193,7 @@ def main() -> None:
     print("| system | rows | nDCG@10 mean | std | vs off-the-shelf | train s |\n|---|---|---|---|---|---|")
     print(f"| off-the-shelf | - | {base:.4f} | 0 | - | - |")
     summary = {"domain": args.domain, "ablation": args.ablation, "seeds": args.seeds,
-               "teacher": teacher,
+               "teacher": teacher, "precision": args.precision,
                "distill_weight": distill_weight, "off_the_shelf": base, "variants": {}}
     for name, values in scores.items():
         mean = statistics.mean(values)
@@ -199,6 +206,7 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     suffix = (f"_teacher-{Path(args.teacher).name}" if args.teacher else "") + \
         (f"_distill-{distill_weight:g}" if distill_weight else "") + \
+        ("_fp32" if args.precision == "fp32" else "") + \
         ("".join(f"_{variant}" for variant, _ in variants) if args.variants else "")
     out = RESULTS / f"seed_spread_{args.domain}_{args.ablation}{suffix}.json"
     out.write_text(json.dumps(summary, indent=2))

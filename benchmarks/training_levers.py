@@ -1,6 +1,7 @@
 """Training throughput and peak memory of the loss levers: MNRL at batch 32 against GradCache'd MNRL
 at effective batch 32, 256 and 1024 (mini-batch 32), plus the ladder's default loss at batch 32
-(Matryoshka 384/192/96/48 + GOR, uncached at that batch).
+(Matryoshka 384/192/96/48 + GOR, uncached at that batch), in bf16 mixed precision where the CPU
+computes bf16 natively (the default) and in fp32.
 
     python benchmarks/training_levers.py --pairs 2048
 
@@ -27,7 +28,8 @@ CONFIGS = {
     "cached_b32": {"batch_size": 32, "gradcache": True, "matryoshka_dims": (), "gor_weight": 0.0},
     "cached_b256": {"batch_size": 256, "gradcache": True, "matryoshka_dims": (), "gor_weight": 0.0},
     "cached_b1024": {"batch_size": 1024, "gradcache": True, "matryoshka_dims": (), "gor_weight": 0.0},
-    "default_loss_b32": {"batch_size": 32},  # TrainingConfig's loss defaults
+    "default_loss_b32": {"batch_size": 32},  # TrainingConfig's defaults (bf16 where native)
+    "default_loss_b32_fp32": {"batch_size": 32, "bf16": False},
 }
 
 

@@ -89,9 +89,8 @@ def open_session(spec: DomainSpec, store: ArtifactStore, settings: PipelineSetti
             say("queries: none yet (no --queries file, no eval_set): type them into the page")
     teacher = settings.teacher(spec.training.teacher_model)  # what a run would train with now
     systems, skipped = domain_systems(
-        store, spec.name, units, base_model=settings.base_model, teacher=teacher.model, rungs=RUNGS,
-        cache_dir=embeddings_cache(store, spec.name), trust_remote_code=spec.trust_remote_code,
-        bf16=settings.bf16_inference)
+        store, spec.name, units, base=settings.encoder(spec.trust_remote_code), teacher=teacher.model,
+        rungs=RUNGS, cache_dir=embeddings_cache(store, spec.name))
     if teacher.fallback:  # a packaged teacher that is not installed: say so rather than "the base model"
         skipped[TEACHER] = teacher.fallback
     pooler = Pooler(systems, depth, settings.seed, skipped)

@@ -9,12 +9,25 @@ import dagster as dg
 import pandas as pd
 import pytest
 
+from encoder_pipeline.defs.corpus.assets import eval_set
+from encoder_pipeline.defs.evaluation.assets import ReportConfig, eval_report
 from encoder_pipeline.defs.indexing.assets import embedding_index
 from encoder_pipeline.defs.serving.assets import PromotionConfig, serving_index
+from encoder_pipeline.defs.training.assets import ladder_encoders
 from encoder_pipeline.defs.training_data.assets import heuristic_pairs
 from encoder_pipeline.domains import domain_partitions
 from encoder_pipeline.lib.artifacts import ArtifactStore, Manifest
-from encoder_pipeline.lib.layout import PAIRS_FILE, PROMOTION_FILE, handle, latest
+from encoder_pipeline.lib.layout import (
+    CHOICE_FILE,
+    CORPUS_FILE,
+    EVAL_FILE,
+    PAIRS_FILE,
+    PROMOTION_FILE,
+    REPORT_FILE,
+    TRAINING_FILE,
+    handle,
+    latest,
+)
 from encoder_pipeline.resources import ArtifactStoreResource, PipelineSettings
 
 D = "code"
@@ -40,11 +53,64 @@ def _invoke(asset: dg.AssetsDefinition, store: ArtifactStore, **inputs) -> dg.Ma
                      settings=PipelineSettings(profile="tiny"), **inputs)
 
 
+def _republish(store: ArtifactStore, asset: str, file: str) -> None:
+    """A newer version of `asset` with the same content, published meanwhile: what an asset handed
+    the older one must not read."""
+    older = latest(store, D, asset)
+    manifest = older.manifest()
+    with store.publish(Manifest(D, asset, "newer", 0, {}, manifest.get("corpus_fingerprint", ""),
+                                manifest.get("upstream", {}))) as staging:
+        shutil.copytree(older.path, staging, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("manifest.json"))
+    newer = latest(store, D, asset)
+    assert newer.version != older.version and (newer.path / file).exists()
+
+
+def test_corpus_eval_set_splits_the_corpus_it_is_handed(store, stand_in_llm):
+    corpus = latest(store, D, "clean_corpus")
+    _republish(store, "clean_corpus", CORPUS_FILE)
+    with _context() as context:
+        result = eval_set(context, corpus=corpus, artifacts=ArtifactStoreResource(root=str(store.root)),
+                          settings=PipelineSettings(profile="tiny"), llm=stand_in_llm)
+    split = latest(store, D, "eval_set")
+    assert split.manifest()["upstream"] == {"clean_corpus": corpus.version}
+    assert (split.path / EVAL_FILE).exists()
+    held_out = set(split.split().held_out_doc_ids)
+    assert held_out and held_out <= set(corpus.sample()["parent_id"])
+    assert result.metadata["queries"].value == len(split.split().queries) > 0
+
+
+def test_training_a_rung_trains_on_the_pairs_it_is_handed(store):
+    rung = next(asset for asset in ladder_encoders if asset.key.to_user_string() == "encoder_heuristic")
+    pairs = latest(store, D, "heuristic_pairs")
+    _republish(store, "heuristic_pairs", PAIRS_FILE)
+    result = _invoke(rung, store, pairs=pairs)
+    trained = latest(store, D, "encoder_heuristic")
+    assert trained.manifest()["upstream"]["heuristic_pairs"] == pairs.version
+    training = json.loads((trained.path / TRAINING_FILE).read_text())
+    assert training["training_rows"] == len(pairs.rows()) == result.metadata["training_rows"].value
+    assert training["merge"]["rule"] and 0.0 <= training["fine_tuned_weight"] <= 1.0
+    assert (trained.path / "model" / "config.json").exists()
+
+
+def test_evaluation_eval_report_judges_the_candidate_it_is_handed(store):
+    evaluation, candidate, swept = (latest(store, D, asset) for asset in ("eval_set", "embedding_index",
+                                                                          "index_sweep"))
+    _republish(store, "embedding_index", CHOICE_FILE)
+    with _context() as context:
+        eval_report(context, config=ReportConfig(randomization_iterations=200), evaluation=evaluation,
+                    candidate=candidate, swept=swept, artifacts=ArtifactStoreResource(root=str(store.root)),
+                    settings=PipelineSettings(profile="tiny"))
+    judged = latest(store, D, "eval_report")
+    upstream = judged.manifest()["upstream"]
+    assert upstream["embedding_index"] == candidate.version and upstream["eval_set"] == evaluation.version
+    report = json.loads((judged.path / REPORT_FILE).read_text())
+    assert report["after"]["ndcg@10"] >= 0 and report["verdict"]
+
+
 def test_training_data_heuristic_pairs_reads_the_corpus_and_split_it_is_handed(store):
     corpus, split = latest(store, D, "clean_corpus"), latest(store, D, "eval_set")
-    # a newer eval_set published meanwhile must not be what these pairs were built against
-    with store.publish(Manifest(D, "eval_set", "newer", 0, {}, corpus_fingerprint=corpus.fingerprint)) as staging:
-        (staging / "eval_set.json").write_text((split.path / "eval_set.json").read_text())
+    _republish(store, "eval_set", EVAL_FILE)  # must not be what these pairs were built against
     result = _invoke(heuristic_pairs, store, corpus=corpus, split=split)
     pairs = latest(store, D, "heuristic_pairs")
     assert pairs.manifest()["upstream"] == {"clean_corpus": corpus.version, "eval_set": split.version}

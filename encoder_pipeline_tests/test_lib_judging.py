@@ -16,7 +16,7 @@ from judging_fixtures import DEV_QUERIES, EVAL_QUERIES, QUERIES, stdlib_units, t
 from encoder_pipeline.domains import load_spec
 from encoder_pipeline.lib import judging
 from encoder_pipeline.lib.artifacts import Manifest
-from encoder_pipeline.lib.encoders import DEFAULT_BASE_MODEL, resolve_model_path
+from encoder_pipeline.lib.encoders import DEFAULT_BASE_MODEL, EncoderHandle, resolve_model_path
 from encoder_pipeline.lib.judging import (
     LOG_FILE,
     JudgingError,
@@ -259,7 +259,7 @@ def test_queries_training_used_are_never_offered_for_judging(tmp_path):
 def test_systems_of_a_domain_skip_what_is_not_published(tmp_path):
     store = tiny_store(tmp_path / "artifacts", "tiny")
     units = stdlib_units()
-    common = {"base_model": DEFAULT_BASE_MODEL, "rungs": RUNGS, "cache_dir": tmp_path / "cache"}
+    common = {"base": EncoderHandle(DEFAULT_BASE_MODEL), "rungs": RUNGS, "cache_dir": tmp_path / "cache"}
     systems, skipped = domain_systems(store, "tiny", units, teacher="", **common)
     assert [s.name for s in systems] == ["bm25", "off_the_shelf"]
     assert skipped == {"teacher": "it is the off-the-shelf model",
@@ -273,7 +273,7 @@ def test_systems_of_a_domain_skip_what_is_not_published(tmp_path):
 
 def test_pools_of_bm25_and_the_base_model_are_documents(tmp_path):
     units = stdlib_units()
-    systems = [bm25_system(units), dense_system("off_the_shelf", DEFAULT_BASE_MODEL, units, tmp_path)]
+    systems = [bm25_system(units), dense_system("off_the_shelf", EncoderHandle(DEFAULT_BASE_MODEL), units, tmp_path)]
     pooler = Pooler(systems, depth=3)
     queries = {query_id(q): q for q in QUERIES[:2]}
     pools = pooler.pools(queries)

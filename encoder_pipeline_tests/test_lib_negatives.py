@@ -66,7 +66,7 @@ class FakeTeacher:
 def mine(tmp_path, **config):
     teacher = FakeTeacher()
     config = {"range_max": 20, "seed": 0, **config}
-    result = mine_negatives(PAIRS, list(DOCS), teacher, MiningConfig(**config), tmp_path, bf16=False)
+    result = mine_negatives(PAIRS, list(DOCS), teacher, MiningConfig(**config), tmp_path)
     return result, teacher
 
 
@@ -126,7 +126,7 @@ def test_sibling_positives_of_a_repeated_query_are_never_its_negatives(tmp_path)
                              "positive": ["pos alpha", "pos beta", "alpha delta"]})
     result = mine_negatives(siblings, list(DOCS), FakeTeacher(),
                             MiningConfig(range_max=20, num_negatives=3, sampling_strategy="top",
-                                         perc_pos=1.0, query_chunk_size=1), tmp_path, bf16=False)
+                                         perc_pos=1.0, query_chunk_size=1), tmp_path)
     alpha_rows = result.rows[result.rows["query"] == "alpha query"]
     assert len(alpha_rows) == 2
     for _, row in alpha_rows.iterrows():

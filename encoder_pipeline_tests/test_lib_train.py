@@ -391,3 +391,25 @@ def test_a_merge_that_cannot_beat_the_base_gives_the_base_and_leaves_the_model_a
     smaller = DevSet(dict(list(dev.queries.items())[:12]), dev.corpus, dev.relevant)
     choose_merge(noise, base, smaller, weights=(1.0, 0.0), base_key="minilm@32")
     assert [model is base for model in scored[3:]] == [False, True]  # another dev slice: scored again
+
+
+def test_training_uses_bf16_mixed_precision_only_where_the_hardware_computes_it(monkeypatch):
+    from encoder_pipeline.lib import train
+
+    monkeypatch.setattr(train.torch.cuda, "is_available", lambda: False)
+    for native in (True, False):
+        monkeypatch.setattr(train, "native_bf16", lambda native=native: native)
+        assert train.mixed_bf16() is native  # an AVX2-only CPU would emulate bf16: fp32 there
+
+
+def test_an_encoder_handle_runs_another_model_the_same_way_and_crosses_processes():
+    import pickle
+
+    handle = encoders.EncoderHandle(encoders.DEFAULT_BASE_MODEL, bf16=False, trust_remote_code=False)
+    other = handle.at("/models/other")
+    assert (other.model, other.bf16, other.max_seq_length) == ("/models/other", False, 128)
+    assert pickle.loads(pickle.dumps(handle)) == handle  # Daft's and Ray's workers receive it pickled
+    texts = ["copy a directory tree", "wrap text to a width"]
+    expected = encoders.encode(encoders.load_encoder(encoders.DEFAULT_BASE_MODEL), texts, bf16=False)
+    np.testing.assert_allclose(handle.encode(texts), expected, atol=1e-6)
+    np.testing.assert_allclose(handle.bound()(texts[:1], batch_size=1), expected[:1], atol=1e-5)

@@ -34,7 +34,7 @@ def _materialize_and_embed(root: Path, ray_address: str) -> dict:
     from encoder_pipeline.defs.corpus.assets import clean_corpus
     from encoder_pipeline.domains import domain_partitions
     from encoder_pipeline.lib.artifacts import ArtifactStore
-    from encoder_pipeline.lib.encoders import DEFAULT_BASE_MODEL, document_texts
+    from encoder_pipeline.lib.encoders import DEFAULT_BASE_MODEL, EncoderHandle, document_texts
     from encoder_pipeline.lib.engines import embed_texts
     from encoder_pipeline.lib.layout import CORPUS_FILE
     from encoder_pipeline.resources import (
@@ -54,7 +54,7 @@ def _materialize_and_embed(root: Path, ray_address: str) -> dict:
     assert result.success
     units = pd.read_parquet(ArtifactStore(root).latest(DOMAIN, "clean_corpus") / CORPUS_FILE)
     units = units[units["in_sample"]]  # the comparison needs no more than the training sample
-    vectors = embed_texts(DEFAULT_BASE_MODEL, document_texts(units["title"], units["text"]), bf16=False)
+    vectors = embed_texts(EncoderHandle(DEFAULT_BASE_MODEL, bf16=False), document_texts(units["title"], units["text"]))
     units.to_parquet(root / "units.parquet")
     np.save(root / "vectors.npy", vectors)
     return {"runner": daft.get_or_infer_runner_type()}

@@ -32,7 +32,8 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -326,6 +327,34 @@ def encode(model: SentenceTransformer | OnnxEncoder, texts: Sequence[str], batch
         vectors = model.encode(list(texts), batch_size=batch_size, normalize_embeddings=True,
                                convert_to_numpy=True, show_progress_bar=False)
     return np.asarray(vectors, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class EncoderHandle:
+    """An encoder and how this deployment runs it: the model (name, folder or packaged name), its
+    sequence length, bf16 inference (where the CPU has it) and whether its repository's code may run.
+    Set once from the settings and the domain spec (`PipelineSettings.encoder`); every stage that
+    embeds text takes one, and `at(model)` gives another model run the same way. Picklable: it
+    crosses into Daft's and Ray's workers."""
+
+    model: str
+    max_seq_length: int = 128
+    bf16: bool = True
+    trust_remote_code: bool = False
+
+    def at(self, model: str) -> EncoderHandle:
+        return replace(self, model=str(model))
+
+    def load(self, fresh: bool = False) -> SentenceTransformer:
+        """The shared inference instance (`fresh=True`: a private copy to train)."""
+        return load_encoder(self.model, self.max_seq_length, self.trust_remote_code, fresh=fresh)
+
+    def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        return encode(self.load(), texts, batch_size, self.bf16)
+
+    def bound(self) -> Callable[..., np.ndarray]:
+        """`encode(texts, batch_size=64)` with the model looked up once, now: for timed per-query calls."""
+        return functools.partial(encode, self.load(), bf16=self.bf16)
 
 
 def document_texts(titles: Sequence[str], texts: Sequence[str]) -> list[str]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import daft
 import numpy as np
 
-from encoder_pipeline.lib.encoders import encode, load_encoder
+from encoder_pipeline.lib.encoders import EncoderHandle
 
 RAY_ADDRESS_ENV = "ENCODER_PIPELINE_RAY_ADDRESS"
 EMBED_BATCH = 256  # texts per UDF call (each call sorts its texts by length, as encode does)
@@ -68,28 +68,26 @@ def on_ray() -> bool:
 class _Embedder:
     """Loads the encoder once per worker; a batch of texts in, their normalized embeddings out."""
 
-    def __init__(self, model: str, max_seq_length: int, bf16: bool, trust_remote_code: bool):
-        self.model = load_encoder(model, max_seq_length, trust_remote_code)
-        self.bf16 = bf16
+    def __init__(self, encoder: EncoderHandle):
+        self.encode = encoder.bound()
 
     @daft.method.batch(return_dtype=daft.DataType.list(daft.DataType.float32()), batch_size=EMBED_BATCH)
     def embed(self, texts: daft.Series) -> list[np.ndarray]:
-        return list(encode(self.model, texts.to_pylist(), bf16=self.bf16))
+        return list(self.encode(texts.to_pylist()))
 
 
-def embed_texts(model: str, texts: Sequence[str], max_seq_length: int = 128,
-                bf16: bool = True, trust_remote_code: bool = False) -> np.ndarray:
+def embed_texts(encoder: EncoderHandle, texts: Sequence[str]) -> np.ndarray:
     """L2-normalized float32 embeddings of `texts`, one row each, in order; on the Ray runner
     spread over the configured actors (0: one per EMBED_BATCH texts, at most the cluster's CPUs)."""
     if not on_ray() or not texts:
-        return encode(load_encoder(model, max_seq_length, trust_remote_code), texts, bf16=bf16)
+        return encoder.encode(texts)
     import ray
 
     workers = _PLAN.workers or max(1, min(int(ray.cluster_resources().get("CPU", 1)),
                                           len(texts) // EMBED_BATCH))
     embedder = daft.cls(max_concurrency=workers, gpus=_PLAN.gpus_per_worker)(_Embedder)
     frame = daft.from_pydict({"row": list(range(len(texts))), "text": list(texts)}).into_partitions(workers)
-    embed = embedder(model, max_seq_length, bf16, trust_remote_code).embed
+    embed = embedder(encoder).embed
     frame = frame.select("row", embed(daft.col("text")).alias("vector"))
     result = frame.to_pydict()
     order = np.argsort(np.asarray(result["row"]))

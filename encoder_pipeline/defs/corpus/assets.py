@@ -19,7 +19,6 @@ from encoder_pipeline.defs.shared import (
     publish,
 )
 from encoder_pipeline.domains import AUTO, DomainSpec, domain_partitions
-from encoder_pipeline.lib import encoders
 from encoder_pipeline.lib.corpus import CleaningConfig, CleaningReport
 from encoder_pipeline.lib.corpus import clean_corpus_to_parquet as clean_to_parquet
 from encoder_pipeline.lib.drift import write_snapshot
@@ -203,14 +202,8 @@ def eval_set(context: dg.AssetExecutionContext, corpus: CorpusArtifact, artifact
         return query_generator(PromptSpec(spec.queries.form, spec.queries.relevance, examples), backend,
                                cache_dir, params, spec.queries.min_words, SPLIT_SEED,
                                ProgressLog(context, "generating eval queries (prompts)"))(doc_ids, passages)
-    cache = embeddings_cache(store, spec.name)
-    score = haystack_scorer(
-        units, lambda texts: cached_embeddings(settings.base_model, texts, cache,
-                                               bf16=settings.bf16_inference,
-                                               trust_remote_code=spec.trust_remote_code),
-        lambda queries: encoders.encode(encoders.load_encoder(settings.base_model,
-                                                              trust_remote_code=spec.trust_remote_code),
-                                        queries, bf16=settings.bf16_inference))
+    cache, base = embeddings_cache(store, spec.name), settings.encoder(spec.trust_remote_code)
+    score = haystack_scorer(units, lambda texts: cached_embeddings(base, texts, cache), base.encode)
     try:
         split = build_split(units, extractors, config, _judged(spec, settings), sizes.eval_queries,
                             sizes.dev_queries, score, generate,

@@ -115,9 +115,8 @@ def _served_canary(spec: DomainSpec, store: ArtifactStore, settings: PipelineSet
     served = served_index(spec.name, store)
     index = load_index(served.index_dir, encoders.model_fingerprint(str(served.model_path)))
     split = read_eval_split(store, spec.name)
-    model = encoders.load_encoder(str(served.model_path), trust_remote_code=spec.trust_remote_code)
-    return ServedCanary(index, lambda batch: encoders.encode(model, batch, bf16=settings.bf16_inference),
-                        split.queries, split.qrels)
+    encoder = settings.encoder(spec.trust_remote_code, str(served.model_path))
+    return ServedCanary(index, encoder.encode, split.queries, split.qrels)
 
 
 def _clean_changed(spec: DomainSpec, settings: PipelineSettings, documents: pd.DataFrame,

@@ -17,9 +17,9 @@ from pydantic import Field
 from encoder_pipeline.defs.shared import ProgressLog, domain_spec, embeddings_cache, publish
 from encoder_pipeline.defs.training.assets import RUNGS
 from encoder_pipeline.domains import Targets, domain_partitions
-from encoder_pipeline.lib import encoders
 from encoder_pipeline.lib import report as lib_report
 from encoder_pipeline.lib.artifacts import ArtifactStore
+from encoder_pipeline.lib.encoders import EncoderHandle
 from encoder_pipeline.lib.evaluation import CORPUS, SAMPLE, Haystack, System, evaluate_systems, haystacks
 from encoder_pipeline.lib.heldout import EVIDENCE_WORDS
 from encoder_pipeline.lib.index import IDS_FILE, LoadedIndex, build_index, load_index, served_bytes
@@ -92,12 +92,13 @@ def build_costs(store: ArtifactStore, domain: str, usd_per_hour: float) -> dict[
     }
 
 
-def _served(model, index: LoadedIndex, bf16: bool):
+def _served(encoder: EncoderHandle, index: LoadedIndex):
     """One query end to end as `search` serves it: torch encode (bf16 autocast where the CPU has
     native bf16 and the settings allow it) + index search."""
+    encode = encoder.bound()
+
     def answer(query: str):
-        vector = encoders.encode(model, [query], batch_size=1, bf16=bf16)
-        return index.search(vector, 10)
+        return index.search(encode([query], batch_size=1), 10)
     return answer
 
 
@@ -105,13 +106,11 @@ def _teacher_serving(teacher: str, stacks: dict[str, Haystack], answers: "_Syste
                      corpus_units: int, usd_per_hour: float) -> Serving:
     """The teacher served as it is (fp32 flat): latency timed over the training sample's index (its
     vectors are cached from mining; encoding dominates), size for every unit of the corpus."""
-    sample = stacks[SAMPLE]
-    vectors = cached_embeddings(teacher, sample.texts, answers.cache, bf16=answers.bf16,
-                                trust_remote_code=answers.trust)
+    sample, encoder = stacks[SAMPLE], answers.base.at(teacher)
+    vectors = cached_embeddings(encoder, sample.texts, answers.cache)
     index = LoadedIndex(build_index(vectors, "flat"), list(sample.units["doc_id"]), sample.parents,
                         list(sample.units["title"]), {})
-    model = encoders.load_encoder(teacher, trust_remote_code=answers.trust)
-    latency = latency_ms(_served(model, index, answers.bf16), timing)
+    latency = latency_ms(_served(encoder, index), timing)
     return Serving(latency["p50_ms"], latency["p95_ms"], corpus_units * vectors.shape[1] * 4 / 1e6,
                    usd_per_1k_queries(latency["mean_ms"], usd_per_hour))
 
@@ -129,30 +128,29 @@ def _recording(answer: Callable[[str], object], times: list[float]) -> Callable[
 class _Systems:
     """How each kind of system answers the eval queries, with the encoders and caches they share."""
 
-    def __init__(self, queries: dict[str, str], cache: Path, bf16: bool, trust: bool):
+    def __init__(self, queries: dict[str, str], cache: Path, base: EncoderHandle):
         self.qids = list(queries)
         self.texts = [queries[q] for q in self.qids]
-        self.cache, self.bf16, self.trust = cache, bf16, trust
-
-    def encode(self, model) -> object:
-        return encoders.encode(model, self.texts, bf16=self.bf16)
+        self.cache, self.base = cache, base  # base: the off-the-shelf model; others run like it
 
     def dense(self, model_path: str) -> Callable[[Haystack, dict[str, Run]], Run]:
         """Exact search over the haystack's units embedded by `model_path` (per-unit cache)."""
+        encoder = self.base.at(model_path)
+
         def answer(hay: Haystack, _: dict[str, Run]) -> Run:
-            vectors = cached_embeddings(model_path, hay.texts, self.cache, bf16=self.bf16,
-                                        trust_remote_code=self.trust)
-            model = encoders.load_encoder(model_path, trust_remote_code=self.trust)
-            return dense_run(self.encode(model), vectors, self.qids, hay.parents, TOP_K)
+            vectors = cached_embeddings(encoder, hay.texts, self.cache)
+            return dense_run(encoder.encode(self.texts), vectors, self.qids, hay.parents, TOP_K)
         return answer
 
     def bm25(self, hay: Haystack, _: dict[str, Run]) -> Run:
         return bm25_run(hay.texts, hay.parents, dict(zip(self.qids, self.texts, strict=True)), TOP_K)
 
-    def index(self, index: LoadedIndex, model) -> Callable[[Haystack, dict[str, Run]], Run]:
+    def index(self, index: LoadedIndex, model_path: str) -> Callable[[Haystack, dict[str, Run]], Run]:
         """A built index (its own units: the corpus it was built over) searched as served."""
+        encoder = self.base.at(model_path)
+
         def answer(_: Haystack, __: dict[str, Run]) -> Run:
-            return to_parent_run(index.search(self.encode(model), TOP_K), self.qids, index.parents)
+            return to_parent_run(index.search(encoder.encode(self.texts), TOP_K), self.qids, index.parents)
         return answer
 
     @staticmethod
@@ -207,12 +205,11 @@ def eval_report(context: dg.AssetExecutionContext, config: ReportConfig, evaluat
     corpus = cleaned.units()
     stacks = haystacks(cleaned.sample(), corpus)
     corpus_differs = len(stacks[SAMPLE].units) != len(corpus)
-    bf16, trust = settings.bf16_inference, spec.trust_remote_code
-    answers = _Systems(split.queries, embeddings_cache(store, spec.name), bf16, trust)
+    base = settings.encoder(spec.trust_remote_code)
+    answers = _Systems(split.queries, embeddings_cache(store, spec.name), base)
 
     choice, index_dir = candidate.choice(), candidate.path
     candidate_index = load_index(index_dir, choice["revision"])
-    candidate_model = encoders.load_encoder(choice["model_path"], trust_remote_code=trust)
     trained = latest(store, spec.name, choice["rung"]).training()
     teacher = {"model": trained.get("teacher") or settings.base_model, "fallback": trained.get("teacher_fallback")}
     teaches = teacher["model"] != settings.base_model  # else the off-the-shelf row is the teacher's
@@ -227,7 +224,7 @@ def eval_report(context: dg.AssetExecutionContext, config: ReportConfig, evaluat
     if corpus_differs:
         systems += [System(bm25_corpus, CORPUS, answers.bm25),
                     System(baseline_name(CORPUS), CORPUS, answers.dense(settings.base_model))]
-    systems += [System(CANDIDATE, CORPUS, answers.index(candidate_index, candidate_model), "candidate"),
+    systems += [System(CANDIDATE, CORPUS, answers.index(candidate_index, choice["model_path"]), "candidate"),
                 System(HYBRID, CORPUS, answers.hybrid(bm25_corpus), "hybrid")]
     # What users search now: re-measured on this eval set while its encoder is on disk.
     try:
@@ -240,28 +237,25 @@ def eval_report(context: dg.AssetExecutionContext, config: ReportConfig, evaluat
                         "revision": current.revision,
                         "recorded_ndcg@10": read_promotion(store, spec.name, current.version)["ndcg@10"]}
         if current.model_path.is_dir():
-            model = encoders.load_encoder(str(current.model_path), trust_remote_code=trust)
             systems.append(System(CURRENTLY_SERVED, CORPUS,
-                                  answers.index(load_index(current.index_dir, current.revision), model),
-                                  "served"))
+                                  answers.index(load_index(current.index_dir, current.revision),
+                                                str(current.model_path)), "served"))
     # The off-the-shelf model over the whole corpus: its own line in the timings, then cached for the
     # systems and the latency below.
     encoding = ProgressLog(context, "embedding the corpus with the off-the-shelf model")
-    base_vectors = cached_embeddings(settings.base_model, stacks[CORPUS].texts, answers.cache,
-                                     bf16=bf16, trust_remote_code=trust, progress=encoding)
+    base_vectors = cached_embeddings(base, stacks[CORPUS].texts, answers.cache, encoding)
     results = evaluate_systems(systems, stacks, split.qrels)
 
     # Serving measurements, on the whole-corpus indexes users would search.
     timing = latency_queries(answers.texts, list(corpus["title"]), settings.sizes().latency_queries,
                              settings.seed)
     served_times: list[float] = []
-    served_latency = latency_ms(_recording(_served(candidate_model, candidate_index, bf16), served_times),
-                                timing)
+    served_latency = latency_ms(_recording(_served(base.at(choice["model_path"]), candidate_index),
+                                           served_times), timing)
     served_times = served_times[len(served_times) - len(timing):]  # the warm-up calls left out
     base_index = LoadedIndex(build_index(base_vectors, "flat"), list(corpus["doc_id"]),
                              stacks[CORPUS].parents, list(corpus["title"]), {})
-    base_latency = latency_ms(_served(encoders.load_encoder(settings.base_model, trust_remote_code=trust),
-                                      base_index, bf16), timing)
+    base_latency = latency_ms(_served(base, base_index), timing)
     usd_per_hour = settings.serving_usd_per_hour
     serving = {
         CANDIDATE: Serving(served_latency["p50_ms"], served_latency["p95_ms"], served_bytes(index_dir) / 1e6,

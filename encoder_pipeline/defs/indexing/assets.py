@@ -81,15 +81,13 @@ def index_sweep(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResou
     units = read_corpus_units(store, spec.name)
     parents, ids, titles = list(units["parent_id"]), list(units["doc_id"]), list(units["title"])
     encoding = ProgressLog(context, f"embedding the corpus with {rung}")
-    corpus_vectors = cached_embeddings(model_path, corpus_texts(units),
-                                       embeddings_cache(store, spec.name),
-                                       bf16=settings.bf16_inference,
-                                       trust_remote_code=spec.trust_remote_code, progress=encoding)
-    model = encoders.load_encoder(model_path, trust_remote_code=spec.trust_remote_code)
+    encoder = settings.encoder(spec.trust_remote_code, model_path)
+    corpus_vectors = cached_embeddings(encoder, corpus_texts(units), embeddings_cache(store, spec.name),
+                                       encoding)
 
     def query_set(queries: dict[str, str], qrels: dict[str, dict[str, int]]) -> QuerySet:
         qids = list(queries)
-        vectors = encoders.encode(model, [queries[q] for q in qids], bf16=settings.bf16_inference)
+        vectors = encoder.encode([queries[q] for q in qids])
         return QuerySet(vectors, qids, qrels)
 
     # Dev queries search the whole corpus, like served queries, judged at the document level.
@@ -101,8 +99,8 @@ def index_sweep(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResou
     # where the CPU has it natively, no cache).
     timing = latency_queries([*dev.values(), *split.queries.values()], titles,
                              settings.sizes().latency_queries, settings.seed)
-    latency_vectors, encode_ms = time_encoding(
-        lambda q: encoders.encode(model, [q], batch_size=1, bf16=settings.bf16_inference), timing)
+    encode_queries = encoder.bound()
+    latency_vectors, encode_ms = time_encoding(lambda q: encode_queries([q], batch_size=1), timing)
     context.log.info(f"sweeping {rung} over {len(units)} units; {len(timing)} timed queries")
     points = sweep(corpus_vectors, query_sets, parents, latency_vectors, encode_ms, ids=ids,
                    titles=titles, k=TOP_K, latency_k=SERVED_K)
@@ -174,8 +172,8 @@ def embedding_index(context: dg.AssetExecutionContext, sweep: SweepArtifact, cle
                          f"{swept['revision']}: re-materialize index_sweep")
     units = cleaned.units()
     encoding = ProgressLog(context, f"embedding the corpus with {rung}")
-    built = build_or_refresh(store, spec.name, swept, units, settings.bf16_inference,
-                             spec.trust_remote_code, encoding)
+    built = build_or_refresh(store, spec.name, swept, units, settings.encoder(spec.trust_remote_code, model_path),
+                             encoding)
     corpus = {"corpus_units": len(units), "corpus_documents": int(units["parent_id"].nunique())}
     index, build_seconds = built.index, built.seconds
     ids, parents, titles = index.ids, index.parents, index.titles

@@ -20,6 +20,7 @@ import pandas as pd
 from encoder_pipeline.defs.shared import embeddings_cache
 from encoder_pipeline.lib.artifacts import ArtifactStore, MissingArtifact
 from encoder_pipeline.lib.drift import diff_units
+from encoder_pipeline.lib.encoders import EncoderHandle
 from encoder_pipeline.lib.index import (
     RESCORE_MULTIPLIER,
     UPDATABLE_PRECISIONS,
@@ -46,15 +47,13 @@ class BuiltIndex:
         return {"build_mode": self.mode, "units_embedded": self.embedded, "units_removed": self.removed}
 
 
-def _embed(swept: dict, units: pd.DataFrame, store: ArtifactStore, domain: str, bf16: bool,
-           trust_remote_code: bool, progress: Progress | None) -> np.ndarray:
-    return cached_embeddings(swept["model_path"], corpus_texts(units),
-                             embeddings_cache(store, domain), bf16=bf16,
-                             trust_remote_code=trust_remote_code, progress=progress)
+def _embed(encoder: EncoderHandle, units: pd.DataFrame, store: ArtifactStore, domain: str,
+           progress: Progress | None) -> np.ndarray:
+    return cached_embeddings(encoder, corpus_texts(units), embeddings_cache(store, domain), progress)
 
 
 def _refresh(store: ArtifactStore, domain: str, swept: dict, units: pd.DataFrame,
-             bf16: bool, trust_remote_code: bool, progress: Progress | None) -> BuiltIndex | None:
+             encoder: EncoderHandle, progress: Progress | None) -> BuiltIndex | None:
     """The previous index updated to `units`, or None when it cannot or should not be."""
     if swept["chosen"]["precision"] not in UPDATABLE_PRECISIONS:
         return None
@@ -71,7 +70,7 @@ def _refresh(store: ArtifactStore, domain: str, swept: dict, units: pd.DataFrame
     if len(gone) + len(fresh) > MAX_REFRESH_FRACTION * len(units):
         return None
     index = load_index(previous, swept["revision"])
-    vectors = (_embed(swept, fresh, store, domain, bf16, trust_remote_code, progress) if len(fresh)
+    vectors = (_embed(encoder, fresh, store, domain, progress) if len(fresh)
                else np.zeros((0, 1), np.float32))
     rows = [row for row, unit in enumerate(index.ids) if unit in gone]
     started = time.perf_counter()
@@ -80,15 +79,15 @@ def _refresh(store: ArtifactStore, domain: str, swept: dict, units: pd.DataFrame
 
 
 def build_or_refresh(store: ArtifactStore, domain: str, swept: dict, units: pd.DataFrame,
-                     bf16: bool, trust_remote_code: bool = False,
-                     progress: Progress | None = None) -> BuiltIndex:
-    """index_sweep's chosen configuration over `units` (the whole corpus): the previous version
+                     encoder: EncoderHandle, progress: Progress | None = None) -> BuiltIndex:
+    """index_sweep's chosen configuration over `units` (the whole corpus), embedded by `encoder` (the
+    swept rung's model, run as the settings say): the previous version
     updated when only the corpus moved, else built from scratch. Either way every unit is embedded
     through the per-unit cache, so only units no earlier stage encoded with this rung cost time."""
-    refreshed = _refresh(store, domain, swept, units, bf16, trust_remote_code, progress)
+    refreshed = _refresh(store, domain, swept, units, encoder, progress)
     if refreshed is not None:
         return refreshed
-    vectors = _embed(swept, units, store, domain, bf16, trust_remote_code, progress)
+    vectors = _embed(encoder, units, store, domain, progress)
     chosen = swept["chosen"]
     started = time.perf_counter()
     index = build_quantized(vectors, chosen["dims"], chosen["precision"], list(units["doc_id"]),

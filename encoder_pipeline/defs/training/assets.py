@@ -116,11 +116,12 @@ def build_rung(name: str, data_label: str, inputs: dict[str, str], rows_fn: Rows
             context.log.warning(teacher.fallback)
         distill = spec.training.distill_weight
         config = TrainingConfig(epochs=sizes.epochs, min_batch_size=sizes.batch_size, seed=settings.seed,
+                                bf16=settings.bf16_training,
                                 fine_tuned_weight=spec.training.fine_tuned_weight, teacher=teacher.revision,
                                 **({} if distill is None else {"distill_weight": distill}),
                                 **({} if sizes.merge_weights is None else {"merge_weights": sizes.merge_weights}))
-        embedder = TeacherEmbedder(teacher.model, embeddings_cache(store, spec.name), settings.bf16_inference,
-                                   spec.trust_remote_code,
+        embedder = TeacherEmbedder(settings.encoder(spec.trust_remote_code, teacher.model),
+                                   embeddings_cache(store, spec.name),
                                    progress=ProgressLog(context, f"embedding {name}'s rows with the teacher"))
         dev = dev_set(store, spec.name, settings.seed, sizes.dev_distractors)
         # heuristic_pairs always: the chain to the eval split it was held out from (layout.held_out_before)

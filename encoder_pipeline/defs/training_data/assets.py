@@ -20,7 +20,6 @@ from encoder_pipeline.defs.shared import (
 )
 from encoder_pipeline.defs.training_data.checks import leakage_check, leakage_check_spec
 from encoder_pipeline.domains import DomainSpec, domain_partitions
-from encoder_pipeline.lib import encoders
 from encoder_pipeline.lib.artifacts import ArtifactStore, remove_torn_arrays
 from encoder_pipeline.lib.extractors import get
 from encoder_pipeline.lib.extractors.choose import looks_like_code
@@ -65,16 +64,12 @@ def training_corpus(corpus: CorpusArtifact, split: EvalSetArtifact, spec: Domain
                     settings: PipelineSettings) -> TrainingCorpus:
     """The training sample minus held-out documents, embedded by the base model through the
     domain's per-unit cache."""
+    base = settings.encoder(spec.trust_remote_code)
+
     def encode_corpus(texts: list[str]) -> np.ndarray:
-        return cached_embeddings(settings.base_model, texts, embeddings_cache(corpus.store, spec.name),
-                                 bf16=settings.bf16_inference,
-                                 trust_remote_code=spec.trust_remote_code)
+        return cached_embeddings(base, texts, embeddings_cache(corpus.store, spec.name))
 
-    def encode_queries(queries: list[str]) -> np.ndarray:
-        model = encoders.load_encoder(settings.base_model, trust_remote_code=spec.trust_remote_code)
-        return encoders.encode(model, queries, bf16=settings.bf16_inference)
-
-    return TrainingCorpus(corpus.sample(), split.split(), encode_corpus, encode_queries)
+    return TrainingCorpus(corpus.sample(), split.split(), encode_corpus, base.encode)
 
 
 def leak_filter(corpus: CorpusArtifact, split: EvalSetArtifact) -> LeakFilter:
@@ -239,15 +234,12 @@ def mined_negatives(context: dg.AssetExecutionContext, pairs: PairsArtifact, syn
     choice = settings.teacher(spec.training.teacher_model)
     if choice.fallback:
         context.log.warning(choice.fallback)
-    teacher = choice.model
-    config = MiningConfig(seed=settings.seed, teacher=teacher)
+    config = MiningConfig(seed=settings.seed, teacher=choice.model)
     # mine_hard_negatives keys its embedding cache by text only: one folder per teacher revision.
     cache = embeddings_cache(store, spec.name) / f"mining-{choice.revision}"
     remove_torn_arrays(cache)  # a run killed while that cache was being written
-    mining = mine_negatives(queries, corpus.positives(),
-                            teacher, config, cache, bf16=settings.bf16_inference,
-                            trust_remote_code=spec.trust_remote_code,
-                            vector_cache=embeddings_cache(store, spec.name))
+    mining = mine_negatives(queries, corpus.positives(), settings.encoder(spec.trust_remote_code, choice.model),
+                            config, cache, vector_cache=embeddings_cache(store, spec.name))
     mined, leaked = leak_filter(cleaned, split).drop(mining.rows)
     overlapping = leaked.count
     report = mining.report
@@ -263,7 +255,7 @@ def mined_negatives(context: dg.AssetExecutionContext, pairs: PairsArtifact, syn
             "negatives_per_row": dg.MetadataValue.int(config.num_negatives),
             "bm25_negatives_per_row": dg.MetadataValue.int(config.bm25_negatives),
             "perc_pos": dg.MetadataValue.float(config.perc_pos),
-            "teacher": teacher,
+            "teacher": choice.model,
             **({"teacher_fallback": choice.fallback} if choice.fallback else {}),
             "candidates_scored": dg.MetadataValue.int(report.candidates),
             "dropped_false_negatives": dg.MetadataValue.int(report.dropped_false_negatives),
