@@ -9,11 +9,15 @@ from encoder_pipeline.lib import encoders
 from encoder_pipeline.lib.extractors import ExtractorConfig
 from encoder_pipeline.lib.heldout import (
     HUMAN,
+    MAX_HELD_OUT_FRACTION,
+    MAX_PROMPTS_PER_QUERY,
     STRUCTURAL,
     SYNTHETIC,
     UNINFORMATIVE_NDCG,
     build_split,
     haystack_scorer,
+    held_out_synthetic_queries,
+    salted,
     structural_queries,
 )
 from encoder_pipeline.lib.pairs import (
@@ -117,13 +121,43 @@ def test_a_judged_set_is_the_eval_set_and_structure_gives_the_dev_slice(stdlib_u
     assert judged_doc in split.held_out_doc_ids and judged_doc not in split.dev.doc_ids
 
 
+def _untitled_manual(documents: int) -> pd.DataFrame:
+    corpus = pd.read_json(shared_corpus("web_qa/python_docs") / "corpus.jsonl", lines=True,
+                          dtype={"_id": str}).head(documents)
+    return corpus.rename(columns={"_id": "doc_id"}).assign(parent_id=lambda f: f["doc_id"], title="")
+
+
+def test_held_out_queries_are_asked_in_rounds_until_enough_survive_the_round_trip():
+    """A generator whose queries BM25 finds for one document in five (a weak local LLM writes the
+    rest about something else): later rounds ask more documents, sized by the rate kept so far,
+    until the wanted number is kept; documents whose query was dropped are not held out."""
+    units = _untitled_manual(1200)
+    asked = []
+
+    def weak(doc_ids, passages):
+        asked.extend(doc_ids)
+        return [" ".join(p.split()[len(p.split()) // 2:]) if int(salted(d, 7), 16) % 5 == 0
+                else "how long does it take to get my car fixed" for d, p in zip(doc_ids, passages)]
+
+    kept, prompts = held_out_synthetic_queries(units, set(), 30, weak)
+    assert len(kept) == 30 and prompts == len(asked) > 30 / 0.5  # more than the first round's 60
+    assert prompts <= 30 * MAX_PROMPTS_PER_QUERY and len(set(asked)) == len(asked)
+    assert set(kept["parent"]) <= set(asked) and not kept["query"].str.contains("car fixed").any()
+
+    def useless(doc_ids, passages):
+        return ["how long does it take to get my car fixed"] * len(doc_ids)
+
+    nothing, prompts = held_out_synthetic_queries(units, set(), 30, useless)
+    assert nothing.empty and prompts == min(30 * MAX_PROMPTS_PER_QUERY, int(1200 * MAX_HELD_OUT_FRACTION))
+
+
 @pytest.mark.slow
 def test_an_uninformative_structural_set_is_flagged_and_replaced_by_synthetic_queries(base_model):
     """GO term names against their own definitions: BM25 and MiniLM find nearly every one, so the
     structural set cannot tell systems apart; generated queries (here: each definition's second
     half, a stand-in for the LLM) that BM25 finds take its place, split by document into dev and eval."""
     corpus = pd.read_json(shared_corpus("biomedical/gene_ontology") / "corpus.jsonl", lines=True,
-                          dtype={"_id": str}).head(600)
+                          dtype={"_id": str}).head(300)
     units = corpus.rename(columns={"_id": "doc_id"}).assign(parent_id=lambda f: f["doc_id"], anchor="")
     units = units[units["text"].str.split().str.len() >= 8].reset_index(drop=True)
     score = haystack_scorer(units, lambda texts: encoders.encode(base_model, texts),
@@ -135,10 +169,11 @@ def test_an_uninformative_structural_set_is_flagged_and_replaced_by_synthetic_qu
         return [" ".join(p.split()[len(p.split()) // 2:]) for p in passages]
 
     split = build_split(units, ["title"], ExtractorConfig(min_words=1), None, 40, 10, score, generate)
-    assert split.scores["eval"]["bm25"] >= UNINFORMATIVE_NDCG or split.scores["eval"]["off_the_shelf"] >= UNINFORMATIVE_NDCG
-    assert any("is uninformative" in note for note in split.notes)
-    assert split.evidence == SYNTHETIC and len(split.queries) > 10 and len(split.dev.queries) > 0
-    # the dev slice is judged on its own scores: replaced exactly when it is uninformative too
-    dev_easy = max(split.scores["dev"].values()) >= UNINFORMATIVE_NDCG
-    assert split.dev.evidence == (SYNTHETIC if dev_easy else STRUCTURAL)
+    # Each set is judged on its own scores (MiniLM finds ~0.95-1.0 of them, a hair either side of
+    # the line with the host's precision): replaced exactly when it is uninformative.
+    easy = {name: max(split.scores[name].values()) >= UNINFORMATIVE_NDCG for name in ("eval", "dev")}
+    assert any(easy.values()) and sum("is uninformative" in note for note in split.notes) == sum(easy.values())
+    assert split.evidence == (SYNTHETIC if easy["eval"] else STRUCTURAL)
+    assert split.dev.evidence == (SYNTHETIC if easy["dev"] else STRUCTURAL)
+    assert len(split.queries) > 10 and len(split.dev.queries) > 0
     assert not split.eval.doc_ids & split.dev.doc_ids and set(asked) >= split.eval.doc_ids

@@ -42,6 +42,7 @@ UNINFORMATIVE_NDCG = 0.95
 ROUND_TRIP_K = 10
 MAX_HELD_OUT_FRACTION = 0.3  # of the candidate queries or documents: the rest must stay to train on
 EXPECTED_KEEP_RATE = 0.5  # of synthetic queries past parsing and the round trip, to size generation
+MAX_PROMPTS_PER_QUERY = 6  # when fewer are kept, more documents are asked: up to this many per query
 SPLIT_SEED = 0  # the held-out sets are the corpus's, not the run's: one for every training seed
 
 
@@ -157,22 +158,35 @@ Generator = Callable[[list[str], list[str]], list[str | None]]  # (doc ids, pass
 
 
 def held_out_synthetic_queries(units: pd.DataFrame, exclude: set[str], wanted: int, generate: Generator
-                               ) -> pd.DataFrame:
+                               ) -> tuple[pd.DataFrame, int]:
     """Generated queries for held-out documents outside `exclude`, kept when BM25 over `units`
-    ranks their document in its top ROUND_TRIP_K: columns `query`, `parent`, in salted order."""
+    ranks their document in its top ROUND_TRIP_K: columns `query`, `parent`, in salted order, at
+    most `wanted`; and how many documents were asked.
+
+    Asked in rounds until `wanted` are kept: the first sized for EXPECTED_KEEP_RATE, each next for
+    the rate kept so far (a small local LLM may keep one in five), at most MAX_PROMPTS_PER_QUERY
+    prompts per wanted query and MAX_HELD_OUT_FRACTION of the documents. Only kept documents are
+    held out; the others stay in training."""
     documents = units[~units["parent_id"].isin(exclude)].drop_duplicates("parent_id")
-    budget = min(math.ceil(wanted / EXPECTED_KEEP_RATE), int(len(documents) * MAX_HELD_OUT_FRACTION))
-    chosen = documents.loc[sorted(documents.index, key=lambda i: salted(documents.at[i, "parent_id"]))][:budget]
-    generated = generate(list(chosen["doc_id"]), document_texts(chosen["title"], chosen["text"]))
-    rows = pd.DataFrame({"query": generated, "parent": list(chosen["parent_id"])}).dropna()
-    rows = rows[~rows["query"].map(normalize).duplicated()]
-    if rows.empty:
-        return rows
-    queries = {str(i): q for i, q in enumerate(rows["query"])}
-    run = bm25_run(document_texts(units["title"], units["text"]), list(units["parent_id"]), queries,
-                   ROUND_TRIP_K)
-    found = [parent in run[str(i)] for i, parent in enumerate(rows["parent"])]
-    return rows[found].reset_index(drop=True)
+    ordered = documents.loc[sorted(documents.index, key=lambda i: salted(documents.at[i, "parent_id"]))]
+    limit = min(wanted * MAX_PROMPTS_PER_QUERY, int(len(documents) * MAX_HELD_OUT_FRACTION))
+    texts, parents = document_texts(units["title"], units["text"]), list(units["parent_id"])
+    kept, seen, asked, rate = [], set(), 0, EXPECTED_KEEP_RATE
+    while sum(map(len, kept)) < wanted and asked < limit:
+        missing = wanted - sum(map(len, kept))
+        batch = ordered[asked:min(limit, asked + math.ceil(missing / rate))]
+        generated = generate(list(batch["doc_id"]), document_texts(batch["title"], batch["text"]))
+        asked += len(batch)
+        rows = pd.DataFrame({"query": generated, "parent": list(batch["parent_id"])}).dropna()
+        keys = rows["query"].map(normalize)
+        rows = rows[~keys.duplicated() & ~keys.isin(seen)]
+        seen |= set(keys)
+        if len(rows):
+            run = bm25_run(texts, parents, {str(i): q for i, q in enumerate(rows["query"])}, ROUND_TRIP_K)
+            kept.append(rows[[parent in run[str(i)] for i, parent in enumerate(rows["parent"])]])
+        rate = max(sum(map(len, kept)) / asked, 1 / MAX_PROMPTS_PER_QUERY)
+    columns = pd.DataFrame(columns=["query", "parent"])
+    return pd.concat([columns, *kept]).reset_index(drop=True)[:wanted], asked
 
 
 def build_split(units: pd.DataFrame, extractors: Sequence[str], config: ExtractorConfig,
@@ -211,7 +225,9 @@ def build_split(units: pd.DataFrame, extractors: Sequence[str], config: Extracto
     held |= structural_dev.doc_ids if dev_set is structural_dev else set()
     if (eval_set is None or dev_set is None) and generate is not None:
         wanted = (0 if eval_set else eval_size) + (0 if dev_set else dev_size)
-        kept = held_out_synthetic_queries(units, held | set(keep), wanted, generate)
+        kept, asked = held_out_synthetic_queries(units, held | set(keep), wanted, generate)
+        notes.append(f"Synthetic held-out queries: {len(kept)} of {asked} generated kept by the BM25 "
+                     f"round trip ({len(kept) / max(asked, 1):.0%}), {wanted} wanted.")
         dev_share = 0 if dev_set else (min(dev_size, len(kept) // 4) if eval_set is None else dev_size)
         dev_rows, eval_rows = kept[:dev_share], kept[dev_share:dev_share + (0 if eval_set else eval_size)]
 
