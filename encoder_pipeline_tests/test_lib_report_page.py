@@ -134,6 +134,7 @@ def test_a_rung_that_fell_back_to_the_base_model_is_said_so_in_the_verdict():
     said = verdict(0.7, 0.72, fell_back)
     assert said.startswith("Training did not beat the off-the-shelf model on the dev slice beyond noise")
     assert said.endswith("the off-the-shelf model already clears it.")
+    assert "only a gain above ~0.081 could show" in verdict(0.7, 0.72, {**fell_back, "detectable_gain": 0.0812})
     assert verdict(0.7, 0.72, {**fell_back, "fine_tuned_weight": 0.5}).startswith(
         "The off-the-shelf model already clears the bar")
 

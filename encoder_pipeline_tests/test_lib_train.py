@@ -355,6 +355,12 @@ def test_pick_merge_keeps_a_merge_only_when_it_beats_the_base_beyond_noise():
     noisy = {1.0: {q: 0.5 + d for q, d in zip(queries, rng.normal(0.01, 0.2, 30), strict=True)}, 0.0: base}
     fallback = pick_merge(noisy)
     assert fallback["weight"] == 0.0 and fallback["rule"].startswith("the base model: no merge beats it")
+    # what the slice could have shown: ~1.96 * 0.2 / sqrt(30), and 4x finer with 16x the queries
+    assert 0.05 < fallback["detectable_gain"] < 0.1 and f"{fallback['detectable_gain']:.3f}" in fallback["rule"]
+    many = [f"q{i}" for i in range(480)]
+    wide = {1.0: {q: 0.5 + d for q, d in zip(many, rng.normal(0.0, 0.2, 480), strict=True)},
+            0.0: dict.fromkeys(many, 0.5)}
+    assert pick_merge(wide)["detectable_gain"] == pytest.approx(fallback["detectable_gain"] / 4, rel=0.25)
     worse = {1.0: {q: 0.3 for q in queries}, 0.25: {q: 0.45 for q in queries}, 0.0: base}
     assert pick_merge(worse)["weight"] == 0.0
     tie = {1.0: {q: 0.8 for q in queries}, 0.75: {q: 0.8 for q in queries}, 0.0: base}

@@ -36,7 +36,8 @@ EVIDENCE_WORDS = {
     STRUCTURAL: "structural (not human-judged): held-out documents' own titles or docstring summaries "
                 "as queries; real users' queries are usually harder.",
     SYNTHETIC: "synthetic (not human-judged): LLM-written queries of held-out documents, kept when BM25 "
-               "finds their document; a verdict to confirm on real users' queries.",
+               "finds their document (so BM25's own row, and the hybrid's, are favoured: BM25 finds every "
+               "one in its top 10 by construction); a verdict to confirm on real users' queries.",
 }
 UNINFORMATIVE_NDCG = 0.95
 ROUND_TRIP_K = 10

@@ -476,7 +476,10 @@ def pick_merge(per_query: dict[float, dict[str, float]], seed: int = 0) -> dict:
     """The rule over {fine-tuned share: {dev query: nDCG@10}} (share 0.0: the base model): the best
     mean is kept only when it beats the base with p < MERGE_P in a paired randomization test; else
     the base model, since training did not help beyond noise. Ties go to more fine-tuning.
-    Returns {weight, dev_ndcg_at_10: {share: mean}, p_vs_base, rule}."""
+    `detectable_gain`: the smallest mean gain of the fully fine-tuned model the test could show on
+    this slice (1.96 standard errors of its per-query differences from the base): a slice too small
+    to tell says so instead of passing for evidence that training does not help.
+    Returns {weight, dev_ndcg_at_10: {share: mean}, p_vs_base, detectable_gain, rule}."""
     from encoder_pipeline.lib.report import paired_randomization_test
 
     if 0.0 not in per_query:
@@ -486,12 +489,16 @@ def pick_merge(per_query: dict[float, dict[str, float]], seed: int = 0) -> dict:
     p = paired_randomization_test(per_query[best], per_query[0.0], seed=seed)[1]
     beats = best != 0.0 and scores[best] > scores[0.0] and p < MERGE_P
     queries = len(per_query[best])
+    tuned = per_query[max(per_query)]
+    differences = np.array([tuned[q] - per_query[0.0][q] for q in per_query[0.0]])
+    detectable = float(1.96 * differences.std(ddof=1) / np.sqrt(len(differences))) if len(differences) > 1 else 1.0
     rule = (f"share {best:g} of the fine-tuned weights: best on the dev slice ({queries} queries), beats "
             f"the base model (p = {p:.3f})") if beats else (
             f"the base model: no merge beats it on the dev slice ({queries} queries) beyond noise "
-            f"(best, share {best:g}: {scores[best]:.4f} vs {scores[0.0]:.4f}, p = {p:.3f})")
-    return {"weight": best if beats else 0.0, "p_vs_base": round(p, 4), "rule": rule,
-            "dev_ndcg_at_10": {f"{w:g}": round(v, 4) for w, v in scores.items()}}
+            f"(best, share {best:g}: {scores[best]:.4f} vs {scores[0.0]:.4f}, p = {p:.3f}; on these "
+            f"queries only a gain above ~{detectable:.3f} could show)")
+    return {"weight": best if beats else 0.0, "p_vs_base": round(p, 4), "detectable_gain": round(detectable, 4),
+            "rule": rule, "dev_ndcg_at_10": {f"{w:g}": round(v, 4) for w, v in scores.items()}}
 
 
 def interpolate_with_base(model: SentenceTransformer, base: SentenceTransformer, fine_tuned_weight: float

@@ -277,7 +277,8 @@ def eval_report(context: dg.AssetExecutionContext, config: ReportConfig, evaluat
                "eval_notes": split.notes},
         haystacks={key: hay.summary() for key, hay in stacks.items()}, results=results, rungs=RUNGS,
         candidate={**{key: choice.get(key) for key in ("rung", "revision", "dims", "precision")},
-                   "fine_tuned_weight": trained.get("fine_tuned_weight", 1.0)},
+                   "fine_tuned_weight": trained.get("fine_tuned_weight", 1.0),
+                   "detectable_gain": trained.get("merge", {}).get("detectable_gain")},
         teacher=teacher, qrels=split.qrels,
         stale_rungs=stale_rungs(store, spec.name, RUNGS, split.held_out_doc_ids),
         base_model_rungs=[rung for rung in RUNGS
