@@ -49,7 +49,7 @@ def verdict(target: float, off_the_shelf: float, served: Mapping[str, Any]) -> s
     trained = served["ndcg@10"]
     if served.get("fine_tuned_weight") == 0.0:  # the rung's dev-slice merge chose the base model
         detectable = served.get("detectable_gain")
-        return (f"Training did not beat the off-the-shelf model on the dev slice beyond noise"
+        return ("Training did not beat the off-the-shelf model on the dev slice beyond noise"
                 + (f" (a slice on which only a gain above ~{detectable:.3f} could show)" if detectable else "")
                 + f", so the served encoder is the off-the-shelf model itself (its index compressed): nDCG@10 "
                 f"{trained:.3f} vs off-the-shelf {off_the_shelf:.3f}, target {target:.3f}; "
