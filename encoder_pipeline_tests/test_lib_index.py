@@ -228,7 +228,15 @@ def test_choose_keeps_95_percent_of_the_uncompressed_quality():
     # int8@96 meets every target but keeps 0.60 / 0.70 = 86% of fp32: not a candidate
     targets = {"ndcg_at_10": 0.55, "p95_latency_ms": 15, "index_mb": 5}
     assert choose(POINTS, targets, 384)[0]["name"] == "int8@384"
-    assert choose(POINTS, targets, 384, min_retained=0.8)[0]["name"] == "int8@96"
+    assert choose(POINTS, targets, 384, min_retained=0.8, max_loss=1.0)[0]["name"] == "int8@96"
+
+
+def test_choose_loses_at_most_a_hundredth_of_the_uncompressed_quality():
+    # int8@192 keeps 96% of fp32 (within 95%) but loses 0.03: more than the promotion gate forgives
+    points = [*POINTS, _point(192, "int8", 0.5, 9.0, 0.67)]
+    targets = {"ndcg_at_10": 0.55, "p95_latency_ms": 15, "index_mb": 5}
+    assert choose(points, targets, 384)[0]["name"] == "int8@384"
+    assert choose(points, targets, 384, max_loss=0.05)[0]["name"] == "int8@192"
 
 
 def test_choose_reads_dev_never_eval():
