@@ -239,6 +239,14 @@ def test_choose_loses_at_most_a_hundredth_of_the_uncompressed_quality():
     assert choose(points, targets, 384, max_loss=0.05)[0]["name"] == "int8@192"
 
 
+def test_choose_never_serves_more_bytes_than_exact_search():
+    # no point reaches 0.9: a rescoring index 0.003 "better" than fp32 on dev, and larger, is noise
+    points = [_point(384, "fp32", 10.5, 9.0, 0.457), _point(384, "binary+fp32", 10.9, 9.0, 0.460),
+              _point(384, "fp16", 5.3, 9.0, 0.457), _point(192, "int8", 1.4, 9.0, 0.426)]
+    chosen, _ = choose(points, {"ndcg_at_10": 0.9, "p95_latency_ms": 1, "index_mb": 50}, 384)
+    assert chosen["name"] == "fp16@384"  # the best dev nDCG@10 within fp32's bytes, fewest bytes on ties
+
+
 def test_choose_reads_dev_never_eval():
     points = [_point(384, "fp32", 4.0, 9.0, 0.50), {**_point(96, "int8", 0.3, 8.0, 0.40),
                                                    "eval": {"ndcg@10": 0.95}}]

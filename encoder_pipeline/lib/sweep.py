@@ -48,7 +48,8 @@ CHOICE_RULE = (
     "if none meets all three, the best dev nDCG@10 among those meeting size and latency; if none "
     "meets latency within the size (query encoding alone can exceed it, which no index fixes), the "
     "smallest within the size that meets the nDCG@10 target, else the best dev nDCG@10 within the "
-    "size; if nothing fits the size, fp32 at full width."
+    "size; if nothing fits the size, fp32 at full width. A configuration larger than fp32 at full "
+    "width is never a candidate."
 )
 
 
@@ -198,7 +199,8 @@ def choose(points: Sequence[Point], targets: Any, full_dim: int, on: str = "dev"
     Only points keeping >= `min_retained` of the fp32 full-width point's nDCG@10, and losing at most
     `max_loss` of it, are candidates: a target met by a compressed index that loses to the
     uncompressed one is not a good trade (and the report's promotion gate would refuse it against
-    the off-the-shelf model).
+    the off-the-shelf model). Nor are points larger than the fp32 full-width one, which they can
+    only approximate.
 
     1. Every target met: the fewest bytes (ties: higher nDCG@10, then lower p95).
     2. Else, within size and latency: the best nDCG@10 (ties: fewer bytes).
@@ -223,9 +225,12 @@ def choose(points: Sequence[Point], targets: Any, full_dim: int, on: str = "dev"
         return (f"{point['name']} ({point['bytes'] / 1e6:.3f} MB, {on} nDCG@10 {ndcg(point):.4f}, "
                 f"p95 {point['p95_ms']:.2f} ms)")
 
-    reference = ndcg(reference_point(points, full_dim))
-    floor = max(min_retained * reference, reference - max_loss)
-    sized = [p for p in points if p["bytes"] / 1e6 <= mb_target and ndcg(p) >= floor]
+    exact = reference_point(points, full_dim)
+    floor = max(min_retained * ndcg(exact), ndcg(exact) - max_loss)
+    # A point larger than exact search (a rescoring index keeps fp32 vectors besides its own)
+    # can only approximate it: a higher dev figure there is noise, not a reason to serve more bytes.
+    sized = [p for p in points if p["bytes"] / 1e6 <= mb_target and ndcg(p) >= floor
+             and (p is exact or p["bytes"] < exact["bytes"])]
     fast = [p for p in sized if p["p95_ms"] <= p95_target]
     good = [p for p in fast if ndcg(p) >= ndcg_target]
     if good:
