@@ -172,10 +172,9 @@ def held_out_synthetic_queries(units: pd.DataFrame, exclude: set[str], wanted: i
     ordered = documents.loc[sorted(documents.index, key=lambda i: salted(documents.at[i, "parent_id"]))]
     limit = min(wanted * MAX_PROMPTS_PER_QUERY, int(len(documents) * MAX_HELD_OUT_FRACTION))
     texts, parents = document_texts(units["title"], units["text"]), list(units["parent_id"])
-    kept, seen, asked, rate = [], set(), 0, EXPECTED_KEEP_RATE
-    while sum(map(len, kept)) < wanted and asked < limit:
-        missing = wanted - sum(map(len, kept))
-        batch = ordered[asked:min(limit, asked + math.ceil(missing / rate))]
+    kept, seen, asked, found, rate = [], set(), 0, 0, EXPECTED_KEEP_RATE
+    while found < wanted and asked < limit:
+        batch = ordered[asked:min(limit, asked + math.ceil((wanted - found) / rate))]
         generated = generate(list(batch["doc_id"]), document_texts(batch["title"], batch["text"]))
         asked += len(batch)
         rows = pd.DataFrame({"query": generated, "parent": list(batch["parent_id"])}).dropna()
@@ -185,7 +184,8 @@ def held_out_synthetic_queries(units: pd.DataFrame, exclude: set[str], wanted: i
         if len(rows):
             run = bm25_run(texts, parents, {str(i): q for i, q in enumerate(rows["query"])}, ROUND_TRIP_K)
             kept.append(rows[[parent in run[str(i)] for i, parent in enumerate(rows["parent"])]])
-        rate = max(sum(map(len, kept)) / asked, 1 / MAX_PROMPTS_PER_QUERY)
+            found += len(kept[-1])
+        rate = max(found / asked, 1 / MAX_PROMPTS_PER_QUERY)
     columns = pd.DataFrame(columns=["query", "parent"])
     return pd.concat([columns, *kept]).reset_index(drop=True)[:wanted], asked
 

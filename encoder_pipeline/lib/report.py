@@ -169,6 +169,9 @@ def regressions_in_words(significance: Mapping[str, Mapping], scores: Mapping[st
     return sentences
 
 
+PROMOTION_TOLERANCE = 0.01  # nDCG@10 a candidate may fall below what it replaces and still be promoted
+
+
 def safe_to_promote(candidate: float, off_the_shelf: float, currently_served: float | None,
                     tolerance: float) -> tuple[bool, str]:
     """Promotion rule: the candidate's eval nDCG@10 is not below the currently served index's (when

@@ -73,7 +73,7 @@ class ReportConfig(dg.Config):
     """Knobs of the report's statistics and of the promotion rule."""
 
     promotion_tolerance: float = Field(
-        0.01, ge=0, description="How far (nDCG@10) the candidate may fall below the off-the-shelf "
+        lib_report.PROMOTION_TOLERANCE, ge=0, description="How far (nDCG@10) the candidate may fall below the off-the-shelf "
         "model or the currently served index and still be promoted.")
     randomization_iterations: int = Field(
         10_000, ge=100, description="Relabelings in each paired randomization test.")
