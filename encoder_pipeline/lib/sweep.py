@@ -44,7 +44,7 @@ Point = dict[str, Any]
 
 CHOICE_RULE = (
     "Chosen on the dev slice, never the eval set, among configurations keeping >= 95% of the fp32 "
-    "full-width dev nDCG@10 and losing at most 0.01 of it: the smallest (served bytes) whose dev "
+    "full-width dev nDCG@10 (losing at most 0.01 of it) and of its dev Recall@100: the smallest (served bytes) whose dev "
     "nDCG@10 >= the target, p95 latency (encode + search) <= the target and size <= the target MB; "
     "if none meets all three, the best dev nDCG@10 among those meeting size and latency; if none "
     "meets latency within the size (query encoding alone can exceed it, which no index fixes), the "
