@@ -219,8 +219,8 @@ POINTS = [
     ({"ndcg_at_10": 0.65, "p95_latency_ms": 1, "index_mb": 5}, ("binary+int8", 192), "p95"),
     ({"ndcg_at_10": 0.5, "p95_latency_ms": 1, "index_mb": 5}, ("binary+int8", 192), "p95"),
     ({"ndcg_at_10": 0.9, "p95_latency_ms": 1, "index_mb": 5}, ("fp32", 384), "none reaches"),
-    # 4. Nothing fits the size: the exact reference.
-    ({"ndcg_at_10": 0.5, "p95_latency_ms": 15, "index_mb": 0.1}, ("fp32", 384), "no configuration fits"),
+    # 4. No candidate fits the size: the smallest candidate (int8@96 loses too much to be one).
+    ({"ndcg_at_10": 0.5, "p95_latency_ms": 15, "index_mb": 0.1}, ("binary+int8", 192), "the smallest that does"),
 ])
 def test_choose(targets, expected, why):
     chosen, reason = choose(POINTS, targets, full_dim=384)
@@ -258,6 +258,14 @@ def test_choose_keeps_95_percent_of_the_uncompressed_recall():
     targets = {"ndcg_at_10": 0.5, "p95_latency_ms": 15, "index_mb": 50}
     assert choose(points, targets, 384)[0]["name"] == "int8@384"
     assert choose(points, targets, 384, min_retained=0.9)[0]["name"] == "binary+int8@384"
+
+
+def test_choose_serves_the_smallest_candidate_when_none_fits_the_size():
+    # the default `code` build's dev figures (5 MB target): int8@192 loses 0.022, int8@384 keeps it all
+    points = [_point(384, "fp32", 21.18, 22.1, 0.4867), _point(384, "int8", 5.41, 22.0, 0.4865),
+              _point(192, "int8", 2.78, 21.8, 0.4647)]
+    chosen, why = choose(points, {"ndcg_at_10": 0.65, "p95_latency_ms": 15, "index_mb": 5}, 384)
+    assert chosen["name"] == "int8@384" and "within 5.0 MB keeps" in why
 
 
 def test_choose_reads_dev_never_eval():
