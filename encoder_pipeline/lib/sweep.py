@@ -44,8 +44,8 @@ Point = dict[str, Any]
 
 CHOICE_RULE = (
     "Chosen on the dev slice, never the eval set, among configurations keeping >= 95% of the fp32 "
-    "full-width dev nDCG@10 (losing at most 0.01 of it) and of its dev Recall@100: the smallest (served bytes) whose dev "
-    "nDCG@10 >= the target, p95 latency (encode + search) <= the target and size <= the target MB; "
+    "full-width dev nDCG@10 (losing at most 0.01 of it) and of its dev Recall@100: the smallest "
+    "(served bytes) whose dev nDCG@10 >= the target, p95 latency (encode + search) <= the target and size <= the target MB; "
     "if none meets all three, the best dev nDCG@10 among those meeting size and latency; if none "
     "meets latency within the size (query encoding alone can exceed it, which no index fixes), the "
     "smallest within the size that meets the nDCG@10 target, else the best dev nDCG@10 within the "
@@ -200,8 +200,8 @@ def choose(points: Sequence[Point], targets: Any, full_dim: int, on: str = "dev"
     "Size" is served bytes / 1e6 <= index_mb; "latency" is p95_ms (encode + search) <= p95_latency_ms.
 
     Only points keeping >= `min_retained` of the fp32 full-width point's nDCG@10 and of its
-    Recall@100, and losing at most `max_loss` of its nDCG@10, are candidates: a target met by a compressed index that loses to the
-    uncompressed one is not a good trade (and the report's promotion gate would refuse it against
+    Recall@100, and losing at most `max_loss` of its nDCG@10, are candidates: a target met by a
+    compressed index that loses to the uncompressed one is not a good trade (and the report's promotion gate would refuse it against
     the off-the-shelf model). Nor are points larger than the fp32 full-width one, which they can
     only approximate.
 
