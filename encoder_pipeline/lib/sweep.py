@@ -42,18 +42,6 @@ from encoder_pipeline.lib.report import PROMOTION_TOLERANCE
 
 Point = dict[str, Any]
 
-CHOICE_RULE = (
-    "Chosen on the dev slice, never the eval set, among configurations keeping >= 95% of the fp32 "
-    "full-width dev nDCG@10 (losing at most 0.01 of it) and of its dev Recall@100: the smallest "
-    "(served bytes) whose dev nDCG@10 >= the target, p95 latency (encode + search) <= the target and size <= the target MB; "
-    "if none meets all three, the best dev nDCG@10 among those meeting size and latency; if none "
-    "meets latency within the size (query encoding alone can exceed it, which no index fixes), the "
-    "smallest within the size that meets the nDCG@10 target, else the best dev nDCG@10 within the "
-    "size; if no candidate fits the size, the smallest candidate. A configuration larger than fp32 "
-    "at full width is never a candidate."
-)
-
-
 @dataclass
 class QuerySet:
     """Queries embedded at full width (normalized), their ids, and document-level qrels."""
@@ -191,6 +179,17 @@ MAX_LOSS = PROMOTION_TOLERANCE
 # positives out of the top 100 a reranker reads (the untitled manual, seed 2: binary+int8 @ 384 kept
 # 102% of dev nDCG@10 and 95% of its Recall@100; on the FAQ, 0.90 against exact search's 0.96).
 
+CHOICE_RULE = (
+    f"Chosen on the dev slice, never the eval set, among configurations keeping >= {MIN_RETAINED:.0%} "
+    f"of the fp32 full-width dev nDCG@10 (losing at most {MAX_LOSS} of it) and of its dev Recall@100: "
+    "the smallest (served bytes) whose dev nDCG@10 >= the target, p95 latency (encode + search) <= "
+    "the target and size <= the target MB; if none meets all three, the best dev nDCG@10 among those "
+    "meeting size and latency; if none meets latency within the size (query encoding alone can exceed "
+    "it, which no index fixes), the smallest within the size that meets the nDCG@10 target, else the "
+    "best dev nDCG@10 within the size; if no candidate fits the size, the smallest candidate. A "
+    "configuration larger than fp32 at full width is never a candidate."
+)
+
 
 def choose(points: Sequence[Point], targets: Any, full_dim: int, on: str = "dev",
            min_retained: float = MIN_RETAINED, max_loss: float = MAX_LOSS) -> tuple[Point, str]:
@@ -201,8 +200,8 @@ def choose(points: Sequence[Point], targets: Any, full_dim: int, on: str = "dev"
 
     Only points keeping >= `min_retained` of the fp32 full-width point's nDCG@10 and of its
     Recall@100, and losing at most `max_loss` of its nDCG@10, are candidates: a target met by a
-    compressed index that loses to the uncompressed one is not a good trade (and the report's promotion gate would refuse it against
-    the off-the-shelf model). Nor are points larger than the fp32 full-width one, which they can
+    compressed index that loses to the uncompressed one is not a good trade (and the report's
+    promotion gate would refuse it against the off-the-shelf model). Nor are points larger than the fp32 full-width one, which they can
     only approximate.
 
     1. Every target met: the fewest bytes (ties: higher nDCG@10, then lower p95).
