@@ -53,7 +53,7 @@ def test_no_training_row_touches_the_eval_set(tiny_code_run):
     assert not set(pairs["query"]) & {*split["eval"]["queries"].values(), *split["dev"]["queries"].values()}
 
 
-def test_dev_slice_scores_against_its_positives_and_sampled_training_units(tiny_code_run):
+def test_dev_slice_scores_against_its_positives_and_neighbouring_training_units(tiny_code_run):
     _, store = tiny_code_run
     split = read_eval_split(store, "code")
     units = read_corpus_units(store, "code")
@@ -63,8 +63,8 @@ def test_dev_slice_scores_against_its_positives_and_sampled_training_units(tiny_
     positives = {parent_of[d] for rels in dev.relevant.values() for d in rels}
     assert positives == split.dev.doc_ids
     assert len(dev.corpus) == sum(len(rels) for rels in dev.relevant.values()) + 5
-    distractors = {parent_of[d] for d in dev.corpus} - positives
-    assert len(distractors) == 5 and not distractors & split.held_out_doc_ids
+    distractors = set(dev.corpus) - {d for rels in dev.relevant.values() for d in rels}
+    assert len(distractors) == 5 and not {parent_of[d] for d in distractors} & split.held_out_doc_ids
     assert dev_set(store, "code", seed=0, distractors=5).corpus == dev.corpus  # seeded
 
 

@@ -2,6 +2,8 @@
 teacher's in-batch distillation), a tiny real run lowers the loss and writes a loadable checkpoint, and an interrupted run
 resumes where it stopped."""
 
+import random
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -23,6 +25,7 @@ from encoder_pipeline.lib.train import (
     auto_batch_size,
     choose_merge,
     interpolate_with_base,
+    lexical_distractors,
     order_dimensions_by_variance,
     pick_merge,
     train_encoder,
@@ -419,3 +422,16 @@ def test_an_encoder_handle_runs_another_model_the_same_way_and_crosses_processes
     expected = encoders.encode(encoders.load_encoder(encoders.DEFAULT_BASE_MODEL), texts, bf16=False)
     np.testing.assert_allclose(handle.encode(texts), expected, atol=1e-6)
     np.testing.assert_allclose(handle.bound()(texts[:1], batch_size=1), expected[:1], atol=1e-5)
+
+
+def test_dev_distractors_are_the_queries_lexical_neighbours_then_a_seeded_fill():
+    words = random.Random(0)
+    texts = [" ".join(words.sample([f"w{i}" for i in range(2000)], 8)) for _ in range(300)]
+    texts[17], texts[203] = "a stable merge sort algorithm", "a binary heap as a priority queue"
+    queries = ["stable merge sort", "priority queue heap"]
+    picked = lexical_distractors(queries, texts, count=6, seed=0)
+    # only two units share a word with the queries: both are in, the other four are the seeded fill
+    assert len(set(picked)) == 6 and picked[:2] == [17, 203]
+    assert lexical_distractors(queries, texts, count=6, seed=0) == picked
+    assert lexical_distractors(queries, texts, count=6, seed=1)[:2] == [17, 203]
+    assert lexical_distractors(queries, texts, count=400) == list(range(300))

@@ -67,15 +67,21 @@ def dense_run(query_vectors: np.ndarray, corpus_vectors: np.ndarray, query_ids: 
     return to_parent_run(hits, query_ids, parents)
 
 
+def bm25_retriever(corpus_texts: Sequence[str]) -> bm25s.BM25:
+    """bm25s over `corpus_texts` (English stopwords removed), queried by position."""
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize(list(corpus_texts), stopwords="en", show_progress=False),
+                    show_progress=False)
+    return retriever
+
+
 class BM25Index:
     """bm25s over a corpus's units, indexed once and queried batch after batch (a judging session
     asks for a few queries at a time; re-indexing the corpus each time would dominate)."""
 
     def __init__(self, corpus_texts: Sequence[str], parents: Sequence[str]):
         self.parents, self.size = list(parents), len(corpus_texts)
-        self.retriever = bm25s.BM25()
-        self.retriever.index(bm25s.tokenize(list(corpus_texts), stopwords="en", show_progress=False),
-                             show_progress=False)
+        self.retriever = bm25_retriever(corpus_texts)
 
     def run(self, queries: dict[str, str], k: int = 100) -> Run:
         qids = list(queries)

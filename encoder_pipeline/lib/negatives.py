@@ -35,6 +35,7 @@ from sentence_transformers.util import mine_hard_negatives
 
 from encoder_pipeline.lib.encoders import EncoderHandle, encode, inference_precision
 from encoder_pipeline.lib.index import on_gpus
+from encoder_pipeline.lib.metrics import bm25_retriever
 from encoder_pipeline.lib.vector_cache import cached_embeddings
 
 
@@ -117,7 +118,7 @@ def mine_negatives(pairs: pd.DataFrame, corpus: Sequence[str], teacher: EncoderH
                 os.replace(partial, target)
 
     prefill("corpus", corpus)
-    bm25 = _bm25_index(corpus) if config.bm25_negatives else None
+    bm25 = bm25_retriever(corpus) if config.bm25_negatives else None
     frames, candidates, dropped, samples = [], 0, 0, []
     corpus_vectors, index = None, None
     # Chunks split between distinct queries, never inside one: mine_hard_negatives treats every
@@ -209,12 +210,6 @@ def _cache_path(model: SentenceTransformer, kind: str, texts: list[str], cache_d
     model_name = model.model_card_data.base_model or ""
     digest = hashlib.sha256(repr((model_name, None, None, texts)).encode(), usedforsecurity=False)
     return Path(cache_dir) / f"{kind}_embeddings_{digest.hexdigest()}.npy"
-
-
-def _bm25_index(corpus: list[str]) -> bm25s.BM25:
-    retriever = bm25s.BM25()
-    retriever.index(bm25s.tokenize(corpus, stopwords="en", show_progress=False), show_progress=False)
-    return retriever
 
 
 class _ScoredChunk:

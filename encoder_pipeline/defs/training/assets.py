@@ -30,7 +30,13 @@ from encoder_pipeline.lib.layout import (
 )
 from encoder_pipeline.lib.layout import RUNGS as LADDER_RUNGS
 from encoder_pipeline.lib.teacher import TeacherEmbedder
-from encoder_pipeline.lib.train import DevSet, TrainingConfig, TrainingDataError, train_encoder
+from encoder_pipeline.lib.train import (
+    DevSet,
+    TrainingConfig,
+    TrainingDataError,
+    lexical_distractors,
+    train_encoder,
+)
 from encoder_pipeline.resources import PUBLISHED, ArtifactStoreResource, PipelineSettings
 
 GROUP = "training"
@@ -69,9 +75,10 @@ def training_rows(store: ArtifactStore, domain: str, rung: str) -> pd.DataFrame:
 
 
 def dev_set(store: ArtifactStore, domain: str, seed: int, distractors: int) -> DevSet | None:
-    """eval_set's dev slice against the units of its relevant documents plus `distractors` sampled
-    from the training sample outside every held-out document (None: the corpus gave no dev slice).
-    Each rung encodes this corpus twice (best-epoch choice, then after the rotation)."""
+    """eval_set's dev slice against the units of its relevant documents plus `distractors` from the
+    training sample outside every held-out document, the dev queries' lexical neighbours first
+    (`lexical_distractors`; None: the corpus gave no dev slice). Each rung encodes this corpus a few
+    times (best-epoch choice, the merge shares, after the rotation)."""
     split = read_eval_split(store, domain)
     if not split.dev.queries:
         return None
@@ -81,8 +88,9 @@ def dev_set(store: ArtifactStore, domain: str, seed: int, distractors: int) -> D
                 for qid, rels in split.dev.qrels.items()}
     positives = set().union(*relevant.values())
     others = units[~units["parent_id"].isin(split.held_out_doc_ids)]
-    sampled = others.sample(min(distractors, len(others)), random_state=seed)
-    chosen = pd.concat([units[units["doc_id"].isin(positives)], sampled])
+    others_texts = corpus_texts(others)
+    picked = others.iloc[lexical_distractors(list(split.dev.queries.values()), others_texts, distractors, seed)]
+    chosen = pd.concat([units[units["doc_id"].isin(positives)], picked])
     corpus = dict(zip(chosen["doc_id"], corpus_texts(chosen), strict=True))
     return DevSet(split.dev.queries, corpus, relevant)
 
