@@ -1,6 +1,7 @@
 """Time each stage of the main job for one domain, from a cold artifact root (no caches).
 
     python benchmarks/stage_timings.py --domain code --profile default
+    python benchmarks/stage_timings.py --domain web_qa --seed 1     # another seed (result file *_seed1)
 
 Prints wall seconds per stage (from Dagster's step events) and, as a machine-independent ratio, each
 stage in units of one baseline measured in the same run: encoding the cleaned corpus once with the
@@ -65,6 +66,16 @@ def step_seconds(instance: dg.DagsterInstance, result: dg.ExecuteInProcessResult
     return seconds
 
 
+def headline(store: ArtifactStore, domain: str) -> dict:
+    """The report's figures a seed comparison needs: the served index against the off-the-shelf model
+    on the eval queries (whole corpus), the ladder on the training sample, and the verdict."""
+    report = json.loads((store.latest(domain, "eval_report") / "report.json").read_text())
+    return {"verdict": report["verdict"], "off_the_shelf": report["before"], "served": report["after"],
+            "served_vs_off_the_shelf": report["significance_vs_off_the_shelf"]["served_index"],
+            "ladder": {name: row["ndcg@10"] for name, row in report["ladder"].items()},
+            "base_model_rungs": report["base_model_rungs"]}
+
+
 def device() -> dict:
     """What the run ran on: GPUs torch and FAISS see, else the CPU model."""
     if torch.cuda.is_available():
@@ -84,6 +95,7 @@ def main() -> None:
     parser.add_argument("--profile", default="default")
     parser.add_argument("--root", help="artifact root to keep (must not hold this domain yet); "
                         "default: a temporary folder")
+    parser.add_argument("--seed", type=int, default=0, help="the pipeline's seed (sampling, splits, training)")
     parser.add_argument("--tag", default="", help="suffix of the result file (e.g. cpu, gpu)")
     parser.add_argument("--compare", type=Path, help="an earlier result JSON: print the speed-up over it")
     args = parser.parse_args()
@@ -97,7 +109,7 @@ def main() -> None:
         result = defs.resolve_job_def("train_encoder_job").execute_in_process(
             instance=instance, partition_key=args.domain,
             resources={PUBLISHED: published_artifacts, "artifacts": ArtifactStoreResource(root=root),
-                       "settings": PipelineSettings(profile=args.profile), "llm": LLMResource()},
+                       "settings": PipelineSettings(profile=args.profile, seed=args.seed), "llm": LLMResource()},
             raise_on_error=False)
         total = time.perf_counter() - started
         built = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
@@ -131,10 +143,13 @@ def main() -> None:
         for step, value in seconds.items():
             print(f"| {step} | {value:.1f} | {value / baseline:.2f} |")
     RESULTS.mkdir(exist_ok=True)
-    suffix = f"_{args.tag}" if args.tag else ""
+    suffix = (f"_{args.tag}" if args.tag else "") + (f"_seed{args.seed}" if args.seed else "")
+    report = headline(ArtifactStore(root), args.domain)
+    print(f"\n{report['verdict']}\nserved nDCG@10 {report['served']['ndcg@10']:.4f} vs off-the-shelf "
+          f"{report['off_the_shelf']['ndcg@10']:.4f} (p = {report['served_vs_off_the_shelf']['p']:.4f})")
     (RESULTS / f"stage_timings_{args.domain}_{args.profile}{suffix}.json").write_text(json.dumps(
-        {"device": ran_on, "total_seconds": total, "baseline_seconds": baseline, "units": len(texts),
-         "stages": seconds}, indent=2))
+        {"device": ran_on, "seed": args.seed, "total_seconds": total, "baseline_seconds": baseline,
+         "units": len(texts), "stages": seconds, "report": report}, indent=2))
 
 
 if __name__ == "__main__":
