@@ -109,12 +109,12 @@ def main() -> None:
             parser.error(f"{root}/{args.domain} exists: the timing must start cold")
         instance = dg.DagsterInstance.ephemeral()
         instance.add_dynamic_partitions(domain_partitions.name, [args.domain])
+        settings = PipelineSettings(profile=args.profile, seed=args.seed, teacher_model=args.teacher)
         started = time.perf_counter()
         result = defs.resolve_job_def("train_encoder_job").execute_in_process(
             instance=instance, partition_key=args.domain,
             resources={PUBLISHED: published_artifacts, "artifacts": ArtifactStoreResource(root=root),
-                       "settings": PipelineSettings(profile=args.profile, seed=args.seed,
-                                                        teacher_model=args.teacher), "llm": LLMResource()},
+                       "settings": settings, "llm": LLMResource()},
             raise_on_error=False)
         total = time.perf_counter() - started
         built = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
