@@ -201,8 +201,8 @@ def choose(points: Sequence[Point], targets: Any, full_dim: int, on: str = "dev"
     Only points keeping >= `min_retained` of the fp32 full-width point's nDCG@10 and of its
     Recall@100, and losing at most `max_loss` of its nDCG@10, are candidates: a target met by a
     compressed index that loses to the uncompressed one is not a good trade (and the report's
-    promotion gate would refuse it against the off-the-shelf model). Nor are points larger than the fp32 full-width one, which they can
-    only approximate.
+    promotion gate would refuse it against the off-the-shelf model). Nor are points larger than the
+    fp32 full-width one, which they can only approximate.
 
     1. Every target met: the fewest bytes (ties: higher nDCG@10, then lower p95).
     2. Else, within size and latency: the best nDCG@10 (ties: fewer bytes).

@@ -88,10 +88,11 @@ def dev_set(store: ArtifactStore, domain: str, seed: int, distractors: int) -> D
                 for qid, rels in split.dev.qrels.items()}
     positives = set().union(*relevant.values())
     others = units[~units["parent_id"].isin(split.held_out_doc_ids)]
-    others_texts = corpus_texts(others)
-    picked = others.iloc[lexical_distractors(list(split.dev.queries.values()), others_texts, distractors, seed)]
-    chosen = pd.concat([units[units["doc_id"].isin(positives)], picked])
-    corpus = dict(zip(chosen["doc_id"], corpus_texts(chosen), strict=True))
+    others_texts = corpus_texts(others)  # each unit's text built once: BM25 and the dev corpus share it
+    picked = lexical_distractors(list(split.dev.queries.values()), others_texts, distractors, seed)
+    answers = units[units["doc_id"].isin(positives)]
+    corpus = {**dict(zip(answers["doc_id"], corpus_texts(answers), strict=True)),
+              **{others["doc_id"].iloc[i]: others_texts[i] for i in picked}}
     return DevSet(split.dev.queries, corpus, relevant)
 
 
