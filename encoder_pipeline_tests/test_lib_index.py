@@ -212,13 +212,13 @@ POINTS = [
     # 1. Every target met: the smallest such point.
     ({"ndcg_at_10": 0.65, "p95_latency_ms": 15, "index_mb": 5}, ("int8", 384), "every target"),
     ({"ndcg_at_10": 0.55, "p95_latency_ms": 25, "index_mb": 5}, ("binary+int8", 192), "every target"),
-    # 2. The quality target out of reach: the best dev nDCG within size and latency.
-    ({"ndcg_at_10": 0.9, "p95_latency_ms": 15, "index_mb": 5}, ("fp32", 384), "reaches"),
-    ({"ndcg_at_10": 0.9, "p95_latency_ms": 15, "index_mb": 2}, ("int8", 384), "reaches"),
-    # 3. Latency out of reach within the size: the smallest meeting nDCG, else the best nDCG.
-    ({"ndcg_at_10": 0.65, "p95_latency_ms": 1, "index_mb": 5}, ("binary+int8", 192), "p95"),
-    ({"ndcg_at_10": 0.5, "p95_latency_ms": 1, "index_mb": 5}, ("binary+int8", 192), "p95"),
-    ({"ndcg_at_10": 0.9, "p95_latency_ms": 1, "index_mb": 5}, ("fp32", 384), "none reaches"),
+    # 2. The quality target out of reach: the least compressed within size and latency.
+    ({"ndcg_at_10": 0.9, "p95_latency_ms": 15, "index_mb": 5}, ("fp32", 384), "least compressed there"),
+    ({"ndcg_at_10": 0.9, "p95_latency_ms": 15, "index_mb": 2}, ("int8", 384), "least compressed there"),
+    # 3. Latency out of reach within the size: the least compressed within the size, whatever dev says.
+    ({"ndcg_at_10": 0.65, "p95_latency_ms": 1, "index_mb": 5}, ("fp32", 384), "p95"),
+    ({"ndcg_at_10": 0.5, "p95_latency_ms": 1, "index_mb": 2}, ("int8", 384), "p95"),
+    ({"ndcg_at_10": 0.9, "p95_latency_ms": 1, "index_mb": 0.95}, ("binary+int8", 192), "within the size"),
     # 4. No candidate fits the size: the smallest candidate (int8@96 loses too much to be one).
     ({"ndcg_at_10": 0.5, "p95_latency_ms": 15, "index_mb": 0.1}, ("binary+int8", 192), "the smallest that does"),
 ])
@@ -243,20 +243,36 @@ def test_choose_loses_at_most_a_hundredth_of_the_uncompressed_quality():
 
 
 def test_choose_never_serves_more_bytes_than_exact_search():
-    # no point reaches 0.9: a rescoring index 0.003 "better" than fp32 on dev, and larger, is noise
+    # no point meets latency: a rescoring index 0.003 "better" than fp32 on dev, and larger, is noise
     points = [_point(384, "fp32", 10.5, 9.0, 0.457), _point(384, "binary+fp32", 10.9, 9.0, 0.460),
               _point(384, "fp16", 5.3, 9.0, 0.457), _point(192, "int8", 1.4, 9.0, 0.426)]
     chosen, _ = choose(points, {"ndcg_at_10": 0.9, "p95_latency_ms": 1, "index_mb": 50}, 384)
-    assert chosen["name"] == "fp16@384"  # the best dev nDCG@10 within fp32's bytes, fewest bytes on ties
+    assert chosen["name"] == "fp16@384"  # exact search's quality at half its bytes
+
+
+@pytest.mark.parametrize(("sweep", "mb", "served"), [
+    # `biomedical`, seed 1, the base model over 43,558 terms (p95 27 ms, target 15): int8 @ 192 led
+    # dev by noise (+0.008 over fp32) and lost 0.005 on the eval set; int8 @ 384 lost 0.001
+    ([(384, "fp32", 67.35, 0.3573), (384, "int8", 17.18, 0.3564), (192, "fp16", 17.18, 0.3613),
+      (192, "int8", 8.81, 0.3651), (96, "int8", 4.63, 0.3344)], 25, "int8@384"),
+    # `web_qa`, seed 1: int8 @ 192 "reached the target on dev" (0.825 >= 0.72) and lost 0.022 on the
+    # FAQ, the whole lift training bought; fp16 @ 384 fit in 5 MB and kept all of it
+    ([(384, "fp32", 8.33, 0.8318), (384, "fp16", 4.20, 0.8318), (384, "int8", 2.14, 0.8321),
+      (192, "int8", 1.11, 0.8250), (96, "int8", 0.59, 0.7633)], 5, "fp16@384"),
+])
+def test_choose_keeps_the_quality_the_size_allows_when_latency_is_out_of_reach(sweep, mb, served):
+    points = [_point(dims, precision, size, 27.0, ndcg) for dims, precision, size, ndcg in sweep]
+    chosen, why = choose(points, {"ndcg_at_10": 0.72, "p95_latency_ms": 15, "index_mb": mb}, 384)
+    assert chosen["name"] == served and "least compressed within the size" in why
 
 
 def test_choose_keeps_95_percent_of_the_uncompressed_recall():
-    # the untitled manual's seed 2, its dev figures: binary rescoring at nDCG@10 parity, 5.4% of
-    # Recall@100 lost; int8 keeps both
-    points = [_point(384, "fp32", 10.5, 25.9, 0.4226, 0.93), _point(384, "int8", 2.7, 25.9, 0.4245, 0.93),
-              _point(384, "binary+int8", 3.0, 25.6, 0.4296, 0.88)]
-    targets = {"ndcg_at_10": 0.5, "p95_latency_ms": 15, "index_mb": 50}
-    assert choose(points, targets, 384)[0]["name"] == "int8@384"
+    # the untitled manual's seed 2, its dev figures (int8 left out): binary rescoring at nDCG@10
+    # parity lost 5.4% of Recall@100; when every target is met it is the smallest, yet not served
+    points = [_point(384, "fp32", 10.5, 9.0, 0.4226, 0.93), _point(384, "fp16", 5.3, 9.0, 0.4226, 0.93),
+              _point(384, "binary+int8", 3.0, 9.0, 0.4296, 0.88)]
+    targets = {"ndcg_at_10": 0.4, "p95_latency_ms": 15, "index_mb": 50}
+    assert choose(points, targets, 384)[0]["name"] == "fp16@384"
     assert choose(points, targets, 384, min_retained=0.9)[0]["name"] == "binary+int8@384"
 
 

@@ -179,15 +179,19 @@ MAX_LOSS = PROMOTION_TOLERANCE
 # positives out of the top 100 a reranker reads (the untitled manual, seed 2: binary+int8 @ 384 kept
 # 102% of dev nDCG@10 and 95% of its Recall@100; on the FAQ, 0.90 against exact search's 0.96).
 
+# How faithful a precision is to exact search, for the quality-first choices below. fp16 ranks with
+# fp32: half precision moves a unit vector's cosines by ~1e-4, and no sweep's ranking has shown it.
+PRECISION_FIDELITY = {"fp32": 4, "fp16": 4, "int8": 3, "binary+fp32": 2, "binary+int8": 1, "ivfpq": 0}
+
 CHOICE_RULE = (
     f"Chosen on the dev slice, never the eval set, among configurations keeping >= {MIN_RETAINED:.0%} "
     f"of the fp32 full-width dev nDCG@10 (losing at most {MAX_LOSS} of it) and of its dev Recall@100: "
     "the smallest (served bytes) whose dev nDCG@10 >= the target, p95 latency (encode + search) <= "
-    "the target and size <= the target MB; if none meets all three, the best dev nDCG@10 among those "
-    "meeting size and latency; if none meets latency within the size (query encoding alone can exceed "
-    "it, which no index fixes), the smallest within the size that meets the nDCG@10 target, else the "
-    "best dev nDCG@10 within the size; if no candidate fits the size, the smallest candidate. A "
-    "configuration larger than fp32 at full width is never a candidate."
+    "the target and size <= the target MB; if none meets all three, the least compressed (widest, "
+    "then most precise; fp16 counts as exact) among those meeting size and latency, else among those "
+    "meeting size (query encoding alone can exceed the latency, which no index fixes); if no "
+    "candidate fits the size, the smallest candidate. A configuration larger than fp32 at full width "
+    "is never a candidate."
 )
 
 
@@ -205,10 +209,14 @@ def choose(points: Sequence[Point], targets: Any, full_dim: int, on: str = "dev"
     fp32 full-width one, which they can only approximate.
 
     1. Every target met: the fewest bytes (ties: higher nDCG@10, then lower p95).
-    2. Else, within size and latency: the best nDCG@10 (ties: fewer bytes).
+    2. Else, within size and latency: the least compressed (widest, then most precise; ties: fewer
+       bytes). Once a target is out of reach, quality is what the index can still keep, and among
+       candidates that all keep the exact quality on dev, their dev differences are noise: picking
+       the best of them served `biomedical` int8 @ 192 (dev +0.008 over fp32, eval -0.005) where
+       int8 @ 384 fit the size, and "the fewest bytes reaching the target on dev" served `web_qa`
+       int8 @ 192 at 0.686 where fp16 @ 384 fit at 0.708 (seed 1, from the sweep's eval figures).
     3. Else, within size (no point meets latency there: usually query encoding alone exceeds it,
-       which no index choice fixes): the fewest bytes meeting the nDCG@10 target, else the best
-       nDCG@10 (ties: fewer bytes).
+       which no index choice fixes): the least compressed, as in 2.
     4. Else (no candidate fits the size): the smallest candidate. Not fp32 at full width: on `code`
        (5 MB target) that served 21 MB where int8 @ 384, 5.4 MB, kept 99.96% of it.
     """
@@ -224,8 +232,8 @@ def choose(points: Sequence[Point], targets: Any, full_dim: int, on: str = "dev"
     def smallest(candidates: list[Point]) -> Point:
         return min(candidates, key=lambda p: (p["bytes"], -ndcg(p), p["p95_ms"]))
 
-    def best(candidates: list[Point]) -> Point:
-        return max(candidates, key=lambda p: (ndcg(p), -p["bytes"]))
+    def least_compressed(candidates: list[Point]) -> Point:
+        return max(candidates, key=lambda p: (p["dims"], PRECISION_FIDELITY[p["precision"]], -p["bytes"]))
 
     def described(point: Point) -> str:
         return (f"{point['name']} ({point['bytes'] / 1e6:.3f} MB, {on} nDCG@10 {ndcg(point):.4f}, "
@@ -244,16 +252,13 @@ def choose(points: Sequence[Point], targets: Any, full_dim: int, on: str = "dev"
         chosen = smallest(good)
         return chosen, f"smallest configuration meeting every target on {on}: {described(chosen)}"
     if fast:
-        chosen = best(fast)
+        chosen = least_compressed(fast)
         return chosen, (f"no configuration within {mb_target} MB and p95 {p95_target} ms reaches "
-                        f"nDCG@10 {ndcg_target} on {on}; the best there: {described(chosen)}")
+                        f"nDCG@10 {ndcg_target} on {on}; the least compressed there: {described(chosen)}")
     if sized:
-        good = [p for p in sized if ndcg(p) >= ndcg_target]
-        chosen = smallest(good) if good else best(sized)
+        chosen = least_compressed(sized)
         return chosen, (f"no configuration within {mb_target} MB meets p95 {p95_target} ms (query "
-                        f"encoding p95 alone may exceed it); "
-                        + (f"smallest reaching nDCG@10 {ndcg_target} on {on}: " if good
-                           else f"none reaches nDCG@10 {ndcg_target} on {on}; the best: ")
+                        f"encoding p95 alone may exceed it); the least compressed within the size: "
                         + described(chosen))
     chosen = smallest(keeping)
     return chosen, (f"no configuration within {mb_target} MB keeps the fp32 full-width quality on {on}; "
