@@ -128,6 +128,8 @@ def main() -> None:
                         help="default: the domain spec's training.distill_weight, else the recipe's")
     parser.add_argument("--fine-tuned-weights", type=float, nargs="+",
                         help="default: the domain spec's training.fine_tuned_weight, else 1")
+    parser.add_argument("--epochs", type=float, help="default: the profile's; the best epoch on dev is kept")
+    parser.add_argument("--learning-rate", type=float, help="default: the recipe's")
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
                         help="training precision: bf16 mixed precision where native (the pipeline's), or fp32")
     args = parser.parse_args()
@@ -164,18 +166,19 @@ def main() -> None:
     names = [label(variant, weight) for variant, _ in variants for weight in weights]
     scores: dict[str, list[float]] = {name: [] for name in names}
     seconds: dict[str, list[float]] = {name: [] for name in names}
+    dev_history: dict[str, list[list[dict]]] = {name: [] for name in names}  # per seed: dev nDCG@10 by epoch
     rows_used: dict[str, int] = {}
     for seed in args.seeds:
         for variant, rows_fn in variants:
             rows = rows_fn(store, args.domain)
             with tempfile.TemporaryDirectory() as work:
                 started = time.perf_counter()
-                train_encoder(encoders.DEFAULT_BASE_MODEL, rows, work,
-                              TrainingConfig(epochs=sizes.epochs, min_batch_size=sizes.batch_size, seed=seed,
-                                             fine_tuned_weight=1.0, distill_weight=distill_weight,
-                                             bf16=args.precision == "bf16",
-                                             teacher=encoders.model_fingerprint(teacher)),
-                              dev_set(store, args.domain, 0, sizes.dev_distractors), teacher=embedder)
+                config = TrainingConfig(epochs=args.epochs or sizes.epochs, min_batch_size=sizes.batch_size,
+                                        seed=seed, fine_tuned_weight=1.0, distill_weight=distill_weight,
+                                        bf16=args.precision == "bf16", teacher=encoders.model_fingerprint(teacher),
+                                        **({"learning_rate": args.learning_rate} if args.learning_rate else {}))
+                result = train_encoder(encoders.DEFAULT_BASE_MODEL, rows, work, config,
+                                       dev_set(store, args.domain, 0, sizes.dev_distractors), teacher=embedder)
                 took = time.perf_counter() - started
                 trained = encoders.load_encoder(str(Path(work) / "model"), fresh=True)
                 fine_tuned = {key: tensor.clone() for key, tensor in trained.state_dict().items()}
@@ -187,14 +190,18 @@ def main() -> None:
                     trained.save_pretrained(str(model))
                     rows_used[name] = len(rows)
                     seconds[name].append(took)
+                    dev_history[name].append(result.dev_history)
                     scores[name].append(ndcg(str(model), store, args.domain))
-                    print(f"seed {seed} {name}: nDCG@10 {scores[name][-1]:.4f} ({took:.0f} s)", flush=True)
+                    print(f"seed {seed} {name}: nDCG@10 {scores[name][-1]:.4f} ({took:.0f} s; dev by epoch "
+                          f"{result.dev_history}, best step {result.best_step})", flush=True)
     print(f"\n{args.domain}, {args.ablation}, seeds {args.seeds}\n")
     print("| system | rows | nDCG@10 mean | std | vs off-the-shelf | train s |\n|---|---|---|---|---|---|")
     print(f"| off-the-shelf | - | {base:.4f} | 0 | - | - |")
     summary = {"domain": args.domain, "ablation": args.ablation, "seeds": args.seeds,
                "teacher": teacher, "precision": args.precision,
-               "distill_weight": distill_weight, "off_the_shelf": base, "variants": {}}
+               "distill_weight": distill_weight, "epochs": args.epochs or sizes.epochs,
+               "learning_rate": args.learning_rate or TrainingConfig.learning_rate,
+               "off_the_shelf": base, "variants": {}}
     for name, values in scores.items():
         mean = statistics.mean(values)
         std = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -202,11 +209,14 @@ def main() -> None:
         print(f"| {name} | {rows_used[name]} | {mean:.4f} | {std:.4f} | {mean - base:+.4f} ({spread}) "
               f"| {statistics.mean(seconds[name]):.0f} |")
         summary["variants"][name] = {"rows": rows_used[name], "scores": values, "mean": mean, "std": std,
-                                     "margin": mean - base, "margin_exceeds_2_std": mean - base > 2 * std}
+                                     "margin": mean - base, "margin_exceeds_2_std": mean - base > 2 * std,
+                                     "dev_history": dev_history[name]}
     RESULTS.mkdir(exist_ok=True)
     suffix = (f"_teacher-{Path(args.teacher).name}" if args.teacher else "") + \
         (f"_distill-{distill_weight:g}" if distill_weight else "") + \
         ("_fp32" if args.precision == "fp32" else "") + \
+        (f"_epochs-{args.epochs:g}" if args.epochs else "") + \
+        (f"_lr-{args.learning_rate:g}" if args.learning_rate else "") + \
         ("".join(f"_{variant}" for variant, _ in variants) if args.variants else "")
     out = RESULTS / f"seed_spread_{args.domain}_{args.ablation}{suffix}.json"
     out.write_text(json.dumps(summary, indent=2))
