@@ -28,6 +28,7 @@ from encoder_pipeline.lib.train import (
     lexical_distractors,
     order_dimensions_by_variance,
     pick_merge,
+    pick_rung,
     train_encoder,
     with_teacher_embeddings,
 )
@@ -346,6 +347,30 @@ def test_training_with_weight_zero_gives_back_the_base_model(pairs, tmp_path):
     np.testing.assert_allclose(  # the rotation appended after training keeps every inner product
         trained.encode(QUERIES) @ trained.encode(POSITIVES).T, base.encode(QUERIES) @ base.encode(POSITIVES).T,
         atol=1e-4)
+
+
+def test_pick_rung_serves_the_most_data_unless_a_lower_rung_beats_it_beyond_noise():
+    queries = [f"q{i}" for i in range(73)]
+    rng = np.random.default_rng(0)
+    top = {q: float(v) for q, v in zip(queries, rng.uniform(0.4, 1.0, 73), strict=True)}
+
+    def shifted(by: float, spread: float) -> dict[str, float]:
+        return {q: v + by + float(e) for (q, v), e in zip(top.items(), rng.normal(0, spread, 73), strict=True)}
+
+    ladder = ["encoder_heuristic", "encoder_synthetic", "encoder_hard_negatives"]
+    # dev means 0.008 apart on 73 queries, as code's were: a draw, so the top rung is served
+    noisy = dict(zip(ladder, [shifted(0.008, 0.1), shifted(0.004, 0.1), top], strict=True))
+    assert np.mean(list(noisy["encoder_heuristic"].values())) > np.mean(list(top.values()))
+    rung, why = pick_rung(noisy, kept=ladder)
+    assert rung == "encoder_hard_negatives" and "beyond noise" in why and "encoder_heuristic" in why
+    clearly = dict(zip(ladder, [shifted(0.1, 0.02), shifted(0.0, 0.02), top], strict=True))
+    rung, why = pick_rung(clearly, kept=ladder)
+    assert rung == "encoder_heuristic" and "beats encoder_hard_negatives" in why
+    # a rung whose merge fell back is the base model: the highest rung that kept training is served
+    rung, _ = pick_rung(noisy, kept=["encoder_heuristic", "encoder_synthetic"])
+    assert rung == "encoder_synthetic"
+    rung, why = pick_rung(noisy, kept=[])
+    assert rung == "encoder_hard_negatives" and "each is the base model" in why
 
 
 def test_pick_merge_keeps_a_merge_only_when_it_beats_the_base_beyond_noise():

@@ -529,6 +529,35 @@ def pick_merge(per_query: dict[float, dict[str, float]], seed: int = 0) -> dict:
             "rule": rule, "dev_ndcg_at_10": {f"{w:g}": round(v, 4) for w, v in scores.items()}}
 
 
+def pick_rung(per_query: dict[str, dict[str, float]], kept: Sequence[str], seed: int = 0) -> tuple[str, str]:
+    """The rung to serve, from `per_query` ({rung: {dev query: nDCG@10}}, in ladder order: each rung
+    adds data decisions to the one before) and `kept` (the rungs whose merge kept trained weights).
+    Returns (rung, why).
+
+    The candidates are the kept rungs (none kept: each rung is the base model, the top one is served).
+    The highest candidate is served unless a lower one beats it on dev with p < MERGE_P. The rungs are
+    the same model trained on nested data, so their dev differences are mostly below what the slice
+    can show, and the best mean among them is a draw: on `code` (seed 0, two epochs) dev 0.757 /
+    0.753 / 0.749 picked the rung that scores 0.018 below the top one on the eval set."""
+    from encoder_pipeline.lib.report import paired_randomization_test
+
+    rungs = list(per_query)
+    candidates = [r for r in rungs if r in kept]
+    if not candidates:
+        return rungs[-1], f"{rungs[-1]}: no rung's merge kept training, so each is the base model"
+    means = {r: float(np.mean(list(per_query[r].values()))) if per_query[r] else 0.0 for r in candidates}
+    top = candidates[-1]
+    best = max(candidates, key=lambda r: (means[r], candidates.index(r)))
+    if best == top:
+        return top, f"{top}: the kept rung with the most data, and the best on the dev slice ({means[top]:.4f})"
+    p = paired_randomization_test(per_query[best], per_query[top], seed=seed)[1]
+    if p < MERGE_P:
+        return best, (f"{best}: beats {top}, the kept rung with more data, on the dev slice "
+                      f"({means[best]:.4f} vs {means[top]:.4f}, p = {p:.3f})")
+    return top, (f"{top}: the kept rung with the most data; no lower rung beats it on the dev slice beyond "
+                 f"noise (best, {best}: {means[best]:.4f} vs {means[top]:.4f}, p = {p:.3f})")
+
+
 def interpolate_with_base(model: SentenceTransformer, base: SentenceTransformer, fine_tuned_weight: float
                           ) -> None:
     """Set `model`'s weights to `fine_tuned_weight` * its own + (1 - `fine_tuned_weight`) * `base`'s,

@@ -1,15 +1,16 @@
-"""index_sweep and embedding_index: every Matryoshka width x precision of the best rung's index,
+"""index_sweep and embedding_index: every Matryoshka width x precision of the served rung's index,
 measured on the dev slice (which chooses) and the eval set (which only reports), then the chosen
 configuration built over the whole corpus and bound to that encoder's revision."""
 
 import json
+from collections.abc import Callable
 
 import dagster as dg
 import numpy as np
 
 from encoder_pipeline.defs.indexing.refresh import build_or_refresh
 from encoder_pipeline.defs.shared import ProgressLog, domain_spec, embeddings_cache, md_table, publish
-from encoder_pipeline.defs.training.assets import RUNGS
+from encoder_pipeline.defs.training.assets import RUNGS, dev_set
 from encoder_pipeline.domains import domain_partitions
 from encoder_pipeline.lib import encoders
 from encoder_pipeline.lib.index import RESCORE_MULTIPLIER, save_index
@@ -37,6 +38,7 @@ from encoder_pipeline.lib.sweep import (
     sweep,
     time_encoding,
 )
+from encoder_pipeline.lib.train import DevSet, pick_rung
 from encoder_pipeline.lib.vector_cache import cached_embeddings
 from encoder_pipeline.resources import PUBLISHED, ArtifactStoreResource, PipelineSettings
 
@@ -45,11 +47,17 @@ TOP_K = 100  # results per query for nDCG@10 and Recall@100
 SERVED_K = 10  # results per timed query, as served
 
 
-def best_rung(rungs: dict[str, RungArtifact]) -> tuple[RungArtifact, dict[str, float]]:
-    """The rung with the highest dev nDCG@10; on a tie the rung with more data decisions."""
-    scores = {r: rungs[r].training()["dev_ndcg_at_10"] for r in RUNGS}
-    order = sorted(RUNGS, key=lambda r: (scores[r], RUNGS.index(r)), reverse=True)
-    return rungs[order[0]], scores
+def rung_to_serve(rungs: dict[str, RungArtifact], dev: DevSet | None, load: Callable[[str], object],
+                  seed: int) -> tuple[RungArtifact, dict[str, float], str]:
+    """The rung `pick_rung` serves, each rung scored per query on the training dev slice (the one its
+    merge was chosen on); without a dev slice, the rung with the most data. Returns the rung, each
+    rung's dev nDCG@10 and why."""
+    if dev is None:
+        return rungs[RUNGS[-1]], {}, f"{RUNGS[-1]}: no dev slice, the rung with the most data"
+    per_query = {r: dev.per_query_ndcg_at_10(load(str(rungs[r].model_path))) for r in RUNGS}
+    kept = [r for r in RUNGS if rungs[r].training().get("fine_tuned_weight", 1.0) > 0]
+    rung, why = pick_rung(per_query, kept, seed)
+    return rungs[rung], {r: round(float(np.mean(list(q.values()))), 4) for r, q in per_query.items()}, why
 
 
 @dg.asset(
@@ -60,8 +68,9 @@ def best_rung(rungs: dict[str, RungArtifact]) -> tuple[RungArtifact, dict[str, f
     ins={rung: dg.AssetIn(rung, input_manager_key=PUBLISHED) for rung in RUNGS},
     automation_condition=dg.AutomationCondition.eager(),
     description=(
-        "The best rung's index of the whole corpus at every Matryoshka width (384/192/96/48) x precision (fp32, "
-        "fp16, int8 scalar quantizer, binary with int8 or fp32 rescoring, IVF-PQ from 20k vectors): "
+        "The served rung's index (the kept rung with the most data, unless a lower one beats it on "
+        "the dev slice beyond noise) of the whole corpus at every Matryoshka width (384/192/96/48) x precision (fp32, "
+        "fp16, int8 and int4 scalar quantizers, binary with int8 or fp32 rescoring, IVF-PQ from 20k vectors): "
         "nDCG@10 / Recall@100 and the share of fp32 full width they keep, on the dev slice and the "
         "eval set, every served byte, build time, p50/p95 latency (query encode + search, one query "
         "at a time, warm, one thread). Picks the smallest configuration meeting the domain's targets "
@@ -72,7 +81,10 @@ def index_sweep(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResou
                 settings: PipelineSettings, **rungs: RungArtifact) -> dg.MaterializeResult:
     spec = domain_spec(context)
     store = artifacts.store()
-    best, dev_scores = best_rung(rungs)
+    dev_slice = dev_set(store, spec.name, settings.seed, settings.sizes().dev_distractors)
+    best, dev_scores, rung_reason = rung_to_serve(
+        rungs, dev_slice, lambda path: settings.encoder(spec.trust_remote_code, path).load(), settings.seed)
+    context.log.info(f"serving {rung_reason}")
     rung, model_path = best.asset, str(best.model_path)
     revision = encoders.model_fingerprint(model_path)
     # Every configuration is measured over the whole corpus, the haystack it will serve: a width that
@@ -118,7 +130,7 @@ def index_sweep(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResou
         "haystack": {"units": len(units), "documents": int(units["parent_id"].nunique()),
                      "what": "the whole corpus"},
         "rescore_multiplier": RESCORE_MULTIPLIER, "targets": spec.targets.model_dump(),
-        "dev_ndcg_at_10_by_rung": dev_scores,
+        "dev_ndcg_at_10_by_rung": dev_scores, "rung_reason": rung_reason,
         "points": points, "chosen": chosen, "rule": CHOICE_RULE, "reason": reason,
     }
     with publish(context, artifacts, settings, {"rung": rung, "top_k": TOP_K},
@@ -126,6 +138,7 @@ def index_sweep(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResou
         (staging / SWEEP_FILE).write_text(json.dumps(payload, indent=2))
     return dg.MaterializeResult(metadata={
         "rung": rung,
+        "rung_reason": rung_reason,
         "encoder_revision": revision,
         "sweep": md_table(points_frame(points).round(4)),
         "chosen": f"{chosen['precision']} at {chosen['dims']} dims",
@@ -159,7 +172,7 @@ def index_sweep(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResou
 def embedding_index(context: dg.AssetExecutionContext, sweep: SweepArtifact, cleaned: CorpusArtifact,
                     artifacts: ArtifactStoreResource, settings: PipelineSettings) -> dg.MaterializeResult:
     """The configuration index_sweep chose (Matryoshka width x precision), built over the whole corpus
-    embedded by the ladder rung with the best dev nDCG@10; refuses to be queried with any other
+    embedded by the rung index_sweep serves (`rung_to_serve`); refuses to be queried with any other
     encoder revision. When only the corpus changed since the last version (same sweep), that version
     is updated incrementally instead (see `refresh.py`)."""
     spec = domain_spec(context)
