@@ -8,7 +8,6 @@ trained under MatryoshkaLoss, so a prefix is itself an embedding) x `precision`:
 | `fp32`        | `IndexFlatIP` (exact)                             | 4 x dims             |
 | `fp16`        | `IndexScalarQuantizer` QT_fp16                    | 2 x dims             |
 | `int8`        | `IndexScalarQuantizer` QT_8bit (per-dim min/max)  | dims                 |
-| `int4`        | `IndexScalarQuantizer` QT_4bit (per-dim min/max)  | dims / 2             |
 | `binary+int8` | `IndexBinaryFlat` on sign bits, then rescoring    | dims / 8 + dims      |
 | `binary+fp32` | `IndexBinaryFlat` on sign bits, then rescoring    | dims / 8 + 4 x dims  |
 | `ivfpq`       | `IndexIVFPQ` (large corpora only)                 | dims / 4 (+ lists)   |
@@ -51,10 +50,8 @@ from sentence_transformers.util.quantization import quantize_embeddings
 
 # The Matryoshka widths the encoders are trained for (lib.losses) and the sweep tries.
 MATRYOSHKA_DIMS: tuple[int, ...] = (384, 192, 96, 48)
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8", "int4", "binary+int8", "binary+fp32", "ivfpq")
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8", "binary+int8", "binary+fp32", "ivfpq")
 BINARY_PRECISIONS = ("binary+int8", "binary+fp32")
-SCALAR_QUANTIZERS = {"fp16": faiss.ScalarQuantizer.QT_fp16, "int8": faiss.ScalarQuantizer.QT_8bit,
-                     "int4": faiss.ScalarQuantizer.QT_4bit}
 RESCORE_MULTIPLIER = 4  # binary: candidates retrieved per result, then rescored
 RESCORE_CHUNK = 64  # queries rescored at once (bounds the gathered candidate vectors)
 IVFPQ_MIN_VECTORS = 20_000  # below this, IVF-PQ saves little and its k-means has too few points
@@ -141,8 +138,9 @@ def _flat_or_sq(vectors: np.ndarray, precision: str) -> faiss.Index:
     dim = vectors.shape[1]
     if precision == "fp32":
         index = faiss.IndexFlatIP(dim)
-    elif precision in SCALAR_QUANTIZERS:
-        index = faiss.IndexScalarQuantizer(dim, SCALAR_QUANTIZERS[precision], faiss.METRIC_INNER_PRODUCT)
+    elif precision in ("fp16", "int8"):
+        qtype = faiss.ScalarQuantizer.QT_fp16 if precision == "fp16" else faiss.ScalarQuantizer.QT_8bit
+        index = faiss.IndexScalarQuantizer(dim, qtype, faiss.METRIC_INNER_PRODUCT)
         index.train(vectors)
     elif precision == "ivfpq":
         params = ivfpq_params(len(vectors), dim)
@@ -276,7 +274,7 @@ def build_quantized(embeddings: np.ndarray, dims: int, precision: str,
 
 # IVF lists keep the ids given at add time, so after remove_ids a row number is no longer a position
 # in the id map; the flat structures compact in order, so positions stay aligned with it.
-UPDATABLE_PRECISIONS = ("fp32", "fp16", "int8", "int4", "binary+int8", "binary+fp32")
+UPDATABLE_PRECISIONS = ("fp32", "fp16", "int8", "binary+int8", "binary+fp32")
 
 
 def update_index(loaded: LoadedIndex, remove_rows: Sequence[int], embeddings: np.ndarray,

@@ -181,9 +181,7 @@ MAX_LOSS = PROMOTION_TOLERANCE
 
 # How faithful a precision is to exact search, for the quality-first choices below. fp16 ranks with
 # fp32: half precision moves a unit vector's cosines by ~1e-4, and no sweep's ranking has shown it.
-# int4 ranks below the binary precisions, whose candidates are rescored at int8 or fp32: its scores
-# have 16 levels a dimension.
-PRECISION_FIDELITY = {"fp32": 5, "fp16": 5, "int8": 4, "binary+fp32": 3, "binary+int8": 2, "int4": 1, "ivfpq": 0}
+PRECISION_FIDELITY = {"fp32": 4, "fp16": 4, "int8": 3, "binary+fp32": 2, "binary+int8": 1, "ivfpq": 0}
 
 CHOICE_RULE = (
     f"Chosen on the dev slice, never the eval set, among configurations keeping >= {MIN_RETAINED:.0%} "

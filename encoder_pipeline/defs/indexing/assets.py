@@ -70,7 +70,7 @@ def rung_to_serve(rungs: dict[str, RungArtifact], dev: DevSet | None, load: Call
     description=(
         "The served rung's index (the kept rung with the most data, unless a lower one beats it on "
         "the dev slice beyond noise) of the whole corpus at every Matryoshka width (384/192/96/48) x precision (fp32, "
-        "fp16, int8 and int4 scalar quantizers, binary with int8 or fp32 rescoring, IVF-PQ from 20k vectors): "
+        "fp16, int8 scalar quantizer, binary with int8 or fp32 rescoring, IVF-PQ from 20k vectors): "
         "nDCG@10 / Recall@100 and the share of fp32 full width they keep, on the dev slice and the "
         "eval set, every served byte, build time, p50/p95 latency (query encode + search, one query "
         "at a time, warm, one thread). Picks the smallest configuration meeting the domain's targets "
