@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from encoder_pipeline.lib.negatives import MiningConfig, mine_negatives
+from encoder_pipeline.lib.negatives import MiningConfig, mine_by_form, mine_negatives
 
 DIM = 32
 # document: (cosine to query 1, cosine to query 2); each document also gets its own orthogonal
@@ -27,6 +27,8 @@ DOCS = {
     "alpha kappa": (0.30, 0.00),
     "beta lambda": (0.20, 0.20),
 }
+# "pos beta" as served in a title domain (title + body): the positive of a synthetic row
+SERVED_BETA = "Beta\npos beta"
 QUERIES = {"alpha query": 0, "beta query": 1}
 PAIRS = pd.DataFrame({"query": ["alpha query", "beta query"], "positive": ["pos alpha", "pos beta"]})
 # perc_pos 0.95: query 1 drops scores above 0.76, query 2 above 0.475
@@ -44,7 +46,7 @@ class FakeTeacher:
         self.vectors = {}
         for text, axis in QUERIES.items():
             self.vectors[text] = np.eye(DIM, dtype=np.float32)[axis]
-        for j, (text, (a, b)) in enumerate(DOCS.items()):
+        for j, (text, (a, b)) in enumerate({**DOCS, SERVED_BETA: (0.0, 0.55)}.items()):
             vector = np.zeros(DIM, dtype=np.float32)
             vector[0], vector[1], vector[2 + j] = a, b, np.sqrt(1 - a * a - b * b)
             self.vectors[text] = vector
@@ -150,3 +152,29 @@ def test_bm25_negatives_pass_the_same_filter(tmp_path):
 def test_bm25_share_must_leave_a_teacher_negative():
     with pytest.raises(ValueError, match="bm25_negatives"):
         MiningConfig(num_negatives=2, bm25_negatives=2)
+
+
+def test_each_row_is_mined_from_units_in_its_positive_form(tmp_path):
+    # A title domain: the title -> body row's positive is a body, the synthetic row's is the unit as
+    # served. Mined from bodies, the synthetic row would get its own unit's body ("pos beta": 0.50,
+    # under 95% of its positive's 0.55) as a hard negative.
+    bodies = list(DOCS)
+    served = [SERVED_BETA if text == "pos beta" else text for text in bodies]
+    structural = PAIRS.iloc[:1]
+    synthetic = pd.DataFrame({"query": ["beta query"], "positive": [SERVED_BETA]})
+    config = MiningConfig(range_max=20, num_negatives=3, sampling_strategy="top", seed=0)
+    one_corpus = mine_negatives(pd.concat([structural, synthetic]), bodies, FakeTeacher(), config, tmp_path / "one")
+    assert negatives(one_corpus.rows.set_index("query").loc["beta query"], 3)[0] == "pos beta"
+
+    result = mine_by_form([(structural, bodies), (synthetic, served)], FakeTeacher(), config, tmp_path / "forms")
+    rows = result.rows.set_index("query")
+    assert "pos beta" not in negatives(rows.loc["beta query"], 3)
+    assert negatives(rows.loc["alpha query"], 3) == negatives(
+        mine_negatives(structural, bodies, FakeTeacher(), config, tmp_path / "alone").rows.iloc[0], 3)
+    report = result.report
+    assert (report.pairs_in, report.rows_out) == (2, 2)
+    assert report.candidates == 2 * (len(DOCS) - 1)  # each query against the other units of its corpus
+    # groups sharing a corpus are mined together, as one call
+    together = mine_by_form([(structural, bodies), (PAIRS.iloc[1:], bodies)], FakeTeacher(), config, tmp_path / "same")
+    pd.testing.assert_frame_equal(together.rows, mine_negatives(PAIRS, bodies, FakeTeacher(), config,
+                                                                tmp_path / "plain").rows)

@@ -8,6 +8,7 @@ import re
 import pandas as pd
 
 from encoder_pipeline.lib import encoders
+from encoder_pipeline.lib.encoders import document_texts
 from encoder_pipeline.lib.heldout import EvalSplit, QuerySet
 from encoder_pipeline.lib.leakage import LeakFilter
 from encoder_pipeline.lib.pairs import eval_texts
@@ -17,9 +18,9 @@ from encoder_pipeline.lib.synthetic import TrainingCorpus, synthesize
 EVAL_QUESTION = "how do I read a configuration file"
 
 
-def _corpus(units: pd.DataFrame, base_model, held_out: str) -> TrainingCorpus:
+def _corpus(units: pd.DataFrame, base_model, held_out: str, extractors=("docstring",)) -> TrainingCorpus:
     split = EvalSplit(QuerySet({"q1": EVAL_QUESTION}, {"q1": {held_out: 1}}, "human"),
-                      QuerySet({}, {}, "human"), {held_out}, ["docstring"])
+                      QuerySet({}, {}, "human"), {held_out}, list(extractors))
     return TrainingCorpus(units, split, lambda texts: encoders.encode(base_model, texts),
                           lambda queries: encoders.encode(base_model, queries))
 
@@ -65,7 +66,7 @@ def test_round_trip_relabel_and_leakage_on_real_functions(stdlib_units, base_mod
     assert "weather forecast for tomorrow in a mountain village" not in set(result.synthetic["query"])
     assert counts["dropped_round_trip"] >= 1 and counts["kept"] == len(result.synthetic) >= 6
     # every kept row trains on its (possibly relabeled) positive's own text, never a held-out one
-    positive_of = dict(zip(corpus.units["doc_id"], corpus.positives(), strict=True))
+    positive_of = dict(zip(corpus.units["doc_id"], corpus.texts(), strict=True))
     assert (result.synthetic["positive"] == result.synthetic["doc_id"].map(positive_of)).all()
     assert not set(result.synthetic["doc_id"]) & set(units["doc_id"][units["parent_id"] == held_out])
 
@@ -78,3 +79,23 @@ def test_round_trip_relabel_and_leakage_on_real_functions(stdlib_units, base_mod
     assert relabeled.any()
     assert all(row["doc_id"] == hit[1][0] for (_, row), hit, r in
                zip(judged.synthetic.iterrows(), hits, relabeled, strict=True) if r)
+
+
+def test_synthetic_rows_train_on_the_unit_as_served_where_titles_are_queries(stdlib_units, base_model):
+    # Title -> body rows train on the body alone (a title in the positive would answer its own
+    # query); a synthetic query was written from title and text and trains on both, as served.
+    units = stdlib_units.head(40).reset_index(drop=True)
+    corpus = _corpus(units, base_model, units["parent_id"].iloc[0], extractors=["title"])
+    assert corpus.structural_positives() == list(corpus.units["text"])
+
+    def answer(passage: str) -> str:
+        title = passage.split("\n", 1)[0]
+        return f"what does {title.rsplit('.', 1)[-1].replace('_', ' ')} in {title.split('.')[0]} do"
+
+    result = synthesize(corpus, corpus.units.head(10), PromptSpec("a question", "it answers", GENERIC_EXAMPLES[:2]),
+                        _answers(answer), queries_per_document=1, relabel_config=RelabelConfig(top_k=10),
+                        min_words=3, seed=0, leaks=LeakFilter(eval_texts(corpus.eval, units)))
+    served = dict(zip(corpus.ids, document_texts(corpus.units["title"], corpus.units["text"]), strict=True))
+    assert len(result.synthetic) >= 5
+    assert (result.synthetic["positive"] == result.synthetic["doc_id"].map(served)).all()
+    assert not result.synthetic["positive"].isin(corpus.units["text"]).any()

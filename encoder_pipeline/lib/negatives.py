@@ -170,6 +170,32 @@ def mine_negatives(pairs: pd.DataFrame, corpus: Sequence[str], teacher: EncoderH
         bm25_negatives_per_row=config.bm25_negatives))
 
 
+def mine_by_form(groups: Sequence[tuple[pd.DataFrame, Sequence[str]]], teacher: EncoderHandle | SentenceTransformer,
+                 config: MiningConfig, cache_dir: str | Path, vector_cache: str | Path | None = None) -> MiningResult:
+    """`mine_negatives` for each (pairs, corpus) group, the groups sharing a corpus mined together.
+
+    A corpus holds the units in the form its rows' positives take (a title domain's title -> body
+    rows: bodies; synthetic rows: title and body as served): mined against the other form, a row's
+    own unit would come back as one of its negatives.
+    """
+    by_corpus: dict[tuple[str, ...], list[pd.DataFrame]] = {}
+    for pairs, corpus in groups:
+        by_corpus.setdefault(tuple(corpus), []).append(pairs[["query", "positive"]])
+    results = [mine_negatives(pd.concat(frames, ignore_index=True), corpus, teacher, config, cache_dir, vector_cache)
+               for corpus, frames in by_corpus.items() if sum(map(len, frames))]
+    if len(results) == 1:
+        return results[0]
+    sample = pd.concat([r.report.dropped_sample for r in results], ignore_index=True)
+    if len(sample) > config.sample_size:
+        sample = sample.sample(config.sample_size, random_state=config.seed)
+    reports = [r.report for r in results]
+    return MiningResult(pd.concat([r.rows for r in results], ignore_index=True), MiningReport(
+        pairs_in=sum(r.pairs_in for r in reports), rows_out=sum(r.rows_out for r in reports),
+        candidates=sum(r.candidates for r in reports),
+        dropped_false_negatives=sum(r.dropped_false_negatives for r in reports),
+        dropped_sample=sample.reset_index(drop=True), bm25_negatives_per_row=config.bm25_negatives))
+
+
 @contextlib.contextmanager
 def _seeded(seed: int) -> Iterator[None]:
     """mine_hard_negatives samples with the global `random`; seed it without leaking the state."""

@@ -27,9 +27,11 @@ FREE_SHARE = 0.25
 
 
 def document_form(units: pd.DataFrame, extractors: Sequence[str]) -> list[str]:
-    """The text a unit trains as a positive (of synthetic queries, of mined rows): its body alone
-    where titles are queries (a title in the positive would answer its own query), else title and
-    text as the encoder sees the unit."""
+    """The text a unit trains as a structural row's positive (and as the corpus those rows' negatives
+    are mined from): its body alone where titles are queries (a title in the positive would answer
+    its own query), else title and text as the encoder sees the unit. Synthetic queries train
+    against the unit as served (`document_texts`): they were written from title and text, and a
+    title is often the very name a query asks for."""
     if "title" in extractors:
         return list(units["text"])
     return document_texts(units["title"], units["text"])

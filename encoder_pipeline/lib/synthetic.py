@@ -47,10 +47,11 @@ class TrainingCorpus:
         self._encode_corpus, self._encode_queries = encode_corpus, encode_queries
 
     def texts(self) -> list[str]:
+        """Each unit as the encoder sees it when served: a synthetic query's positive."""
         return document_texts(self.units["title"], self.units["text"])
 
-    def positives(self) -> list[str]:
-        """Each unit as a training positive (`lib.pairs.document_form`)."""
+    def structural_positives(self) -> list[str]:
+        """Each unit as a structural row's positive (`lib.pairs.document_form`)."""
         return document_form(self.units, self.extractors)
 
     def embeddings(self) -> np.ndarray:
@@ -106,7 +107,7 @@ def synthesize(corpus: TrainingCorpus, sample: pd.DataFrame, prompt_spec: Prompt
     hits = corpus.search(list(parsed["query"]), relabel_config.top_k)
     choices = judge_candidates(list(parsed["query"]), hits, corpus, prompt_spec.relevance, judge) if judge else None
     parsed["positive_id"], parsed["outcome"] = relabel(hits, list(parsed["doc_id"]), relabel_config, choices)
-    positive_of = dict(zip(corpus.units["doc_id"], corpus.positives(), strict=True))
+    positive_of = dict(zip(corpus.ids, corpus.texts(), strict=True))
     kept = parsed[parsed["outcome"] != "dropped_round_trip"]
     synthetic, leaked = leaks.drop(pd.DataFrame({
         "query": kept["query"], "positive": kept["positive_id"].map(positive_of),

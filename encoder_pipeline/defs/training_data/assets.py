@@ -6,7 +6,6 @@ import time
 
 import dagster as dg
 import numpy as np
-import pandas as pd
 
 from encoder_pipeline.defs.corpus.assets import clean_corpus
 from encoder_pipeline.defs.shared import (
@@ -40,7 +39,7 @@ from encoder_pipeline.lib.layout import (
     latest,
 )
 from encoder_pipeline.lib.leakage import LeakFilter
-from encoder_pipeline.lib.negatives import MiningConfig, mine_negatives
+from encoder_pipeline.lib.negatives import MiningConfig, mine_by_form
 from encoder_pipeline.lib.pairs import (
     cap_pairs,
     eval_texts,
@@ -221,7 +220,7 @@ def synthetic_queries(context: dg.AssetExecutionContext, pairs: PairsArtifact, a
 def mined_negatives(context: dg.AssetExecutionContext, pairs: PairsArtifact, synthetic: SyntheticArtifact,
                     artifacts: ArtifactStoreResource, settings: PipelineSettings) -> dg.MaterializeResult:
     """Hard negatives for every heuristic and synthetic pair, mined from the corpus minus eval
-    documents with the teacher (the run's, else the spec's, else the profile's: all-mpnet-base-v2 by
+    documents (each unit in the form of the row's positive: `lib.negatives.mine_by_form`) with the teacher (the run's, else the spec's, else the profile's: all-mpnet-base-v2 by
     default, the base model when its packages are missing), its scores kept; positive-aware: candidates scoring above 95% of the positive are dropped as likely
     false negatives (NV-Retriever's TopK-PercPos), and 3 negatives are sampled from the teacher's top
     50 survivors. Dropped candidates are counted and sampled in the metadata."""
@@ -229,8 +228,7 @@ def mined_negatives(context: dg.AssetExecutionContext, pairs: PairsArtifact, syn
     store = artifacts.store()
     cleaned, split = held_out(store, spec.name)
     corpus = training_corpus(cleaned, split, spec, settings)
-    queries = pd.concat([pairs.rows()[["query", "positive"]], synthetic.rows()[["query", "positive"]]],
-                        ignore_index=True)
+    structural, generated = pairs.rows(), synthetic.rows()
     choice = settings.teacher(spec.training.teacher_model)
     if choice.fallback:
         context.log.warning(choice.fallback)
@@ -238,8 +236,9 @@ def mined_negatives(context: dg.AssetExecutionContext, pairs: PairsArtifact, syn
     # mine_hard_negatives keys its embedding cache by text only: one folder per teacher revision.
     cache = embeddings_cache(store, spec.name) / f"mining-{choice.revision}"
     remove_torn_arrays(cache)  # a run killed while that cache was being written
-    mining = mine_negatives(queries, corpus.positives(), settings.encoder(spec.trust_remote_code, choice.model),
-                            config, cache, vector_cache=embeddings_cache(store, spec.name))
+    mining = mine_by_form([(structural, corpus.structural_positives()), (generated, corpus.texts())],
+                          settings.encoder(spec.trust_remote_code, choice.model), config, cache,
+                          vector_cache=embeddings_cache(store, spec.name))
     mined, leaked = leak_filter(cleaned, split).drop(mining.rows)
     overlapping = leaked.count
     report = mining.report
@@ -249,7 +248,7 @@ def mined_negatives(context: dg.AssetExecutionContext, pairs: PairsArtifact, syn
     text_columns = [c for c in mined.columns if not c.startswith("score_")]
     return dg.MaterializeResult(
         metadata={
-            "pairs_in": dg.MetadataValue.int(len(queries)),
+            "pairs_in": dg.MetadataValue.int(report.pairs_in),
             "rows_with_negatives": dg.MetadataValue.int(len(mined)),
             "dropped_eval_overlap": dg.MetadataValue.int(overlapping),
             "negatives_per_row": dg.MetadataValue.int(config.num_negatives),
