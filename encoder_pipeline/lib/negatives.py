@@ -181,8 +181,9 @@ def mine_by_form(groups: Sequence[tuple[pd.DataFrame, Sequence[str]]], teacher: 
     by_corpus: dict[tuple[str, ...], list[pd.DataFrame]] = {}
     for pairs, corpus in groups:
         by_corpus.setdefault(tuple(corpus), []).append(pairs[["query", "positive"]])
-    results = [mine_negatives(pd.concat(frames, ignore_index=True), corpus, teacher, config, cache_dir, vector_cache)
-               for corpus, frames in by_corpus.items() if sum(map(len, frames))]
+    merged = [(pd.concat(frames, ignore_index=True), list(corpus)) for corpus, frames in by_corpus.items()]
+    results = [mine_negatives(pairs, corpus, teacher, config, cache_dir, vector_cache)
+               for pairs, corpus in [m for m in merged if len(m[0])] or merged[:1]]
     if len(results) == 1:
         return results[0]
     sample = pd.concat([r.report.dropped_sample for r in results], ignore_index=True)

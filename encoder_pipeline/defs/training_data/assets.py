@@ -220,10 +220,12 @@ def synthetic_queries(context: dg.AssetExecutionContext, pairs: PairsArtifact, a
 def mined_negatives(context: dg.AssetExecutionContext, pairs: PairsArtifact, synthetic: SyntheticArtifact,
                     artifacts: ArtifactStoreResource, settings: PipelineSettings) -> dg.MaterializeResult:
     """Hard negatives for every heuristic and synthetic pair, mined from the corpus minus eval
-    documents (each unit in the form of the row's positive: `lib.negatives.mine_by_form`) with the teacher (the run's, else the spec's, else the profile's: all-mpnet-base-v2 by
-    default, the base model when its packages are missing), its scores kept; positive-aware: candidates scoring above 95% of the positive are dropped as likely
-    false negatives (NV-Retriever's TopK-PercPos), and 3 negatives are sampled from the teacher's top
-    50 survivors. Dropped candidates are counted and sampled in the metadata."""
+    documents (each unit in the form of the row's positive: `lib.negatives.mine_by_form`) with the
+    teacher (the run's, else the spec's, else the profile's: all-mpnet-base-v2 by default, the base
+    model when its packages are missing), its scores kept; positive-aware: candidates scoring above
+    95% of the positive are dropped as likely false negatives (NV-Retriever's TopK-PercPos), and 3
+    negatives are sampled from the teacher's top 50 survivors. Dropped candidates are counted and
+    sampled in the metadata."""
     spec = domain_spec(context)
     store = artifacts.store()
     cleaned, split = held_out(store, spec.name)
