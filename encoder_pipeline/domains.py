@@ -186,7 +186,7 @@ class TrainingSpec(_Strict):
         "The run's `settings.teacher_model` overrides both.")
     distill_weight: float | None = Field(
         None, ge=0, description="Override of the weight of distilling the teacher's scores of each "
-        "query's in-batch candidates (KL at the InfoNCE scale); unset: the recipe's 1.0; 0: off.")
+        "query's in-batch candidates (KL at the InfoNCE scale); unset: the recipe's 0.25; 0: off.")
 
 
 class DomainSpec(_Strict):
