@@ -102,7 +102,7 @@ class TrainingConfig:
     # Weight of distilling the teacher's scores of each query's in-batch candidates (when
     # `train_encoder` is given a teacher; `losses.distillation_term`); 0 turns it off. 0.25, not 1:
     # at 1 the KL pulled each rung toward the teacher's ranking where the pairs teach more than it
-    # knows (web_qa seed 0 served +0.018 at 1, +0.027 at 0.25; code level; docs/results.md).
+    # knows (web_qa served +0.016 at 1, +0.030 at 0.25 over three seeds; code level; docs/results.md).
     distill_weight: float = 0.25
     teacher: str = ""  # the teacher's revision: part of what a resumed checkpoint must match
     learning_rate: float = 5e-5
