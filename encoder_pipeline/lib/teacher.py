@@ -7,7 +7,8 @@ domain's shared embedding cache (`vector_cache.cached_embeddings`, keyed by the 
 sequence length and precision), so mining, the rows' labels and the report encode a text once.
 Inference runs in bf16 where the CPU has native bf16 and fp32 otherwise (`encoders.native_bf16`).
 The ONNX backend is not used for the teacher: `lib.encoders`' ONNX export is int8-quantized for
-serving (lossy), and its fp32 export was not measured faster than bf16 torch on these hosts.
+serving (lossy), and its fp32 export was not measured faster than bf16 torch on these hosts, nor
+than fp32 torch on an AVX2-only one (0.97x for this teacher; `benchmarks/bulk_encoding.py`).
 """
 
 from __future__ import annotations
