@@ -21,13 +21,13 @@ Writes benchmarks/results/bulk_encoding_<tag>.json (`--tag`, default the CPU's b
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from stage_timings import device
 
 from encoder_pipeline.lib import encoders
 
@@ -59,13 +59,6 @@ def time_backends(models: dict, texts: list[str], repeats: int) -> tuple[dict[st
             vectors[name] = encoders.encode(model, texts, batch_size=64, bf16=bf16)
             seconds[name].append(time.perf_counter() - started)
     return {name: min(times) for name, times in seconds.items()}, vectors
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -103,7 +96,7 @@ def main() -> None:
             "onnx_pays_off_from_texts": (round(export_seconds / saved_per_text) if saved_per_text > 0 else None)}
     tag = args.tag or ("bf16" if encoders.native_bf16() else "no-bf16")
     result = {"texts": len(texts), "corpus": str(MANUAL), "batch_size": 64, "threads": torch.get_num_threads(),
-              "cpu": cpu_model(), "cpus": os.cpu_count(),
+              "cpu": device()["name"], "cpus": os.cpu_count(),
               "native_bf16": encoders.native_bf16(), "torch": torch.__version__,
               "onnxruntime": __import__("onnxruntime").__version__,
               "load_average_1m_before_after": [load_before[0], os.getloadavg()[0]], "models": results}
