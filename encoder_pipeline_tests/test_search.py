@@ -84,11 +84,11 @@ def test_search_api_agrees_with_the_report(built, known):
 
 def test_the_served_index_holds_every_unit_not_only_the_training_sample(home, built, capsys):
     """Training runs on the profile's sample (250 documents at tiny scale); the index, `search` and
-    the report cover the whole cleaned corpus (~1,200 functions here), so a function outside the
+    the report cover the whole cleaned corpus (~640 functions here), so a function outside the
     sample is found."""
     units = pd.read_parquet(built.latest("code", "clean_corpus") / "corpus.parquet")
     outside = units[~units["in_sample"] & units["duplicate_of"].isna()]  # a duplicate's original may win
-    assert len(outside) > 2 * units["in_sample"].sum()
+    assert len(outside) > units["in_sample"].sum()  # most of the corpus is outside the sample
     searcher = Searcher.for_domain("code", built)
     assert searcher.index.index.ntotal == len(units)
     described = searcher.describe()
