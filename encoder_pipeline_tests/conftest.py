@@ -88,8 +88,8 @@ def tiny_dagster_home(tmp_path_factory) -> Path:
 
 
 # The tiny `code` build's corpus: these packages of the standard library (~640 functions) instead
-# of all of it (~13,600): the served index and the report embed every unit, twice (with `email`,
-# ~1,160 functions, the build took 197 s against 138 s on a 2-core AVX2-only EPYC).
+# of all of it (~13,600): the served index and the report embed every unit, twice (`email` left out
+# for suite time: docs/results.md, "The test suite on an AVX2-only host").
 TINY_CODE_PACKAGES = ["http", "logging", "json", "csv", "shutil", "textwrap", "calendar"]
 
 
