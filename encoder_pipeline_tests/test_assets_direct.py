@@ -93,6 +93,29 @@ def test_training_a_rung_trains_on_the_pairs_it_is_handed(store):
     assert (trained.path / "model" / "config.json").exists()
 
 
+def test_the_sweep_picks_its_rung_from_the_dev_scores_training_recorded(store):
+    """The index sweep's choice of rung reads the per-query dev scores each rung's training recorded
+    (no rung's model is loaded) when its dev slice is the one they trained on; another dev slice
+    (here: fewer distractors) loads and scores each rung's model."""
+    from encoder_pipeline.defs.indexing.assets import rung_to_serve
+    from encoder_pipeline.defs.training.assets import RUNGS, dev_set
+    from encoder_pipeline.lib.encoders import load_encoder
+
+    distractors = PipelineSettings(profile="tiny").sizes().dev_distractors
+    rungs = {rung: latest(store, D, rung) for rung in RUNGS}
+    loaded = []
+
+    def load(path: str):
+        loaded.append(path)
+        return load_encoder(path)
+
+    _, scores, _ = rung_to_serve(rungs, dev_set(store, D, 0, distractors), load, seed=0)
+    assert loaded == []
+    assert scores == {rung: pytest.approx(rungs[rung].training()["dev_ndcg_at_10"], abs=1e-4) for rung in RUNGS}
+    rung_to_serve(rungs, dev_set(store, D, 0, distractors // 2), load, seed=0)
+    assert loaded == [str(rungs[rung].model_path) for rung in RUNGS]
+
+
 def test_evaluation_eval_report_judges_the_candidate_it_is_handed(store):
     evaluation, candidate, swept = (latest(store, D, asset) for asset in ("eval_set", "embedding_index",
                                                                           "index_sweep"))

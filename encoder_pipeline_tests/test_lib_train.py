@@ -409,22 +409,67 @@ def test_a_merge_that_cannot_beat_the_base_gives_the_base_and_leaves_the_model_a
         for parameter in noise.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.2)
     before = {name: tensor.clone() for name, tensor in noise.state_dict().items()}
-    choice = choose_merge(noise, base, dev, weights=(1.0, 0.5, 0.0))
+    choice, embedded = choose_merge(noise, base, dev, weights=(1.0, 0.5, 0.0))
     assert choice["weight"] == 0.0 and set(choice["dev_ndcg_at_10"]) == {"1", "0.5", "0"}
     assert choice["dev_ndcg_at_10"]["0"] == pytest.approx(dev.ndcg_at_10(base), abs=1e-3)
     assert choice["dev_ndcg_at_10"]["1"] < choice["dev_ndcg_at_10"]["0"]
+    assert choice["dev_ndcg_at_10"]["0.5"] == round(float(np.mean(list(dev.scores(embedded[0.5]).values()))), 4)
     for name, tensor in noise.state_dict().items():
         torch.testing.assert_close(tensor, before[name])
-    # the base model's scores are the same for every rung of a run: scored once per base and dev slice
+    # the base model's embeddings are the same for every rung of a run: encoded once per base and
+    # dev slice; the fine-tuned model's own, when handed in (the epoch's evaluation), not at all
     scored = []
-    score = DevSet.per_query_ndcg_at_10
-    monkeypatch.setattr(DevSet, "per_query_ndcg_at_10", lambda self, model: scored.append(model) or score(self, model))
-    first = choose_merge(noise, base, dev, weights=(1.0, 0.0), base_key="minilm@32")
-    second = choose_merge(noise, base, dev, weights=(1.0, 0.0), base_key="minilm@32")
+    embed = DevSet.embeddings
+    monkeypatch.setattr(DevSet, "embeddings",
+                        lambda self, model, bf16=True: scored.append(model) or embed(self, model, bf16))
+    first = choose_merge(noise, base, dev, weights=(1.0, 0.0), base_key="minilm@32")[0]
+    second = choose_merge(noise, base, dev, weights=(1.0, 0.0), base_key="minilm@32")[0]
     assert [model is base for model in scored] == [False, True, False] and first == second
     smaller = DevSet(dict(list(dev.queries.items())[:12]), dev.corpus, dev.relevant)
     choose_merge(noise, base, smaller, weights=(1.0, 0.0), base_key="minilm@32")
-    assert [model is base for model in scored[3:]] == [False, True]  # another dev slice: scored again
+    assert [model is base for model in scored[3:]] == [False, True]  # another dev slice: encoded again
+    handed = choose_merge(noise, base, dev, weights=(1.0, 0.0), base_key="minilm@32", tuned=embedded[1.0])[0]
+    assert len(scored) == 5 and handed == first
+
+
+def test_the_merge_search_reuses_the_epochs_dev_pass_and_reports_what_the_saved_model_scores(pairs, tmp_path,
+                                                                                          monkeypatch):
+    """One epoch, three shares: the dev slice goes through a model twice (the epoch's evaluation and
+    share 0.5), not six times: share 1.0 is the epoch's pass, the base model's embeddings are handed
+    in (as from an embedding cache), the variance ordering reuses the kept share's, and the kept
+    model's final scores are its share's embeddings rotated, which must be what the saved model gives."""
+    from collections import Counter
+
+    from encoder_pipeline.lib import train
+
+    dev = DevSet({f"m{i}": q for i, q in enumerate(pairs["query"][40:56])},
+                 dict(zip(pairs["doc_id"][32:], pairs["positive"][32:], strict=True)),
+                 {f"m{i}": {d} for i, d in enumerate(pairs["doc_id"][40:56])})
+    base = encoders.load_encoder(encoders.DEFAULT_BASE_MODEL, max_seq_length=32)
+    base_dev = dev.embeddings(base, bf16=False)
+    passes = []
+    embed = DevSet.embeddings
+    monkeypatch.setattr(DevSet, "embeddings",
+                        lambda self, model, bf16=True: passes.append(self is dev) or embed(self, model, bf16))
+    encoded = Counter()
+    encode = train.encode
+    monkeypatch.setattr(train, "encode", lambda model, texts, **kw: encoded.update(texts) or encode(model, texts, **kw))
+    config = TrainingConfig(batch_size=8, max_seq_length=32, epochs=1, learning_rate=1e-4, bf16=False,
+                            merge_weights=(1.0, 0.5, 0.0))
+    result = train_encoder(encoders.DEFAULT_BASE_MODEL, pairs.head(32), tmp_path, config, dev,
+                           base_dev_embeddings=base_dev)
+    assert passes == [True, True]
+    assert {encoded[text] for text in dev.corpus.values()} == {2}  # not a third time for the rotation
+    assert {encoded[text] for text in pairs["positive"][:32]} == {1}  # the rotation's other documents
+    assert result.merge["dev_ndcg_at_10"]["1"] == round(result.dev_history[-1]["ndcg@10"], 4)
+    assert result.merge["dev_ndcg_at_10"]["0"] == round(float(np.mean(list(dev.scores(base_dev).values()))), 4)
+    saved = encoders.load_encoder(str(tmp_path / "model"), max_seq_length=32)
+    embedded = embed(dev, saved, bf16=False)
+    assert result.dev_fingerprint == dev.fingerprint()
+    assert result.dev_per_query == pytest.approx(dev.scores(embedded), abs=1e-6)  # what the sweep reads
+    assert result.dev_ndcg_at_10 == pytest.approx(np.mean(list(dev.scores(embedded).values())), abs=1e-4)
+    assert result.dev_ndcg_at_10_truncated == pytest.approx(
+        np.mean(list(dev.scores(embedded, result.matryoshka_dim).values())), abs=1e-4)
 
 
 def test_training_uses_bf16_mixed_precision_only_where_the_hardware_computes_it(monkeypatch):

@@ -53,23 +53,22 @@ from sentence_transformers import (
     SentenceTransformerTrainer,
     SentenceTransformerTrainingArguments,
 )
-from sentence_transformers.evaluation import InformationRetrievalEvaluator
+from sentence_transformers.sentence_transformer.evaluation import SentenceEvaluator
 from sentence_transformers.sentence_transformer.modules import Dense, Normalize
 from sentence_transformers.training_args import BatchSamplers
-from sentence_transformers.util import cos_sim
 from torch import nn
 from transformers import TrainerCallback
 
 from encoder_pipeline.lib.artifacts import write_json_atomic
 from encoder_pipeline.lib.encoders import (
     encode,
-    inference_precision,
     load_encoder,
     model_fingerprint,
     native_bf16,
 )
+from encoder_pipeline.lib.index import truncate
 from encoder_pipeline.lib.losses import contrastive_loss, default_matryoshka_dims, describe_loss
-from encoder_pipeline.lib.metrics import bm25_retriever
+from encoder_pipeline.lib.metrics import bm25_retriever, dense_run, evaluate
 
 MIN_TRAINING_PAIRS = 16
 # The auto batch keeps at least this many optimizer steps per epoch. A probe on ~700 pairs: batch
@@ -79,6 +78,7 @@ NEGATIVE_COLUMN = re.compile(r"^negative_\d+$")
 DEV_METRIC = "dev_cosine_ndcg@10"
 TEACHER_COLUMN = "teacher_embeddings"  # per row: the teacher's embeddings of its texts, flattened
 Teacher = Callable[[list[str]], np.ndarray]  # texts -> the teacher's embeddings, one row per text
+DevEmbeddings = tuple[np.ndarray, np.ndarray]  # a dev slice's query and corpus embeddings (`DevSet.embeddings`)
 RUN_FILE = "run.json"
 # Fine-tuned shares tried on the dev slice (LM-Cocktail / WiSE-FT); 0.0 is the base model itself.
 MERGE_WEIGHTS = (1.0, 0.75, 0.5, 0.25, 0.0)
@@ -174,32 +174,35 @@ class DevSet:
     corpus: dict[str, str]
     relevant: dict[str, set[str]]
 
-    def evaluator(self, truncated_dims: Sequence[int] = (), bf16: bool = True) -> InformationRetrievalEvaluator:
-        """Cosine nDCG@10 etc.; each of `truncated_dims` adds `dev_cosine_dim{d}_*` metrics computed
-        from the same embeddings (truncated and re-normalized), so they cost no extra encoding.
-        `bf16`: encodes in the precision `encoders.encode` uses (bf16 where the CPU has it)."""
-        score_functions = {"cosine": cos_sim}
-        for dim in truncated_dims:
-            score_functions[f"cosine_dim{dim}"] = _truncated_cosine(dim)
-        return (_InferencePrecisionEvaluator if bf16 else InformationRetrievalEvaluator)(
-            self.queries, self.corpus, self.relevant, name="dev", ndcg_at_k=[10], mrr_at_k=[10],
-            accuracy_at_k=[1], precision_recall_at_k=[10, 100], map_at_k=[100],
-            show_progress_bar=False, batch_size=64, score_functions=score_functions,
-            main_score_function="cosine", write_csv=False,
-        )
+    def evaluator(self, truncated_dim: int, bf16: bool = True) -> _DevEvaluator:
+        """What the trainer calls at each epoch end: full-width and `truncated_dim` nDCG@10 as
+        `dev_cosine_ndcg@10` and `dev_cosine_dim{truncated_dim}_ndcg@10`, the embeddings kept by step."""
+        return _DevEvaluator(self, truncated_dim, bf16)
 
     def ndcg_at_10(self, model) -> float:
-        return float(self.evaluator()(model)[DEV_METRIC])
+        return float(np.mean(list(self.per_query_ndcg_at_10(model).values())))
 
-    def per_query_ndcg_at_10(self, model) -> dict[str, float]:
-        """Each dev query's nDCG@10 (pytrec_eval) over this corpus: what a paired test needs."""
-        from encoder_pipeline.lib.metrics import dense_run, evaluate
+    def embeddings(self, model, bf16: bool = True) -> DevEmbeddings:
+        """The dev queries' and corpus's embeddings (normalized), in the order of `queries` and `corpus`."""
+        return self.embedded_by(lambda texts: encode(model, texts, bf16=bf16))
 
-        qids, doc_ids = list(self.queries), list(self.corpus)
-        run = dense_run(encode(model, [self.queries[q] for q in qids]),
-                        encode(model, [self.corpus[d] for d in doc_ids]), qids, doc_ids, 10)
+    def embedded_by(self, embed: Callable[[list[str]], np.ndarray]) -> DevEmbeddings:
+        """`embed(texts)` (normalized embeddings, one row per text) of the dev queries and corpus."""
+        return embed(list(self.queries.values())), embed(list(self.corpus.values()))
+
+    def scores(self, embeddings: DevEmbeddings, dims: int | None = None) -> dict[str, float]:
+        """Each dev query's nDCG@10 (pytrec_eval) from `embeddings`, at full width or at the first
+        `dims` dimensions (re-normalized, as a Matryoshka index serves them)."""
+        queries, corpus = embeddings
+        if dims:
+            queries, corpus = truncate(queries, dims), truncate(corpus, dims)
+        run = dense_run(queries, corpus, list(self.queries), list(self.corpus), 10)
         qrels = {q: dict.fromkeys(docs, 1) for q, docs in self.relevant.items()}
         return {q: row["ndcg@10"] for q, row in evaluate(run, qrels)[1].items()}
+
+    def per_query_ndcg_at_10(self, model, bf16: bool = True) -> dict[str, float]:
+        """Each dev query's nDCG@10 over this corpus: what a paired test needs."""
+        return self.scores(self.embeddings(model, bf16))
 
     def fingerprint(self) -> str:
         blob = json.dumps([self.queries, self.corpus, {k: sorted(v) for k, v in self.relevant.items()}],
@@ -207,19 +210,29 @@ class DevSet:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-class _InferencePrecisionEvaluator(InformationRetrievalEvaluator):
-    """The dev evaluator under `inference_precision`: the trainer calls it at each epoch end, where
-    it would otherwise encode the dev corpus in fp32 (~2x the time on a CPU with native bf16)."""
+class _DevEvaluator(SentenceEvaluator):
+    """The dev slice scored at each epoch end as `choose_merge` scores a merge (per query, pytrec_eval),
+    its embeddings kept by step: the merge search reads the kept checkpoint's (share 1.0) instead of
+    encoding the dev slice again, one pass of ~1,100 texts per rung in a default build. Encodes in
+    the precision `encoders.encode` uses (bf16 where the CPU has it)."""
 
-    def __call__(self, *args, **kwargs) -> dict[str, float]:
-        with inference_precision(True):
-            return super().__call__(*args, **kwargs)
+    def __init__(self, dev: DevSet, truncated_dim: int, bf16: bool) -> None:
+        super().__init__()
+        self.dev, self.truncated_dim, self.bf16 = dev, truncated_dim, bf16
+        self.primary_metric = DEV_METRIC
+        self.embeddings_by_step: dict[int, DevEmbeddings] = {}
+
+    def __call__(self, model, output_path: str | None = None, epoch: float = -1, steps: int = -1
+                 ) -> dict[str, float]:
+        self.embeddings_by_step[steps] = embeddings = self.dev.embeddings(model, self.bf16)
+        return dev_metrics(self.dev, embeddings, self.truncated_dim)
 
 
-def _truncated_cosine(dim: int):
-    def score(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return cos_sim(a[:, :dim], b[:, :dim])  # cos_sim re-normalizes the truncated prefix
-    return score
+def dev_metrics(dev: DevSet, embeddings: DevEmbeddings, truncated_dim: int) -> dict[str, float]:
+    """Mean dev nDCG@10 at full width and at `truncated_dim`, under the trainer's metric names."""
+    return {DEV_METRIC: float(np.mean(list(dev.scores(embeddings).values()))),
+            f"dev_cosine_dim{truncated_dim}_ndcg@10":
+                float(np.mean(list(dev.scores(embeddings, truncated_dim).values())))}
 
 
 @dataclass
@@ -241,6 +254,10 @@ class TrainingResult:
     dev_history: list[dict] = field(default_factory=list)  # [{step, ndcg@10, ndcg@10 truncated}]
     fine_tuned_weight: float = 1.0  # the share of fine-tuned weights kept (0.0: the base model)
     merge: dict = field(default_factory=dict)  # how it was chosen: dev nDCG@10 per weight, p, rule
+    # The saved model's nDCG@10 per dev query, and which dev slice (`DevSet.fingerprint`): the index
+    # sweep's choice of rung reads them instead of encoding the dev slice with every rung again.
+    dev_per_query: dict[str, float] = field(default_factory=dict)
+    dev_fingerprint: str = ""
 
 
 def train_encoder(base_model: str, rows: pd.DataFrame, output_dir: str | Path, config: TrainingConfig,
@@ -248,7 +265,8 @@ def train_encoder(base_model: str, rows: pd.DataFrame, output_dir: str | Path, c
                   callbacks: Sequence[TrainerCallback] = (), devices: int | None = None,
                   trust_remote_code: bool = False,
                   progress: Callable[[int, int], None] | None = None,
-                  teacher: Teacher | None = None) -> TrainingResult:
+                  teacher: Teacher | None = None,
+                  base_dev_embeddings: DevEmbeddings | None = None) -> TrainingResult:
     """Fine-tune `base_model` on `rows`, save a sentence-transformers folder to `output_dir/model`.
 
     `teacher(texts)` gives a teacher's embeddings of texts: every row then carries the teacher's
@@ -258,6 +276,9 @@ def train_encoder(base_model: str, rows: pd.DataFrame, output_dir: str | Path, c
     `checkpoint_dir` belongs to this run (default `output_dir/checkpoints`): if it holds checkpoints
     of the same inputs (model, rows, config, dev set), training resumes from the last one; it is
     deleted after success. Pass a folder outside any staging area for crash-resumable training.
+
+    `base_dev_embeddings`: the base model's embeddings of `dev` (`DevSet.embedded_by` through an
+    embedding cache), the merge search's share 0.0; by default the base model encodes the dev slice.
 
     `devices` (default: the GPUs present): with more than one, and unless this process is already a
     DDP rank (torchrun), training runs in that many processes, one per device (`run_distributed`).
@@ -278,7 +299,7 @@ def train_encoder(base_model: str, rows: pd.DataFrame, output_dir: str | Path, c
         with tempfile.TemporaryDirectory(prefix="ddp-result-") as scratch:
             result_file = Path(scratch) / "result.json"
             run_distributed(devices, _train_rank, base_model, rows, str(output_dir), config, dev,
-                            checkpoint_dir, str(result_file), trust_remote_code)
+                            checkpoint_dir, str(result_file), trust_remote_code, base_dev_embeddings)
             return TrainingResult(**json.loads(result_file.read_text()))
     output_dir = Path(output_dir)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else output_dir / "checkpoints"
@@ -325,28 +346,40 @@ def train_encoder(base_model: str, rows: pd.DataFrame, output_dir: str | Path, c
         resume_from = _prepare_checkpoints(checkpoint_dir, _run_fingerprint(base_model, rows[columns], config,
                                                                              dev))
     clock = _StepClock()
+    evaluator = dev.evaluator(quarter, config.bf16) if dev else None
     trainer = SentenceTransformerTrainer(
         model=model, args=args, train_dataset=_dataset(rows, columns, distilled),
-        loss=loss, evaluator=dev.evaluator([quarter], config.bf16) if dev else None,
+        loss=loss, evaluator=evaluator,
         callbacks=[clock, _Checkpointer(config.checkpoint_every_s), *callbacks,
                    *([_Progress(progress)] if progress else [])],
     )
     started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    best_step = trainer.state.best_global_step or trainer.state.global_step
+
     def base() -> SentenceTransformer:  # loaded only when a merge needs it
         return load_encoder(base_model, config.max_seq_length, trust_remote_code)
 
     base_key = f"{model_fingerprint(base_model)}@{config.max_seq_length}"
-    merge = (choose_merge(model, base(), dev, config.seed, config.merge_weights, base_key)
-             if config.fine_tuned_weight is None and dev
-             else {"weight": 1.0 if config.fine_tuned_weight is None else config.fine_tuned_weight,
-                   "rule": "no dev slice" if config.fine_tuned_weight is None else "set in the spec"})
+    merged: dict[float, DevEmbeddings] = {}  # each share's dev embeddings, when the merge was searched
+    if config.fine_tuned_weight is None and dev:
+        merge, merged = choose_merge(model, base(), dev, config.seed, config.merge_weights, base_key,
+                                     evaluator.embeddings_by_step.get(best_step), config.bf16,
+                                     base_dev_embeddings)
+    else:
+        merge = {"weight": 1.0 if config.fine_tuned_weight is None else config.fine_tuned_weight,
+                 "rule": "no dev slice" if config.fine_tuned_weight is None else "set in the spec"}
     weight = merge["weight"]
     if weight < 1.0:
         interpolate_with_base(model, base(), weight)
+    # The kept model's dev embeddings where the merge search or the epoch's evaluation computed them
+    kept_dev = merged.get(weight, evaluator.embeddings_by_step.get(best_step) if dev and weight == 1.0 else None)
+    rotation = None
     if config.order_dimensions:
         documents = list(dict.fromkeys([*rows["positive"], *(dev.corpus.values() if dev else ())]))
-        order_dimensions_by_variance(model, documents, config.rotation_sample, config.seed, config.bf16)
+        rotation = order_dimensions_by_variance(
+            model, documents, config.rotation_sample, config.seed, config.bf16,
+            dict(zip(dev.corpus.values(), kept_dev[1], strict=True)) if kept_dev is not None else None)
     seconds = time.perf_counter() - started
     if trainer.is_world_process_zero():
         model.save_pretrained(str(output_dir / "model"))
@@ -354,12 +387,19 @@ def train_encoder(base_model: str, rows: pd.DataFrame, output_dir: str | Path, c
     history = [{"step": e["step"], "ndcg@10": e[f"eval_{DEV_METRIC}"],
                 "ndcg@10_truncated": e.get(f"eval_dev_cosine_dim{quarter}_ndcg@10", float("nan"))}
                for e in trainer.state.log_history if f"eval_{DEV_METRIC}" in e]
-    best_step = trainer.state.best_global_step or trainer.state.global_step
     kept = next((h for h in history if h["step"] == best_step), history[-1] if history else None)
-    if kept and (config.order_dimensions or weight < 1.0):  # the saved model changed
-        scores = dev.evaluator([quarter], config.bf16)(model)
-        kept = {**kept, "ndcg@10": scores[DEV_METRIC],
-                "ndcg@10_truncated": scores[f"dev_cosine_dim{quarter}_ndcg@10"]}
+    per_query: dict[str, float] = {}
+    if kept:
+        # The saved model's dev embeddings without a pass of the dev slice through it: the kept ones,
+        # rotated as the model now does (inner products are unchanged, so only the truncated score moves).
+        final = kept_dev
+        if final is None:  # a share set in the spec, or a resumed run's kept epoch
+            final = dev.embeddings(model, config.bf16)
+        elif rotation is not None:
+            final = (rotate(final[0], rotation), rotate(final[1], rotation))
+        per_query = dev.scores(final)
+        kept = {**kept, "ndcg@10": float(np.mean(list(per_query.values()))),
+                "ndcg@10_truncated": float(np.mean(list(dev.scores(final, quarter).values())))}
     trainer.accelerator.wait_for_everyone()  # other ranks may still be reading the best checkpoint
     if trainer.is_world_process_zero():
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
@@ -384,6 +424,8 @@ def train_encoder(base_model: str, rows: pd.DataFrame, output_dir: str | Path, c
         world_size=world_size,
         fine_tuned_weight=weight,
         merge=merge,
+        dev_per_query=per_query,
+        dev_fingerprint=dev.fingerprint() if dev else "",
     )
 
 
@@ -414,9 +456,9 @@ def _dataset(rows: pd.DataFrame, columns: list[str], distilled: bool) -> Dataset
 
 def _train_rank(base_model: str, rows: pd.DataFrame, output_dir: str, config: TrainingConfig,
                 dev: DevSet | None, checkpoint_dir: str | Path | None, result_file: str,
-                trust_remote_code: bool) -> None:
+                trust_remote_code: bool, base_dev_embeddings: DevEmbeddings | None) -> None:
     result = train_encoder(base_model, rows, output_dir, config, dev, checkpoint_dir,
-                           trust_remote_code=trust_remote_code)
+                           trust_remote_code=trust_remote_code, base_dev_embeddings=base_dev_embeddings)
     if int(os.environ["RANK"]) == 0:
         Path(result_file).write_text(json.dumps(asdict(result)))
 
@@ -471,35 +513,43 @@ def training_loss(model: SentenceTransformer, config: TrainingConfig, per_device
                             distill_weight=config.distill_weight)
 
 
-# (base model revision and sequence length, dev slice) -> the base model's per-query dev nDCG@10:
-# the same for the three rungs of a run, so scored once per process.
-_base_scores: dict[tuple[str, str], dict[str, float]] = {}
+# (base model revision and sequence length, precision, dev slice) -> the base model's dev embeddings:
+# the same for the three rungs of a run, so encoded once per process.
+_base_embeddings: dict[tuple[str, bool, str], DevEmbeddings] = {}
 
 
 def choose_merge(model: SentenceTransformer, base: SentenceTransformer, dev: DevSet, seed: int = 0,
-                 weights: Sequence[float] = MERGE_WEIGHTS, base_key: str = "") -> dict:
+                 weights: Sequence[float] = MERGE_WEIGHTS, base_key: str = "",
+                 tuned: DevEmbeddings | None = None, bf16: bool = True,
+                 base_embeddings: DevEmbeddings | None = None) -> tuple[dict, dict[float, DevEmbeddings]]:
     """The fine-tuned share (of `weights`) to keep, chosen on the dev slice (`pick_merge`); `model`
     is left as it was. Each share's merge with the base (weights averaged, no retraining) is scored
-    per dev query; the base model's own scores are kept under `base_key` (its revision) for the
-    next rung."""
-    tuned = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
-    per_query = {}
+    per dev query. `tuned`: `model`'s own dev embeddings (share 1.0) where already computed (the
+    epoch's evaluation); the base model's (share 0.0) are `base_embeddings` where given (an embedding
+    cache), else encoded and kept in this process under `base_key` (its revision) for the next rung.
+    Returns the choice and each share's dev embeddings."""
+    tuned_state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    embedded: dict[float, DevEmbeddings] = {}
     try:
         for weight in weights:
-            if weight == 0.0:
-                key = (base_key, dev.fingerprint())
-                scores = _base_scores.get(key) if base_key else None
-                per_query[weight] = scores if scores is not None else dev.per_query_ndcg_at_10(base)
+            if weight == 0.0 and base_embeddings is not None:
+                embedded[weight] = base_embeddings
+            elif weight == 0.0:
+                key = (base_key, bf16, dev.fingerprint())
+                cached = _base_embeddings.get(key) if base_key else None
+                embedded[weight] = cached if cached is not None else dev.embeddings(base, bf16)
                 if base_key:
-                    _base_scores[key] = per_query[weight]
-                continue
-            model.load_state_dict(tuned)
-            if weight < 1.0:
-                interpolate_with_base(model, base, weight)
-            per_query[weight] = dev.per_query_ndcg_at_10(model)
+                    _base_embeddings[key] = embedded[weight]
+            elif weight == 1.0 and tuned is not None:
+                embedded[weight] = tuned
+            else:
+                model.load_state_dict(tuned_state)
+                if weight < 1.0:
+                    interpolate_with_base(model, base, weight)
+                embedded[weight] = dev.embeddings(model, bf16)
     finally:
-        model.load_state_dict(tuned)
-    return pick_merge(per_query, seed)
+        model.load_state_dict(tuned_state)
+    return pick_merge({weight: dev.scores(e) for weight, e in embedded.items()}, seed), embedded
 
 
 def pick_merge(per_query: dict[float, dict[str, float]], seed: int = 0) -> dict:
@@ -582,7 +632,8 @@ def interpolate_with_base(model: SentenceTransformer, base: SentenceTransformer,
 
 
 def order_dimensions_by_variance(model: SentenceTransformer, documents: Sequence[str], sample: int,
-                                 seed: int, bf16: bool = True) -> None:
+                                 seed: int, bf16: bool = True, embedded: dict[str, np.ndarray] | None = None
+                                 ) -> np.ndarray:
     """Append an orthogonal rotation (then re-normalize) that puts the embedding's dimensions in
     decreasing order of variance over `documents` (their principal axes).
 
@@ -591,12 +642,18 @@ def order_dimensions_by_variance(model: SentenceTransformer, documents: Sequence
     rather than whichever came first. Measured on `code` (3 rungs, eval set): 1/4 of the dimensions
     keeps ~96% of full nDCG@10 instead of ~91%. sentence-transformers has no such module, hence a
     Dense layer with fixed weights; it saves and loads as a standard sentence-transformers folder.
+    `embedded`: `model`'s embeddings of some documents, already computed (the dev corpus's).
+    Returns the rotation's axes (`rotate` applies them to embeddings already computed).
     """
     rng = np.random.default_rng(seed)
     documents = list(documents)
     if len(documents) > sample:
         documents = [documents[i] for i in sorted(rng.choice(len(documents), sample, replace=False))]
-    vectors = encode(model, documents, bf16=bf16)  # axes to ~1e-3: the ordering, not the geometry
+    embedded = embedded or {}
+    missing = [d for d in documents if d not in embedded]
+    encoded = dict(zip(missing, encode(model, missing, bf16=bf16), strict=True)) if missing else {}
+    # axes to ~1e-3: the ordering, not the geometry
+    vectors = np.stack([embedded[d] if d in embedded else encoded[d] for d in documents])
     # full_matrices: a complete orthonormal basis even from fewer documents than dimensions
     _, _, axes = np.linalg.svd(vectors - vectors.mean(axis=0), full_matrices=True)
     dim = vectors.shape[1]
@@ -604,6 +661,14 @@ def order_dimensions_by_variance(model: SentenceTransformer, documents: Sequence
                             init_weight=torch.from_numpy(np.ascontiguousarray(axes, dtype=np.float32)))
     model.append(rotation.to(model.device))
     model.append(Normalize())
+    return axes
+
+
+def rotate(embeddings: np.ndarray, axes: np.ndarray) -> np.ndarray:
+    """Normalized `embeddings` as a model with `order_dimensions_by_variance`'s rotation (`axes`,
+    returned by it) appended would give them."""
+    rotated = embeddings @ axes.T.astype(np.float32)
+    return rotated / np.maximum(np.linalg.norm(rotated, axis=1, keepdims=True), 1e-12)
 
 
 class _StepClock(TrainerCallback):

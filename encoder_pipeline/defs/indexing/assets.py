@@ -50,11 +50,19 @@ SERVED_K = 10  # results per timed query, as served
 def rung_to_serve(rungs: dict[str, RungArtifact], dev: DevSet | None, load: Callable[[str], object],
                   seed: int) -> tuple[RungArtifact, dict[str, float], str]:
     """The rung `pick_rung` serves, each rung scored per query on the training dev slice (the one its
-    merge was chosen on); without a dev slice, the rung with the most data. Returns the rung, each
-    rung's dev nDCG@10 and why."""
+    merge was chosen on: the scores its training recorded, else the rung's model is loaded and
+    scored); without a dev slice, the rung with the most data. Returns the rung, each rung's dev
+    nDCG@10 and why."""
     if dev is None:
         return rungs[RUNGS[-1]], {}, f"{RUNGS[-1]}: no dev slice, the rung with the most data"
-    per_query = {r: dev.per_query_ndcg_at_10(load(str(rungs[r].model_path))) for r in RUNGS}
+
+    def scores(rung: RungArtifact) -> dict[str, float]:
+        training = rung.training()
+        if training.get("dev_fingerprint") == dev.fingerprint() and training.get("dev_per_query"):
+            return training["dev_per_query"]
+        return dev.per_query_ndcg_at_10(load(str(rung.model_path)))
+
+    per_query = {r: scores(rungs[r]) for r in RUNGS}
     kept = [r for r in RUNGS if rungs[r].training().get("fine_tuned_weight", 1.0) > 0]
     rung, why = pick_rung(per_query, kept, seed)
     return rungs[rung], {r: round(float(np.mean(list(q.values()))), 4) for r, q in per_query.items()}, why

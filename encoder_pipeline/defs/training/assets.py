@@ -3,7 +3,8 @@ report can attribute the lift to each data decision (heuristic -> + synthetic ->
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
+from functools import partial
 
 import dagster as dg
 import pandas as pd
@@ -37,6 +38,7 @@ from encoder_pipeline.lib.train import (
     lexical_distractors,
     train_encoder,
 )
+from encoder_pipeline.lib.vector_cache import cached_embeddings
 from encoder_pipeline.resources import PUBLISHED, ArtifactStoreResource, PipelineSettings
 
 GROUP = "training"
@@ -77,8 +79,8 @@ def training_rows(store: ArtifactStore, domain: str, rung: str) -> pd.DataFrame:
 def dev_set(store: ArtifactStore, domain: str, seed: int, distractors: int) -> DevSet | None:
     """eval_set's dev slice against the units of its relevant documents plus `distractors` from the
     training sample outside every held-out document, the dev queries' lexical neighbours first
-    (`lexical_distractors`; None: the corpus gave no dev slice). Each rung encodes this corpus a few
-    times (best-epoch choice, the merge shares, after the rotation)."""
+    (`lexical_distractors`; None: the corpus gave no dev slice). Each rung encodes this corpus once
+    per epoch (the best epoch's choice) and once per merge share below 1.0."""
     split = read_eval_split(store, domain)
     if not split.dev.queries:
         return None
@@ -133,6 +135,12 @@ def build_rung(name: str, data_label: str, inputs: dict[str, str], rows_fn: Rows
                                    embeddings_cache(store, spec.name),
                                    progress=ProgressLog(context, f"embedding {name}'s rows with the teacher"))
         dev = dev_set(store, spec.name, settings.seed, sizes.dev_distractors)
+        # The base model's dev embeddings through the domain's cache (the dev corpus is units the
+        # training-data stages mostly encoded with it already), as training encodes the dev slice.
+        base = replace(settings.encoder(spec.trust_remote_code), bf16=config.bf16,
+                       max_seq_length=config.max_seq_length)
+        base_dev = (dev.embedded_by(partial(cached_embeddings, base, cache_dir=embeddings_cache(store, spec.name)))
+                    if dev else None)
         # heuristic_pairs always: the chain to the eval split it was held out from (layout.held_out_before)
         with publish(context, artifacts, settings,
                      {"base_model": settings.base_model, "rows": data_label, **asdict(config),
@@ -144,7 +152,7 @@ def build_rung(name: str, data_label: str, inputs: dict[str, str], rows_fn: Rows
                                        checkpoint_dir=store.domain_dir(spec.name) / "_checkpoints" / name,
                                        trust_remote_code=spec.trust_remote_code,
                                        progress=ProgressLog(context, f"training {name} (steps)"),
-                                       teacher=embedder)
+                                       teacher=embedder, base_dev_embeddings=base_dev)
             except TrainingDataError as error:
                 raise dg.Failure(f"domain '{spec.name}', {name}: {error}") from error
             revision = model_fingerprint(str(staging / MODEL_DIR))
