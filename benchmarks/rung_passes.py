@@ -11,8 +11,8 @@ step does in a build (its own process: no base-model embeddings kept from an ear
 tree's reads the base model's dev embeddings through an embedding cache that already holds the dev
 corpus and not the queries, as the rung's step finds it after the training-data stages.
 
-Prints each call's wall seconds and the texts `lib/train.py` passed through a model (its `encode`;
-the cache's misses, the dev queries, are encoded outside it), one pass of the
+Prints each call's wall seconds and the texts it passed through a model (`SentenceTransformer.encode`,
+the cache's misses included), one pass of the
 dev slice through the base model (the unit), and the ratio of this tree's time to the baseline's.
 Writes benchmarks/results/rung_passes_<tag>.json (`--tag`, default the CPU's bf16 support).
 """
@@ -28,6 +28,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from sentence_transformers import SentenceTransformer
 from stage_timings import device
 
 from encoder_pipeline.lib import train
@@ -55,15 +56,17 @@ def baseline_module(revision: str, folder: Path):
     return module
 
 
-def counting_encode(module, counter: list[int]) -> None:
-    """Count the texts `module` passes through a model (its `encode`)."""
-    real = module.encode
+def count_encoded_texts(counter: list[int]) -> None:
+    """Count every text any sentence-transformers model encodes (`SentenceTransformer.encode`: what
+    `lib.encoders.encode`, the embedding cache and sentence-transformers' own evaluators call)."""
+    real = SentenceTransformer.encode
 
-    def encode(model, texts, *args, **kwargs):
-        counter[0] += len(texts)
-        return real(model, texts, *args, **kwargs)
+    def encode(self, *args, **kwargs):
+        sentences = args[0] if args else kwargs["inputs"]  # encode_query passes them by name
+        counter[0] += 1 if isinstance(sentences, str) else len(sentences)
+        return real(self, *args, **kwargs)
 
-    module.encode = encode
+    SentenceTransformer.encode = encode
 
 
 def main() -> None:
@@ -101,13 +104,12 @@ def main() -> None:
         one_pass = time.perf_counter() - started
         print(f"one pass of the dev corpus through the base model: {one_pass:.1f} s", flush=True)
         arms = {"baseline": baseline, "this tree": train}
-        counters = {name: [0] for name in arms}
-        for name, module in arms.items():
-            counting_encode(module, counters[name])
+        texts = [0]
+        count_encoded_texts(texts)
         calls: list[dict] = []
         for round_ in range(args.rounds):
             for name in (list(arms) if round_ % 2 else list(arms)[::-1]):
-                module, texts = arms[name], counters[name]
+                module = arms[name]
                 texts[0] = 0
                 getattr(module, "_base_scores", {}).clear()  # a rung's step starts with none kept
                 getattr(module, "_base_embeddings", {}).clear()
