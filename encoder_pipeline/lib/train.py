@@ -225,14 +225,9 @@ class _DevEvaluator(SentenceEvaluator):
     def __call__(self, model, output_path: str | None = None, epoch: float = -1, steps: int = -1
                  ) -> dict[str, float]:
         self.embeddings_by_step[steps] = embeddings = self.dev.embeddings(model, self.bf16)
-        return dev_metrics(self.dev, embeddings, self.truncated_dim)
-
-
-def dev_metrics(dev: DevSet, embeddings: DevEmbeddings, truncated_dim: int) -> dict[str, float]:
-    """Mean dev nDCG@10 at full width and at `truncated_dim`, under the trainer's metric names."""
-    return {DEV_METRIC: float(np.mean(list(dev.scores(embeddings).values()))),
-            f"dev_cosine_dim{truncated_dim}_ndcg@10":
-                float(np.mean(list(dev.scores(embeddings, truncated_dim).values())))}
+        return {DEV_METRIC: float(np.mean(list(self.dev.scores(embeddings).values()))),
+                f"dev_cosine_dim{self.truncated_dim}_ndcg@10":
+                    float(np.mean(list(self.dev.scores(embeddings, self.truncated_dim).values())))}
 
 
 @dataclass
