@@ -80,7 +80,8 @@ def dev_set(store: ArtifactStore, domain: str, seed: int, distractors: int) -> D
     """eval_set's dev slice against the units of its relevant documents plus `distractors` from the
     training sample outside every held-out document, the dev queries' lexical neighbours first
     (`lexical_distractors`; None: the corpus gave no dev slice). Each rung encodes this corpus once
-    per epoch (the best epoch's choice) and once per merge share below 1.0."""
+    per epoch (the best epoch's choice) and once per merge share between 0 and 1; the base model's
+    embeddings of it come from the embedding cache."""
     split = read_eval_split(store, domain)
     if not split.dev.queries:
         return None
