@@ -28,6 +28,13 @@ NO_KEY = "unused"  # servers on this machine (Ollama, llama.cpp) take no key; th
 MAX_CHARS_PER_TOKEN = 16  # a completion longer than max_new_tokens of these ignored the limit
 
 
+# openai's response models build their pydantic schemas on first use, and pydantic's lazy build is
+# not thread-safe (model_rebuild deletes a model's schema before setting it again: a thread reading
+# it then gets BaseModel's and fails with "BaseModel cannot be instantiated directly"). Requests
+# run concurrently; only the parsing of their answers takes turns.
+_PARSE_LOCK = threading.Lock()
+
+
 def _estimate_tokens(text: str) -> int:
     """OpenAI's rule of thumb of ~4 characters per token, for budgeting before the real count."""
     return math.ceil(len(text) / 4)
@@ -118,7 +125,7 @@ class OpenAIBackend:
         self._reserve(worst_tokens, worst_usd)
         prompt_tokens = completion_tokens = 0
         try:
-            response = self._client.chat.completions.create(
+            raw = self._client.chat.completions.with_raw_response.create(
                 model=self.model,
                 messages=[{"role": "user", "content": prompt}],
                 temperature=params.temperature,
@@ -126,6 +133,8 @@ class OpenAIBackend:
                 max_tokens=params.max_new_tokens,
                 seed=params.seed,
             )
+            with _PARSE_LOCK:
+                response = raw.parse()
             text = (response.choices[0].message.content if response.choices else None) or ""
             if not isinstance(text, str):  # a server answering JSON values: no query in it
                 logger.warning("the LLM answered a %s instead of text; treated as empty",
