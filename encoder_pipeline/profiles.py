@@ -33,7 +33,7 @@ class Profile:
 PROFILES: dict[str, Profile] = {
     "tiny": Profile(training_documents=250, eval_queries=30, judged_queries=30, max_pairs=64, consistency_top_k=20,
                     dev_queries=8, synthetic_documents=4,
-                    dev_distractors=40,  # each rung scores its dev slice ~5 times (epoch, merges, final)
+                    dev_distractors=40,  # each rung passes its dev slice twice (epoch = share 1.0, share 0.5)
                     queries_per_document=2, round_trip_top_k=10, epochs=1, batch_size=16,
                     latency_queries=40, teacher="",  # suite time: the base model teaches
                     merge_weights=(1.0, 0.5, 0.0)),  # and three merges are scored, not five

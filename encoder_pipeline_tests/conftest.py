@@ -10,6 +10,10 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Under pytest-xdist (`-n 2`, pyproject's addopts) each worker gets its share of the cores: two
+# workers each running torch on every core would fight over them.
+if workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // int(workers))))
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_CORPORA = PROJECT_ROOT.parent / "shared" / "corpora"
@@ -17,6 +21,23 @@ os.environ.setdefault("ENCODER_PIPELINE_CORPUS_ROOT", str(SHARED_CORPORA))
 # Every test that reads the sample corpora skips the same way when they are absent (CI has them).
 SHARED_MISSING = f"the sample corpora are not at {SHARED_CORPORA} (../shared/corpora beside the repository)"
 requires_shared_corpora = pytest.mark.skipif(not SHARED_CORPORA.is_dir(), reason=SHARED_MISSING)
+
+
+TINY_BUILD_FIXTURES = {"tiny_code_run", "tiny_code_served"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist's `--dist loadgroup`, a test goes to the worker that already holds what it
+    shares: every test of the session's tiny `code` build to one worker (it is built once), every test
+    of a module with a module-scoped fixture (a Ray cluster, a cut corpus) to one. Others spread."""
+    for item in items:
+        fixtures = getattr(item, "_fixtureinfo", None)
+        if TINY_BUILD_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.xdist_group("tiny_code_build"))
+        elif fixtures and any(definition.scope == "module" for definitions in fixtures.name2fixturedefs.values()
+                              for definition in definitions):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
 def shared_corpus(relative: str) -> Path:

@@ -50,7 +50,7 @@ def _cut_corpus(domain: str, root: Path) -> None:
         target / "corpus.jsonl", orient="records", lines=True, force_ascii=False)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # a copy of 90 MB: each worker makes its own, the tests spread
 def copied_teacher(tmp_path_factory) -> str:
     """The base model's weights in a folder of their own: a teacher that is not the base model (so the
     report adds its row) at the base model's speed; its figures must then equal the base model's."""
