@@ -392,7 +392,9 @@ DELETE_SLOWLY = """
     def stuck_rmtree(path, *args, **kwargs):  # a deletion that gets one file in, then hangs
         if Path(path).name.startswith(".deleting-"):
             next(p for p in sorted(Path(path).rglob("*")) if p.is_file()).unlink()
-            Path(sys.argv[3]).write_text(str(path))
+            part = Path(sys.argv[3] + ".part")  # renamed into place: the test polls for it and reads it
+            part.write_text(str(path))
+            part.replace(sys.argv[3])
             time.sleep(600)
         return rmtree(path, *args, **kwargs)
 
