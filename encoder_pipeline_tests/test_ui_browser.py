@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Page, expect, sync_playwright
+from playwright.sync_api import Locator, Page, expect, sync_playwright
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from encoder_pipeline.lib.artifacts import ArtifactStore
 from encoder_pipeline.lib.layout import CORPUS_FILE
@@ -31,6 +32,7 @@ WORKSPACE = PROJECT_ROOT / "workspace.yaml"
 SERVER_START_S = 240
 RUN_SUCCESS_S = 420
 HEALTH_REFRESH_S = 300  # the sensor's 15 s interval, a queued run, its process start
+PAGE_RENDER_S = 30  # a (re)loaded page's own GraphQL queries, on a busy machine
 FIGURES = ("ladder", "sweep", "latency")
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
@@ -156,6 +158,17 @@ def metadata_row(page: Page, label: str):
         has=page.locator("td").filter(has_text=re.compile(rf"^\s*{re.escape(label)}\s*$")))
 
 
+def shows_up(locator: Locator, within_s: float) -> bool:
+    """Whether `locator` is visible within `within_s`. A page's load event fires before its own
+    queries render the metadata, so an immediate `count()` after a reload can miss a row that is
+    there (CI read 0 for four minutes while the row had been there all along)."""
+    try:
+        locator.first.wait_for(state="visible", timeout=within_s * 1000)
+    except PlaywrightTimeout:
+        return False
+    return True
+
+
 def test_launch_a_domain_partition_from_the_asset_graph(ui, ui_page):
     page = ui_page
     with shown_on_failure(page, ui, "launch"):
@@ -249,9 +262,8 @@ def test_domain_health_tells_the_domains_apart(ui, ui_page):
         page.goto(f"{ui.url}/assets/domain_health")
         domains = metadata_row(page, "domains")
         deadline = time.monotonic() + HEALTH_REFRESH_S
-        while not domains.count():
+        while not shows_up(domains, PAGE_RENDER_S):
             assert time.monotonic() < deadline, "the sensor never refreshed domain_health"
-            time.sleep(5)
             page.reload()
         # a short table is shown inline in the metadata row (a long one behind "[Show Markdown]")
         code = domains.locator("tr").filter(has=page.locator("td").filter(has_text=re.compile(r"^\s*code\s*$")))
