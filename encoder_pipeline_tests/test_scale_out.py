@@ -210,6 +210,50 @@ def _probe() -> None:
     """A stand-in asset for building a Definitions around an executor."""
 
 
+def _where_the_step_ran() -> dg.MaterializeResult:
+    return dg.MaterializeResult(metadata={
+        "pid": os.getpid(), "parent_pid": os.getppid(),
+        # this module does not import the code location; only a preloading server can have
+        "location_imported": executors.CODE_LOCATION_MODULE in sys.modules})
+
+
+@dg.asset
+def _first_step() -> dg.MaterializeResult:
+    return _where_the_step_ran()
+
+
+@dg.asset(deps=[_first_step])
+def _second_step() -> dg.MaterializeResult:
+    return _where_the_step_ran()
+
+
+def two_steps_under_the_default_executor() -> dg.JobDefinition:
+    """Each step process builds the job again with this function (`dg.build_reconstructable_job`)."""
+    return dg.Definitions(assets=[_first_step, _second_step], jobs=[dg.define_asset_job("two_steps")],
+                          executor=executor_from_env()).resolve_job_def("two_steps")
+
+
+@pytest.mark.slow
+def test_steps_fork_from_a_server_that_imported_the_code_location_once(monkeypatch):
+    """README: each step in its own process, forked from a server that imported the code location
+    once per run, so a step does not pay the import (10-20 s here) again. Spawned steps would be
+    children of the run's process (here the test's) and import only what the job's module does."""
+    monkeypatch.delenv(EXECUTOR_ENV, raising=False)
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    with dg.instance_for_test() as instance:
+        # by its package path: pytest imported this file as a top-level module the steps cannot find
+        job = dg.build_reconstructable_job("encoder_pipeline_tests.test_scale_out",
+                                           two_steps_under_the_default_executor.__name__)
+        result = dg.execute_job(job, instance)
+        assert result.success
+        steps = [{key: value.value for key, value in event.materialization.metadata.items()}
+                 for event in result.get_asset_materialization_events()]
+    assert len(steps) == 2 and all(step["location_imported"] for step in steps), steps
+    assert len({step["pid"] for step in steps} | {os.getpid()}) == 3  # a process per step
+    assert len({step["parent_pid"] for step in steps}) == 1  # one server forked both
+    assert steps[0]["parent_pid"] != os.getpid()  # not the run's process: not spawned
+
+
 def _training_assets():
     from encoder_pipeline.definitions import defs
 
