@@ -159,9 +159,10 @@ def metadata_row(page: Page, label: str):
 
 
 def shows_up(locator: Locator, within_s: float) -> bool:
-    """Whether `locator` is visible within `within_s`. A page's load event fires before its own
-    queries render the metadata, so an immediate `count()` after a reload can miss a row that is
-    there (CI read 0 for four minutes while the row had been there all along)."""
+    """Whether `locator` is visible within `within_s`. A page's load event can fire before its own
+    queries have rendered the metadata (on a busy machine, always), so an immediate `count()` after
+    a reload misses a row that is there: a CI run counted none for four minutes after the refresh
+    had landed."""
     try:
         locator.first.wait_for(state="visible", timeout=within_s * 1000)
     except PlaywrightTimeout:
