@@ -173,7 +173,12 @@ def not_promoted_message(store, domain: str) -> str:
 
 def cmd_domain_add(args: argparse.Namespace) -> int:
     from encoder_pipeline.domains import SpecError, add_domain, new_spec_text
-    from encoder_pipeline.lib.corpus_summary import detect_format, detect_id_field, summarize_corpus
+    from encoder_pipeline.lib.corpus_summary import (
+        detect_format,
+        detect_id_field,
+        detect_text_field,
+        summarize_corpus,
+    )
     from encoder_pipeline.lib.sources import CorpusError
 
     def local(path: str | None) -> str | None:  # user paths are taken from where the command runs
@@ -184,11 +189,12 @@ def cmd_domain_add(args: argparse.Namespace) -> int:
     try:
         fmt = args.format or detect_format(corpus)
         id_field = args.id_field or detect_id_field(fmt, corpus)
-        summary = summarize_corpus(fmt, corpus, id_field, args.title_field, args.text_field, judged,
+        text_field = args.text_field or detect_text_field(fmt, corpus, id_field, args.title_field)
+        summary = summarize_corpus(fmt, corpus, id_field, args.title_field, text_field, judged,
                                    on_malformed=args.on_malformed)
         spec = add_domain(args.name, new_spec_text(
             args.name, fmt, corpus, id_field=id_field, title_field=args.title_field,
-            text_field=args.text_field, judged=judged, description=args.description,
+            text_field=text_field, judged=judged, description=args.description,
             extractors=summary.choice.keys, extractor_notes=summary.choice.notes,
             code=summary.choice.code, on_malformed=args.on_malformed), overwrite=args.force,
             check=lambda spec: door.extend(_read_as_the_run_will(spec)))
@@ -196,8 +202,8 @@ def cmd_domain_add(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         print("nothing was written or registered", file=sys.stderr)
         return EXIT_BAD_INPUT
-    print(f"{args.name}: {fmt} corpus at {corpus}" + (f" (ids from field '{id_field}')"
-                                                       if FORMATS[fmt].uses_fields else ""))
+    print(f"{args.name}: {fmt} corpus at {corpus}" + (f" (ids from field '{id_field}', text from field "
+                                                       f"'{text_field}')" if FORMATS[fmt].uses_fields else ""))
     for line in summary.lines():
         print(f"  {line}")
     for warning in door:
@@ -517,7 +523,9 @@ def main(argv: list[str] | None = None) -> int:
     add.add_argument("--id-field", help="the id column (default: the first of _id, id, doc_id the "
                      "corpus has; else ids are content hashes)")
     add.add_argument("--title-field", default="title")
-    add.add_argument("--text-field", default="text")
+    add.add_argument("--text-field", help="the text column (default: the first of text, body, content, "
+                     "contents, code, passage, document the corpus has; else its one column besides "
+                     "the id and title)")
     add.add_argument("--description", default="")
     add.add_argument("--on-malformed", choices=["fail", "skip"], default="fail",
                      help="malformed entries (a bad JSONL line, a non-UTF-8 file): refuse the corpus "

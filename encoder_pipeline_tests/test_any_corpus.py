@@ -77,9 +77,9 @@ CORPORA = {  # name: (build, domain add arguments beyond the corpus, expected ex
     "policies": (_policies, [], ["inverse_cloze", "cropping"], False),
     "manual": (_untitled_manual, ["--judged", "JUDGED"], ["inverse_cloze", "cropping"], False),
     # ~90 functions: too few docstrings for 500 structural pairs, so spans are cropped as well
-    "functions": (lambda f: _code(f, False), ["--id-field", "id", "--text-field", "code"],
-                  ["docstring", "cropping"], True),
-    "bare_functions": (lambda f: _code(f, True), ["--id-field", "id", "--text-field", "code"], ["cropping"], True),
+    # a JSONL dump with `id` and `code` columns: both found without a flag
+    "functions": (lambda f: _code(f, False), [], ["docstring", "cropping"], True),
+    "bare_functions": (lambda f: _code(f, True), [], ["cropping"], True),
 }
 
 
@@ -136,6 +136,8 @@ def test_domain_add_chooses_the_extractors_and_the_data_stages_run_unedited(name
     spec = load_domain(name)
     assert spec.queries.pair_extractor == expected, printed
     assert f"training pairs from: {', '.join(expected)}" in printed
+    if code:  # the dump's own columns, found without a flag
+        assert (spec.corpus.id_field, spec.corpus.text_field) == ("id", "code"), printed
     assert spec.unit.normalize_whitespace is not code and (spec.unit.max_words == 0) is code
     assert not spec.queries.examples  # nothing hand-written: built-in and corpus examples stand in
     text = Path(spec.source_file).read_text()

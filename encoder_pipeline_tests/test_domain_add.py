@@ -77,11 +77,28 @@ def test_a_sqlite_table_is_detected_and_read_by_the_spec_it_writes(workspace, ca
     assert cli.main(["domains"]) == 0 and "policies     sqlite" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("text_field", ["body", "content", "abstract"])
+def test_the_text_column_is_found_without_a_flag(workspace, capsys, text_field):
+    """A dump whose text is not in `text`: a common name (`body`, `content`), or the one column
+    besides the id (`abstract`), is the text; the spec says so and the run reads it."""
+    rows = policy_rows(40)
+    write_jsonl(workspace / "dump.jsonl", [{"id": doc, text_field: text} for doc, _, text in rows])
+    assert cli.main(["domain", "add", "dump", "--corpus", "dump.jsonl"]) == 0
+    assert f"(ids from field 'id', text from field '{text_field}')" in capsys.readouterr().out
+    spec = load_domain("dump")
+    assert spec.corpus.text_field == text_field
+    units = read_corpus(spec.corpus.format, spec.corpus_location(), spec.corpus.id_field,
+                        spec.corpus.title_field, spec.corpus.text_field).to_pandas()
+    assert units.set_index("doc_id")["text"].to_dict() == {doc: text for doc, _, text in rows}
+
+
 def test_wrong_field_writes_nothing_and_names_the_fields(workspace, capsys):
-    (workspace / "c.jsonl").write_text(json.dumps({"id": "1", "content": "some text here"}) + "\n")
+    """Two candidate columns and neither a common text name: refused, naming the columns and the flag."""
+    (workspace / "c.jsonl").write_text(json.dumps({"id": "1", "question": "why", "answer": "some text here"}) + "\n")
     assert cli.main(["domain", "add", "broken", "--corpus", "c.jsonl"]) == 2
     error = capsys.readouterr().err
-    assert "text field 'text' not found" in error and "content" in error
+    assert "text field 'text' not found" in error and "'answer', 'id', 'question'" in error
+    assert "--text-field" in error
     assert not (workspace / "domains" / "broken.toml").exists()
     assert not list((workspace / "domains").glob(".staging-*"))
 
@@ -161,7 +178,7 @@ def test_an_id_column_is_found_and_what_cleaning_changes_is_counted(workspace, c
     frame.to_csv(workspace / "c.csv", index=False)
     assert cli.main(["domain", "add", "mine", "--corpus", "c.csv"]) == 0
     printed = capsys.readouterr().out
-    assert "(ids from field 'id')" in printed and load_domain("mine").corpus.id_field == "id"
+    assert "(ids from field 'id', text from field 'text')" in printed and load_domain("mine").corpus.id_field == "id"
     assert re.search(r"warning: document 'giant' becomes [\d,]+ of the [\d,]+ units \(\d+%\)", printed), printed
     assert re.search(r"warning: 1 units are empty", printed), printed
 

@@ -20,6 +20,7 @@ from encoder_pipeline.lib.extractors.choose import SAMPLE_UNITS, Choice, choose_
 from encoder_pipeline.lib.sources import CorpusError, read_corpus, read_judged
 
 ID_FIELDS = ("_id", "id", "doc_id")  # common id columns, in the order they are looked for
+TEXT_FIELDS = ("text", "body", "content", "contents", "code", "passage", "document")  # the same, for the text
 GIANT_SHARE = 0.1  # one document becoming this share of the units (of at least GIANT_MIN_UNITS) is flagged
 GIANT_MIN_UNITS = 20
 DUPLICATE_SHARE = 0.5  # most units dropped as duplicates is flagged
@@ -46,6 +47,17 @@ def detect_id_field(fmt: str, location: str) -> str:
     """The first of ID_FIELDS the source has ("_id" when it has none: then ids are content hashes)."""
     fields = source_fields(fmt, location) if formats.get(fmt).uses_fields else []
     return next((name for name in ID_FIELDS if name in fields), ID_FIELDS[0])
+
+
+def detect_text_field(fmt: str, location: str, id_field: str, title_field: str) -> str:
+    """The first of TEXT_FIELDS the source has; else its one field besides the id and the title (a
+    dump of `{"id": ..., "abstract": ...}`); else "text", and reading the corpus names the fields."""
+    fields = source_fields(fmt, location) if formats.get(fmt).uses_fields else []
+    named = next((name for name in TEXT_FIELDS if name in fields), None)
+    if named is not None:
+        return named
+    others = [name for name in fields if name not in (id_field, title_field)]
+    return others[0] if len(others) == 1 else TEXT_FIELDS[0]
 
 
 def cleaning_warnings(units: pd.DataFrame, counts: dict[str, int], skipped: int) -> list[str]:

@@ -72,7 +72,7 @@ def mapped(frame: daft.DataFrame, fields: Fields, location: str) -> daft.DataFra
     if fields.text_field not in names:
         raise CorpusError(
             f"{location}: text field '{fields.text_field}' not found (fields present: {sorted(names)}); "
-            "set corpus.text_field in the domain spec"
+            "set corpus.text_field in the domain spec (`domain add`: --text-field)"
         )
     title = col(fields.title_field).cast(daft.DataType.string()) if fields.title_field in names else daft.lit("")
     text = col(fields.text_field).cast(daft.DataType.string())
