@@ -177,6 +177,7 @@ def cmd_domain_add(args: argparse.Namespace) -> int:
         detect_format,
         detect_id_field,
         detect_text_field,
+        mappable_fields,
         summarize_corpus,
     )
     from encoder_pipeline.lib.sources import CorpusError
@@ -188,8 +189,9 @@ def cmd_domain_add(args: argparse.Namespace) -> int:
     door: list[str] = []
     try:
         fmt = args.format or detect_format(corpus)
-        id_field = args.id_field or detect_id_field(fmt, corpus)
-        text_field = args.text_field or detect_text_field(fmt, corpus, id_field, args.title_field)
+        fields = [] if args.id_field and args.text_field else mappable_fields(fmt, corpus)  # read once
+        id_field = args.id_field or detect_id_field(fields)
+        text_field = args.text_field or detect_text_field(fields, id_field, args.title_field)
         summary = summarize_corpus(fmt, corpus, id_field, args.title_field, text_field, judged,
                                    on_malformed=args.on_malformed)
         spec = add_domain(args.name, new_spec_text(

@@ -43,16 +43,19 @@ def source_fields(fmt: str, location: str) -> list[str]:
         raise CorpusError(f"cannot read {location} as {fmt}: {error}") from error
 
 
-def detect_id_field(fmt: str, location: str) -> str:
-    """The first of ID_FIELDS the source has ("_id" when it has none: then ids are content hashes)."""
-    fields = source_fields(fmt, location) if formats.get(fmt).uses_fields else []
+def mappable_fields(fmt: str, location: str) -> list[str]:
+    """The source's field names when its format maps fields to id/title/text (none for one that does not)."""
+    return source_fields(fmt, location) if formats.get(fmt).uses_fields else []
+
+
+def detect_id_field(fields: list[str]) -> str:
+    """The first of ID_FIELDS among `fields` ("_id" when none is: then ids are content hashes)."""
     return next((name for name in ID_FIELDS if name in fields), ID_FIELDS[0])
 
 
-def detect_text_field(fmt: str, location: str, id_field: str, title_field: str) -> str:
-    """The first of TEXT_FIELDS the source has; else its one field besides the id and the title (a
+def detect_text_field(fields: list[str], id_field: str, title_field: str) -> str:
+    """The first of TEXT_FIELDS among `fields`; else the one field besides the id and the title (a
     dump of `{"id": ..., "abstract": ...}`); else "text", and reading the corpus names the fields."""
-    fields = source_fields(fmt, location) if formats.get(fmt).uses_fields else []
     named = next((name for name in TEXT_FIELDS if name in fields), None)
     if named is not None:
         return named
