@@ -31,7 +31,9 @@ class Profile:
 
 
 PROFILES: dict[str, Profile] = {
-    "tiny": Profile(training_documents=250, eval_queries=30, judged_queries=30, max_pairs=64, consistency_top_k=20,
+    "tiny": Profile(training_documents=250, eval_queries=30, judged_queries=30,
+                    max_pairs=32,  # two steps a rung: training is most of a tiny build's time
+                    consistency_top_k=20,
                     dev_queries=8, synthetic_documents=4,
                     dev_distractors=40,  # each rung passes its dev slice twice (epoch = share 1.0, share 0.5)
                     queries_per_document=2, round_trip_top_k=10, epochs=1, batch_size=16,

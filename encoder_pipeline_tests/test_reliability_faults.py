@@ -461,9 +461,10 @@ CONCURRENT_ASSETS = ["clean_corpus", "eval_set", "heuristic_pairs"]
 DOMAINS = {"docs_small": "web_qa", "policies_small": "legal"}  # name: the built-in spec it copies
 
 
-def small_domain(domains: Path, name: str, builtin: str, documents: int = 120) -> None:
+def small_domain(domains: Path, name: str, builtin: str, documents: int = 60) -> None:
     """`builtin`'s spec under another name, over `documents` documents spread over its corpus
-    (without its judged set, which those documents would not cover)."""
+    (without its judged set, which those documents would not cover). Few documents: eval_set asks
+    the local LLM about up to 30% of them, and two runs share two cores."""
     spec = (PROJECT_ROOT / "data" / "domains" / f"{builtin}.toml").read_text()
     corpus_path = tomllib.loads(spec)["corpus"]["path"]
     folder = domains / name

@@ -29,7 +29,6 @@ from encoder_pipeline.lib.search import Searcher
 from encoder_pipeline.resources import (
     PUBLISHED,
     ArtifactStoreResource,
-    LLMResource,
     PipelineSettings,
     published_artifacts,
 )
@@ -335,8 +334,8 @@ def hand_made_report(store: ArtifactStore, domain: str) -> None:
         (staging / "report.json").write_text(json.dumps(report))
 
 
-@pytest.mark.slow  # a whole tiny run with a custom-code base model and the local LLM: ~40 s
-def test_only_the_domain_spec_turns_on_a_model_folders_code(tmp_path, monkeypatch):
+@pytest.mark.slow  # the data stages, index and promotion, twice, with a custom-code base model
+def test_only_the_domain_spec_turns_on_a_model_folders_code(tmp_path, monkeypatch, stand_in_llm):
     """`trust_remote_code` is off unless the spec sets it; heuristic_pairs (which encodes with the
     base model) passes the spec's value on: the custom code base model runs its code only then.
     embedding_index records the spec's value in its choice.json, serving_index promotes it, and
@@ -353,7 +352,8 @@ def test_only_the_domain_spec_turns_on_a_model_folders_code(tmp_path, monkeypatc
     instance.add_dynamic_partitions(domain_partitions.name, ["mine"])
     store = ArtifactStore(tmp_path / "artifacts")
     resources = {PUBLISHED: published_artifacts, "artifacts": ArtifactStoreResource(root=str(store.root)),
-                 "settings": PipelineSettings(profile="tiny", base_model=str(folder)), "llm": LLMResource()}
+                 "settings": PipelineSettings(profile="tiny", base_model=str(folder)),
+                 "llm": stand_in_llm}  # the base model's code is under test, not the LLM's queries
 
     def run(assets):
         return dg.materialize(list(ASSETS.values()), selection=list(assets), instance=instance,
