@@ -79,13 +79,24 @@ def ray_cluster():
 
 @pytest.fixture(scope="module")
 def runs(ray_cluster, tmp_path_factory) -> tuple[Path, dict, Path]:
-    """(Ray root, what the Ray run reported, native root): the native run goes on here meanwhile."""
+    """(Ray root, what the Ray run reported, native root): the native run goes on here meanwhile.
+    Both read the `code` spec cut as the tiny build's (the subprocess runs this file, not pytest)."""
+    from encoder_pipeline_tests.conftest import tiny_code_spec
+
     ray_root, native_root = tmp_path_factory.mktemp("on_ray"), tmp_path_factory.mktemp("native")
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "RAY_AUTH_MODE": "disabled"}
-    with subprocess.Popen([sys.executable, __file__, str(ray_root), ray_cluster], env=env,
-                          stderr=subprocess.PIPE, text=True) as on_ray:
-        _materialize_and_embed(native_root, ray_address="")
+    domains = tmp_path_factory.mktemp("domains")
+    (domains / f"{DOMAIN}.toml").write_text(tiny_code_spec())
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "RAY_AUTH_MODE": "disabled",
+           "ENCODER_PIPELINE_DOMAINS": str(domains)}
+    with pytest.MonkeyPatch.context() as patch, subprocess.Popen(
+            [sys.executable, __file__, str(ray_root), ray_cluster], env=env, stderr=subprocess.PIPE,
+            text=True) as on_ray:
+        patch.setenv("ENCODER_PIPELINE_DOMAINS", str(domains))
+        native = _materialize_and_embed(native_root, ray_address="")
         _, stderr = on_ray.communicate(timeout=600)
+    # Native although this process started a Ray cluster (Daft alone would infer Ray here, and
+    # later Daft work in this process would reach for the cluster after it is shut down).
+    assert native["runner"] == "native"
     assert on_ray.returncode == 0, f"clean_corpus on Ray failed:\n{stderr[-4000:]}"
     return ray_root, json.loads((ray_root / "run.json").read_text()), native_root
 

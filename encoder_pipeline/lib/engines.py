@@ -47,8 +47,11 @@ def configure_engines(ray_address: str, embed_workers: int = 0, embed_gpus: floa
 
 def use_daft_runner(ray_address: str) -> str:
     """Run this process's Daft work on the Ray cluster at `ray_address` ("auto": the cluster this
-    process belongs to); empty: leave Daft native. Returns the runner type now in force."""
+    process belongs to); empty: native (unless DAFT_RUNNER or an earlier call chose). Returns the
+    runner type now in force."""
     if not ray_address:
+        if daft.runners._get_runner() is None and not os.environ.get("DAFT_RUNNER"):
+            daft.set_runner_native()  # Daft would infer Ray wherever this process called ray.init()
         return daft.get_or_infer_runner_type()
     if daft.runners._get_runner() is not None:  # set already: by an earlier step, or Daft ran natively
         current = daft.get_or_infer_runner_type()
