@@ -20,7 +20,7 @@ from encoder_pipeline.resources import (
     PipelineSettings,
     published_artifacts,
 )
-from encoder_pipeline_tests.conftest import PROJECT_ROOT, TINY_CODE_PACKAGES, graph_assets
+from encoder_pipeline_tests.conftest import graph_assets, tiny_code_spec
 
 pytestmark = pytest.mark.slow
 JUDGED_QUERIES = 5
@@ -33,8 +33,7 @@ def test_five_judged_queries_carry_the_report_and_its_verdict(tiny_code_run, tmp
     domains = tmp_path / "domains"
     domains.mkdir()
     spec_file = domains / "code.toml"
-    spec = (PROJECT_ROOT / "data" / "domains" / "code.toml").read_text()  # cut as the session built it
-    spec_file.write_text(spec.replace("[corpus]\n", f"[corpus]\ninclude = {TINY_CODE_PACKAGES}\n"))
+    spec_file.write_text(tiny_code_spec())  # cut as the session built it
     monkeypatch.setenv("ENCODER_PIPELINE_DOMAINS", str(domains))
     settings = PipelineSettings(profile="tiny")
     # Pooled by BM25 alone (the page's pooling of every system is test_judge_page's): the rungs'

@@ -9,7 +9,6 @@ from fake_llm import FAKE_KEY, FakeOpenAIServer, serving
 
 from encoder_pipeline.domains import domain_partitions
 from encoder_pipeline.lib.llm import openai_compatible
-from encoder_pipeline.paths import project_root
 from encoder_pipeline.resources import (
     PUBLISHED,
     ArtifactStoreResource,
@@ -17,7 +16,7 @@ from encoder_pipeline.resources import (
     PipelineSettings,
     published_artifacts,
 )
-from encoder_pipeline_tests.conftest import graph_assets
+from encoder_pipeline_tests.conftest import graph_assets, tiny_code_spec
 
 UPSTREAM = ["clean_corpus", "eval_set", "heuristic_pairs", "synthetic_queries"]
 
@@ -44,8 +43,7 @@ def server(monkeypatch):
 def run(tmp_path, server, allow_remote: bool):
     domains = tmp_path / "domains"
     domains.mkdir(exist_ok=True)
-    spec = (project_root() / "data" / "domains" / "code.toml").read_text()
-    (domains / "code.toml").write_text(spec.replace("remote_llm_allowed = false",
+    (domains / "code.toml").write_text(tiny_code_spec().replace("remote_llm_allowed = false",
                                                     f"remote_llm_allowed = {str(allow_remote).lower()}"))
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(domain_partitions.name, ["code"])
