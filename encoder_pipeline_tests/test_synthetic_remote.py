@@ -43,8 +43,8 @@ def server(monkeypatch):
 def run(tmp_path, server, allow_remote: bool):
     domains = tmp_path / "domains"
     domains.mkdir(exist_ok=True)
-    (domains / "code.toml").write_text(tiny_code_spec().replace("remote_llm_allowed = false",
-                                                    f"remote_llm_allowed = {str(allow_remote).lower()}"))
+    (domains / "code.toml").write_text(tiny_code_spec().replace(
+        "remote_llm_allowed = false", f"remote_llm_allowed = {str(allow_remote).lower()}"))
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(domain_partitions.name, ["code"])
     return dg.materialize(graph_assets(), selection=UPSTREAM, instance=instance,
